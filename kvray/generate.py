@@ -1,0 +1,238 @@
+"""Prefill -> compress -> decode, with stats: `kvray.generate` and the pieces the runner reuses
+(one prefill serves every compression config of a sample, in both protocols)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .cache import KVRayCache, enable_kvray_attention, ATTN_IMPLEMENTATION
+from .models import LanguageModel
+from .presses import LayerInputs, PrefillState, Press, make_press
+
+DEFAULT_CAPTURE_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Token ids of the prompt in kvpress's layout: the chat template holds one user turn
+    `context + question`, the assistant turn starts with `answer_prefix`."""
+
+    context: list[int]   # template prefix + context (compressed in the query-agnostic protocol)
+    question: list[int]  # the question (also compressed in the query-aware protocol)
+    suffix: list[int]    # end of the user turn, assistant header, answer_prefix (never compressed)
+
+
+def build_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> PromptTokens:
+    sep = "" if not question or question[:1].isspace() else "\n\n"
+    q_text = sep + question
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": context + q_text}], add_generation_prompt=True, tokenize=False
+        )
+        start = text.find(context + q_text)
+        if start < 0:
+            raise ValueError("the chat template changed the user message; cannot split context and question")
+        ctx_end = start + len(context)
+        q_end = ctx_end + len(q_text)
+        ctx_str, q_str, suffix_str = text[:ctx_end], text[ctx_end:q_end], text[q_end:] + answer_prefix
+    else:
+        ctx_str, q_str, suffix_str = context, q_text, "\n" + answer_prefix
+
+    def enc(s: str) -> list[int]:
+        return tokenizer(s, add_special_tokens=False).input_ids if s else []
+
+    ids = PromptTokens(enc(ctx_str), enc(q_str), enc(suffix_str))
+    if not ids.context:
+        raise ValueError("empty context: nothing to compress")
+    return ids
+
+
+@dataclass
+class Prefill:
+    """The full cache after prefilling context (+ question), and the scorer views per protocol."""
+
+    cache: KVRayCache
+    prompt: PromptTokens
+    n_context: int          # tokens compressed in the query-agnostic protocol
+    n_aware: int            # tokens compressed in the query-aware protocol (context + question)
+    agnostic_queries: list  # per layer (queries, positions) at the end of the context
+    prefill_s: float
+    modules: list
+
+    def state(self, query_aware: bool) -> PrefillState:
+        n = self.n_aware if query_aware else self.n_context
+        layers = []
+        for i, layer in enumerate(self.cache.layers):
+            if query_aware:
+                q, qpos = layer.window_queries, layer.window_positions
+            else:
+                q, qpos = self.agnostic_queries[i]
+            layers.append(LayerInputs(i, layer.keys[:, :, :n], layer.values[:, :, :n], q, qpos, self.modules[i]))
+        return PrefillState(layers, n)
+
+    def rest(self, query_aware: bool) -> list[int]:
+        """Tokens fed on the compressed cache before generation starts."""
+        return self.prompt.suffix if query_aware else self.prompt.question + self.prompt.suffix
+
+
+def _attention_modules(model) -> list:
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def _check_ready(lm: LanguageModel) -> None:
+    if lm.model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        enable_kvray_attention(lm.model)
+
+
+def _forward(model, ids: list[int], cache: KVRayCache, device) -> torch.Tensor:
+    """Feed `ids` on `cache`; returns the last position's logits [vocab]."""
+    x = torch.tensor([ids], device=device)
+    out = model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1]
+
+
+@torch.inference_mode()
+def prefill(lm: LanguageModel, prompt: PromptTokens, capture_window: int = DEFAULT_CAPTURE_WINDOW,
+            with_question: bool = True) -> Prefill:
+    """Prefill the context (and then the question, for the query-aware protocol) once, with a
+    full cache that also keeps each layer's last `capture_window` post-RoPE queries."""
+    _check_ready(lm)
+    n_ctx = len(prompt.context)
+    total = n_ctx + len(prompt.question) + len(prompt.suffix)
+    if lm.max_context and total > lm.max_context:
+        raise ValueError(f"prompt is {total} tokens; {lm.name} supports at most {lm.max_context}")
+    cache = KVRayCache.empty(lm.num_layers, capture_window=capture_window)
+    t0 = time.perf_counter()
+    _forward(lm.model, prompt.context, cache, lm.device)
+    agnostic = [(layer.window_queries, layer.window_positions) for layer in cache.layers]
+    n_aware = n_ctx
+    if with_question and prompt.question:
+        _forward(lm.model, prompt.question, cache, lm.device)
+        n_aware += len(prompt.question)
+    prefill_s = time.perf_counter() - t0
+    for layer in cache.layers:
+        layer.capture_window = 0
+    return Prefill(cache, prompt, n_ctx, n_aware, agnostic, prefill_s, _attention_modules(lm.model))
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return ids
+
+
+@torch.inference_mode()
+def greedy_decode(lm: LanguageModel, cache: KVRayCache, rest: list[int], max_new_tokens: int) -> list[int]:
+    """Feed `rest` on `cache`, then decode greedily until a stop token or `max_new_tokens`."""
+    stops = stop_token_ids(lm.tokenizer)
+    logits = _forward(lm.model, rest, cache, lm.device)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        tok = int(torch.argmax(logits))
+        if tok in stops:
+            break
+        out.append(tok)
+        if len(out) == max_new_tokens:
+            break
+        logits = _forward(lm.model, [tok], cache, lm.device)
+    return out
+
+
+@dataclass
+class GenerationStats:
+    kv_tokens_full: int        # context tokens before compression
+    kv_tokens_kept: float      # entries kept per (layer, KV head), on average
+    kv_bytes_full: int         # bytes the full context KV takes
+    kv_bytes_kept: int         # bytes the compressed cache's tensors really hold (before decoding)
+    compression_ratio: float   # achieved: 1 - kept entries / full entries
+    prefill_s: float
+    compress_s: float
+    decode_s: float
+    new_tokens: int
+    peak_mem_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    stats: GenerationStats
+    token_ids: list[int]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory on CUDA, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def run_config(lm: LanguageModel, pre: Prefill, press: Press, query_aware: bool,
+               max_new_tokens: int, release_prefill: bool = False) -> GenerationOutput:
+    """Compress a copy of the prefill cache with `press`, then decode on it. With
+    `release_prefill` the full cache is dropped before decoding (real memory savings when the
+    prefill is not shared with other configs)."""
+    state = pre.state(query_aware)
+    rest = pre.rest(query_aware)
+    prefill_s = pre.prefill_s
+    t0 = time.perf_counter()
+    cache = press.compress(state)
+    compress_s = time.perf_counter() - t0
+    full_bytes = state.kv_bytes()
+    full_entries = state.n_tokens * state.num_kv_heads * state.num_layers * state.batch
+    kept_entries, kept_bytes = cache.prefix_entries(), cache.prefix_nbytes()
+    n_tokens, heads, n_layers, batch = state.n_tokens, state.num_kv_heads, state.num_layers, state.batch
+    if release_prefill:
+        del state
+        pre.cache = None
+    t0 = time.perf_counter()
+    ids = greedy_decode(lm, cache, rest, max_new_tokens)
+    decode_s = time.perf_counter() - t0
+    text = lm.tokenizer.decode(ids, skip_special_tokens=True)
+    stats = GenerationStats(
+        kv_tokens_full=n_tokens,
+        kv_tokens_kept=kept_entries / (heads * n_layers * batch),
+        kv_bytes_full=full_bytes,
+        kv_bytes_kept=kept_bytes,
+        compression_ratio=1.0 - kept_entries / full_entries,
+        prefill_s=prefill_s,
+        compress_s=compress_s,
+        decode_s=decode_s,
+        new_tokens=len(ids),
+        peak_mem_bytes=peak_memory_bytes(lm.device),
+    )
+    return GenerationOutput(text=text, stats=stats, token_ids=ids)
+
+
+def capture_window_for(presses: list[Press]) -> int:
+    sizes = [getattr(p, "window_size", 0) for p in presses]
+    sizes += [getattr(getattr(p, "inner", None), "window_size", 0) for p in presses]
+    return max([DEFAULT_CAPTURE_WINDOW, *sizes])
+
+
+def generate(lm: LanguageModel, context: str, question: str = "", *, press: Press | str | None = None,
+             answer_prefix: str = "", max_new_tokens: int = 32, query_aware: bool = False) -> GenerationOutput:
+    """Greedy answer to `question` about `context` with the context's KV cache compressed by
+    `press` (a Press, a method name, or None for the full cache).
+
+    query_aware=False (kvpress's default): the context is compressed before the question is
+    seen; True: the question is part of the compressed prompt (as in the SnapKV paper)."""
+    if press is None:
+        press = make_press("full")
+    elif isinstance(press, str):
+        press = make_press(press)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompt = build_prompt(lm.tokenizer, context, question, answer_prefix)
+    pre = prefill(lm, prompt, capture_window=capture_window_for([press]), with_question=query_aware)
+    return run_config(lm, pre, press, query_aware, max_new_tokens, release_prefill=True)

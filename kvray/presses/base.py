@@ -1,0 +1,189 @@
+"""The `Press` base class: score tokens, allocate budgets, select and pack kept entries.
+
+Shapes used throughout (B batch, H KV heads, Hq query heads, N tokens in the compressed
+region, W window queries, d head dim):
+
+- `LayerInputs.keys`, `.values`: [B, H, N, d], keys post-RoPE (as cached);
+- `LayerInputs.queries`: [B, Hq, W, d] post-RoPE, the last W queries of the compressed region,
+  at original positions `query_positions` [W];
+- `Press.score(layer) -> [B, H, N]`: higher = keep. Protected tokens (sinks, window) get a score
+  above every real one (`protect`), never a tie with the maximum.
+
+Budgets are arguments: `allocate` returns integer keep counts per (layer, KV head) from the
+target ratio, an optional static `BudgetPlan` and the scores; nothing is mutated between layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..budget import BudgetPlan, uniform_counts
+from ..cache import KVRayCache, KVRayLayer, RaggedKV
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """What scorers see of one layer after the prefill (views, never modified)."""
+
+    layer_idx: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor | None = None
+    query_positions: torch.Tensor | None = None
+    module: torch.nn.Module | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+
+@dataclass
+class PrefillState:
+    """The full prefill cache of the compressed region, shared by every config of a sample."""
+
+    layers: list[LayerInputs]
+    n_tokens: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.layers[0].num_kv_heads
+
+    @property
+    def batch(self) -> int:
+        return self.layers[0].keys.shape[0]
+
+    def kv_bytes(self) -> int:
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+
+
+def protect(scores: torch.Tensor, first: int = 0, last: int = 0) -> torch.Tensor:
+    """Lift the first `first` and last `last` tokens above every score (max + 1, plus a small
+    ramp so that, when the budget cannot hold all of them, the most recent ones win)."""
+    N = scores.shape[-1]
+    first, last = min(first, N), min(last, N)
+    if first == 0 and last == 0:
+        return scores
+    scores = scores.clone()
+    # above every score of the layer (all heads), so head-adaptive allocation sees them first too
+    top = scores.amax(dim=tuple(range(1, scores.dim())), keepdim=True) + 1.0
+    if last:
+        ramp = torch.linspace(0.5, 1.0, last, device=scores.device, dtype=scores.dtype)
+        scores[..., N - last:] = top + ramp
+    if first:
+        scores[..., :first] = top + 2.0  # sinks outrank the window
+    return scores
+
+
+def select_indices(scores: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Per (b, h): the positions of the top-`counts[h]` scores, in ascending position order."""
+    B, H, N = scores.shape
+    out = []
+    for b in range(B):
+        for h in range(H):
+            k = counts[h]
+            if k >= N:
+                out.append(torch.arange(N, device=scores.device))
+            else:
+                out.append(torch.topk(scores[b, h], k, sorted=False).indices.sort().values)
+    return out
+
+
+@dataclass(frozen=True)
+class Press:
+    """Base of every compression method; subclasses are frozen dataclasses registered by name.
+
+    compression_ratio: fraction of context KV entries removed, in [0, 1) (0 keeps everything).
+    plan: optional static `BudgetPlan` (per layer / KV head keep fractions); when given it sets
+        the budgets and `compression_ratio` must be left at 0 or equal the plan's ratio.
+    """
+
+    compression_ratio: float = 0.0
+    plan: BudgetPlan | None = field(default=None, compare=True)
+
+    name: ClassVar[str] = ""
+    #: uses the queries of the last window (its result depends on the protocol)
+    needs_queries: ClassVar[bool] = False
+
+    def __post_init__(self):
+        r = self.compression_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) < 1.0:
+            raise ValueError(f"{self.name}: compression_ratio must be a number in [0, 1), got {r!r}")
+        object.__setattr__(self, "compression_ratio", float(r))
+        if self.plan is not None:
+            if not isinstance(self.plan, BudgetPlan):
+                raise TypeError(f"{self.name}: plan must be a kvray.BudgetPlan, got {type(self.plan).__name__}")
+            if r and abs(r - self.plan.compression_ratio) > 1e-6:
+                raise ValueError(
+                    f"{self.name}: compression_ratio={r} disagrees with the plan's ratio "
+                    f"{self.plan.compression_ratio:.4f}; pass one or the other"
+                )
+
+    # -- what subclasses override -------------------------------------------------------------
+
+    def score(self, layer: LayerInputs) -> torch.Tensor:
+        """[B, H, N] token scores, higher = keep."""
+        raise NotImplementedError(f"{type(self).__name__} does not score tokens")
+
+    def layer_counts(self, state: PrefillState) -> list[list[int]]:
+        """Keep counts per (layer, head) before any score-driven allocation."""
+        if self.plan is not None:
+            self.plan.check_model(state.num_layers, state.num_kv_heads)
+            return self.plan.counts(state.n_tokens)
+        return uniform_counts(state.num_layers, state.num_kv_heads, state.n_tokens, self.compression_ratio)
+
+    def allocate(self, state: PrefillState, scores: list[torch.Tensor]) -> list[list[int]]:
+        """Final keep counts per (layer, head); scorers with dynamic budgets override this."""
+        return self.layer_counts(state)
+
+    # -- shared machinery -------------------------------------------------------------------------
+
+    @property
+    def target_ratio(self) -> float:
+        return self.plan.compression_ratio if self.plan is not None else self.compression_ratio
+
+    @property
+    def plan_id(self) -> str:
+        return self.plan.plan_id if self.plan is not None else "uniform"
+
+    def params(self) -> dict:
+        """Method parameters (JSON-able), without the budget."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("compression_ratio", "plan") or not f.init:
+                continue
+            out[f.name] = getattr(self, f.name)
+        return out
+
+    def params_json(self) -> str:
+        return json.dumps(self.params(), sort_keys=True, default=str)
+
+    def select(self, state: PrefillState) -> list[list[torch.Tensor]]:
+        """Kept positions per layer, per (b, h)."""
+        if self.target_ratio == 0.0 and self.plan is None:
+            full = torch.arange(state.n_tokens, device=state.layers[0].keys.device)
+            return [[full] * (state.batch * state.num_kv_heads) for _ in state.layers]
+        scores = [self.score(layer) for layer in state.layers]
+        counts = self.allocate(state, scores)
+        return [select_indices(s, c) for s, c in zip(scores, counts)]
+
+    def compress(self, state: PrefillState) -> KVRayCache:
+        """A new cache holding only the kept entries; `state` is left untouched."""
+        indices = self.select(state)
+        layers = []
+        for layer, idx in zip(state.layers, indices):
+            prefix = RaggedKV.gather(layer.keys, layer.values, idx)
+            layers.append(KVRayLayer(prefix=prefix, prefix_tokens=state.n_tokens))
+        return KVRayCache(layers)

@@ -1,0 +1,57 @@
+"""Scoring building blocks shared by several presses: window attention, GQA reduction, pooling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import LayerInputs
+
+GQA_REDUCTIONS = ("mean", "max")
+POOLINGS = ("avg", "max", "none")
+
+
+def window_attention(layer: LayerInputs, window_size: int) -> torch.Tensor:
+    """softmax(Q_win K^T / sqrt(d)) in fp32 for the last `window_size` captured queries.
+
+    Returns [B, Hq, W, N]; a query sees only keys at or before its own position (the causal
+    mask inside the window). W is min(window_size, captured queries)."""
+    if layer.queries is None:
+        raise ValueError("this method needs the window queries, but the prefill captured none")
+    q = layer.queries[:, :, -window_size:]
+    qpos = layer.query_positions[-window_size:]
+    B, Hq, W, d = q.shape
+    H, N = layer.keys.shape[1], layer.keys.shape[2]
+    G = Hq // H
+    logits = torch.matmul(q.reshape(B, H, G * W, d).float(), layer.keys.float().transpose(-1, -2)) / d**0.5
+    logits = logits.view(B, H, G, W, N)
+    future = torch.arange(N, device=q.device)[None, :] > qpos.to(q.device)[:, None]  # [W, N]
+    logits = logits.masked_fill(future, float("-inf"))
+    return torch.softmax(logits, dim=-1).view(B, Hq, W, N)
+
+
+def reduce_gqa(scores: torch.Tensor, num_kv_heads: int, how: str) -> torch.Tensor:
+    """[B, Hq, N] -> [B, H, N] over the G query heads of each KV head."""
+    B, Hq, N = scores.shape
+    grouped = scores.view(B, num_kv_heads, Hq // num_kv_heads, N)
+    if how == "mean":
+        return grouped.mean(2)
+    if how == "max":
+        return grouped.amax(2)
+    raise ValueError(f"unknown GQA reduction {how!r}; allowed: {', '.join(GQA_REDUCTIONS)}")
+
+
+def pool(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """1-D pooling along tokens, stride 1, same length (SnapKV's clustering of neighbours)."""
+    if pooling == "none" or kernel_size <= 1:
+        return scores
+    shape = scores.shape
+    x = scores.reshape(-1, 1, shape[-1])
+    pad = kernel_size // 2
+    if pooling == "avg":
+        out = F.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=False)
+    elif pooling == "max":
+        out = F.max_pool1d(x, kernel_size, stride=1, padding=pad)
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)}")
+    return out[..., : shape[-1]].reshape(shape)
