@@ -1,0 +1,116 @@
+"""The `kvray` command: `methods`, `eval` (more subcommands arrive with the Ray service)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ratios(text: str) -> list[float]:
+    out = []
+    for t in _csv(text):
+        try:
+            r = float(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"ratio {t!r} is not a number; ratios lie in [0, 1), e.g. 0.5,0.75")
+        if not 0.0 <= r < 1.0:
+            raise argparse.ArgumentTypeError(f"ratio {r} outside [0, 1): it is the fraction of KV entries removed")
+        out.append(r)
+    return out
+
+
+DEFAULT_METHODS = "full,random,streaming_llm,knorm,snapkv,pyramidkv,adakv"
+DEFAULT_TASKS = "niah_single,niah_multikey,vt"
+
+
+def cmd_methods(args) -> int:
+    from .presses import describe_methods, method_params
+
+    width = max(len(n) for n, _ in describe_methods())
+    for name, doc in describe_methods():
+        line = doc if len(doc) <= 110 else doc[:107] + "..."
+        print(f"{name:<{width}}  {line}")
+        if args.verbose:
+            print(f"{'':<{width}}  params: {', '.join(method_params(name))}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval import TASKS, load_samples, make_samples
+    from .eval.runner import ModelHost, build_presses, params_from_json, run_eval, set_threads, summarize
+    from .presses import list_methods
+
+    methods = _csv(args.methods)
+    bad = [m for m in methods if m not in list_methods()]
+    if bad:
+        raise SystemExit(f"kvray eval: unknown method(s) {bad}; known: {', '.join(list_methods())}")
+    presses = build_presses(methods, args.ratios, params_from_json(args.method_params))
+    set_threads(args.threads)
+    host = ModelHost.load(args.model, device=args.device)
+    if args.dataset:
+        samples = load_samples(args.dataset, limit=args.samples)
+    else:
+        tasks = _csv(args.tasks)
+        bad = [t for t in tasks if t not in TASKS]
+        if bad:
+            raise SystemExit(f"kvray eval: unknown task(s) {bad}; known: {', '.join(TASKS)}")
+        count = lambda s: len(host.lm.tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
+        samples = [s for t in tasks for s in make_samples(t, args.samples, args.length, seed=args.seed,
+                                                          count_tokens=count)]
+    protocols = [False, True] if args.both_protocols else [bool(args.query_aware)]
+    print(f"kvray eval: {host.lm.name} on {host.lm.device}, {len(samples)} samples x {len(presses)} configs x "
+          f"{len(protocols)} protocol(s), one prefill per sample", file=sys.stderr)
+    run_id, df = run_eval(host, samples, presses, out_dir=args.out, protocols=protocols, run_id=args.run_id,
+                          progress=not args.no_progress)
+    print(summarize(df))
+    print(f"\nrun {run_id}: {len(df)} rows in {args.out}/run_id={run_id}/")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvray", description="Evaluate, tune and serve KV-cache compression.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("methods", help="list the compression methods")
+    m.set_defaults(fn=cmd_methods)
+
+    e = sub.add_parser("eval", help="evaluate methods x ratios on the task suite; rows to Parquet")
+    e.add_argument("--model", default=None, help="hub id, local dir or .gguf (default: embedded SmolLM2-135M)")
+    e.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    e.add_argument("--ratios", type=_ratios, default=[0.5], help="compression ratios, fraction removed (default 0.5)")
+    e.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated task names (default {DEFAULT_TASKS})")
+    e.add_argument("--length", type=int, default=1000, help="context length in tokens (default 1000)")
+    e.add_argument("--samples", type=int, default=5, help="samples per task (default 5)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--dataset", default=None, help="a local .parquet/.jsonl (kvpress columns) or HF dataset instead")
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--query-aware", action="store_true", help="compress with the question in the prompt")
+    g.add_argument("--both-protocols", action="store_true", help="query-agnostic and query-aware, same prefill")
+    e.add_argument("--method-params", default=None, help='JSON, e.g. \'{"snapkv": {"window_size": 64}}\'')
+    e.add_argument("--out", default="results", help="output directory (default results/)")
+    e.add_argument("--run-id", default=None, help="resume or name a run (default: a new timestamped id)")
+    e.add_argument("--device", default=None)
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"kvray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The evaluation runner: `ModelHost` prefills each sample once and evaluates every (method,
+ratio, plan) config, in one or both protocols, on that prefill; rows go to Parquet shards
+(one per sample) written atomically, so a rerun of the same run id resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from .. import __version__
+from ..generate import Prefill, build_prompt, capture_window_for, prefill, run_config
+from ..models import LanguageModel, load_model
+from ..presses import Press, make_press
+from ..results import (SCHEMA_VERSION, config_id, new_run_id, now_utc, read_results, run_dir, shard_exists,
+                       short_hash, write_manifest, write_shard)
+from .metrics import score_sample
+from .tasks import Sample
+
+log = logging.getLogger(__name__)
+
+
+def build_presses(methods: Sequence[str], ratios: Sequence[float], params: dict | None = None) -> list[Press]:
+    """methods x ratios (the full cache once, at ratio 0), with per-method parameters."""
+    params = params or {}
+    unknown = set(params) - set(methods)
+    if unknown:
+        raise ValueError(f"parameters given for methods not evaluated: {sorted(unknown)}")
+    presses: list[Press] = []
+    for method in methods:
+        if method == "full":
+            presses.append(make_press("full", **params.get("full", {})))
+            continue
+        for ratio in ratios:
+            presses.append(make_press(method, compression_ratio=ratio, **params.get(method, {})))
+    seen, unique = set(), []
+    for p in presses:
+        key = (p.name, p.params_json(), p.target_ratio, p.plan_id)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+@dataclass
+class ModelHost:
+    """Owns one model on one device and evaluates samples x configs (no Ray here; the actors
+    in `kvray.actors` wrap this class)."""
+
+    lm: LanguageModel
+
+    @classmethod
+    def load(cls, name: str | None = None, device=None, dtype=None) -> "ModelHost":
+        return cls(load_model(name, device=device, dtype=dtype))
+
+    def evaluate_sample(self, sample: Sample, presses: Sequence[Press], protocols: Sequence[bool],
+                        run_id: str = "") -> list[dict]:
+        """Rows for every (press, protocol) on one prefill of `sample`."""
+        lm = self.lm
+        prompt = build_prompt(lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
+        pre: Prefill = prefill(lm, prompt, capture_window=capture_window_for(list(presses)),
+                               with_question=any(protocols))
+        rows = []
+        for query_aware in protocols:
+            for press in presses:
+                out = run_config(lm, pre, press, query_aware, sample.max_new_tokens)
+                rows.append(self._row(run_id, sample, press, query_aware, out))
+        return rows
+
+    def _row(self, run_id, sample, press, query_aware, out) -> dict:
+        s = out.stats
+        params_json = press.params_json()
+        cid = config_id(press.name, params_json, press.target_ratio, press.plan_id, query_aware)
+        return {
+            "run_id": run_id, "created_at": now_utc(), "kvray_version": __version__,
+            "schema_version": SCHEMA_VERSION, "item_id": short_hash(cid, sample.sample_id), "config_id": cid,
+            "model": self.lm.name, "method": press.name, "params": params_json, "plan_id": press.plan_id,
+            "compression_ratio": press.target_ratio, "achieved_ratio": s.compression_ratio,
+            "query_aware": bool(query_aware), "task": sample.task, "sample_id": sample.sample_id,
+            "context_tokens": s.kv_tokens_full, "prediction": out.text, "answers": list(sample.answers),
+            "score": score_sample(sample, out.text), "kv_bytes_full": s.kv_bytes_full,
+            "kv_bytes_kept": s.kv_bytes_kept, "prefill_s": s.prefill_s, "compress_s": s.compress_s,
+            "decode_s": s.decode_s, "new_tokens": s.new_tokens, "peak_mem_bytes": s.peak_mem_bytes,
+            "device": str(self.lm.device),
+        }
+
+
+def work_manifest(model: str, samples: Sequence[Sample], presses: Sequence[Press], protocols: Sequence[bool]) -> dict:
+    return {
+        "model": model,
+        "samples": sorted(s.sample_id for s in samples),
+        "configs": sorted(f"{p.name}|{p.params_json()}|{p.target_ratio}|{p.plan_id}" for p in presses),
+        "protocols": sorted(bool(q) for q in protocols),
+    }
+
+
+def shard_name(sample: Sample) -> str:
+    return short_hash(sample.sample_id)
+
+
+def run_eval(host: ModelHost, samples: Sequence[Sample], presses: Sequence[Press], *, out_dir,
+             protocols: Iterable[bool] = (False,), run_id: str | None = None, progress: bool = True):
+    """Evaluate and write one Parquet shard per sample under `out_dir/run_id=<id>/`.
+
+    Samples whose shard exists are skipped (resume). Returns (run_id, DataFrame of the run)."""
+    from tqdm.auto import tqdm
+
+    protocols = list(dict.fromkeys(bool(q) for q in protocols))
+    if not samples:
+        raise ValueError("no samples to evaluate")
+    if not presses:
+        raise ValueError("no methods to evaluate")
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError("sample ids are not unique; every sample needs its own sample_id")
+    run_id = run_id or new_run_id()
+    write_manifest(out_dir, run_id, {"created_at": now_utc().isoformat(), "kvray_version": __version__,
+                                     "work": work_manifest(host.lm.name, samples, presses, protocols)})
+    todo = [s for s in samples if not shard_exists(out_dir, run_id, shard_name(s))]
+    if len(todo) < len(samples):
+        log.info("run %s: %d of %d samples already done, skipping them", run_id, len(samples) - len(todo), len(samples))
+    n_configs = len(presses) * len(protocols)
+    bar = tqdm(total=len(todo) * n_configs, disable=not progress, unit="cfg", desc=f"eval {run_id}")
+    try:
+        for sample in todo:
+            t0 = time.perf_counter()
+            rows = host.evaluate_sample(sample, presses, protocols, run_id=run_id)
+            write_shard(rows, out_dir, run_id, shard_name(sample))
+            bar.update(n_configs)
+            bar.set_postfix(sample=sample.sample_id, s=f"{time.perf_counter() - t0:.1f}")
+    finally:
+        bar.close()
+    return run_id, read_results(run_dir(out_dir, run_id))
+
+
+def summarize(df) -> str:
+    """Score by method x ratio x task (and protocol), with kv bytes kept and times."""
+    import pandas as pd
+
+    if df.empty:
+        return "(no rows)"
+    df = df.copy()
+    df["protocol"] = df["query_aware"].map({True: "aware", False: "agnostic"})
+    scores = df.pivot_table(index=["protocol", "method", "compression_ratio"], columns="task", values="score",
+                            aggfunc="mean")
+    scores["mean"] = df.groupby(["protocol", "method", "compression_ratio"])["score"].mean()
+    extra = df.groupby(["protocol", "method", "compression_ratio"]).agg(
+        n=("score", "size"),
+        kv_MiB_kept=("kv_bytes_kept", lambda x: x.mean() / 2**20),
+        compress_ms=("compress_s", lambda x: 1000 * x.mean()),
+        decode_s=("decode_s", "mean"),
+    )
+    extra["kept_frac"] = (df.groupby(["protocol", "method", "compression_ratio"])
+                          .apply(lambda g: g["kv_bytes_kept"].sum() / g["kv_bytes_full"].sum(), include_groups=False))
+    table = pd.concat([scores, extra], axis=1)
+    prefill = df.drop_duplicates("sample_id")["prefill_s"].mean()
+    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.3f}".format):
+        return f"{table.to_string()}\n\nmean prefill: {prefill:.2f} s per sample (shared by every config)"
+
+
+def params_from_json(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--method-params is not valid JSON ({exc}); expected e.g. "
+                         '\'{"snapkv": {"window_size": 64}}\'') from exc
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError('--method-params must map method names to parameter objects, e.g. {"snapkv": {"window_size": 64}}')
+    return data
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)

@@ -1,0 +1,63 @@
+"""Tiny seeded models built from configs (offline), sharing the embedded model's tokenizer."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import kvray
+from kvray.cache import enable_kvray_attention
+
+torch.set_num_threads(2)
+
+TINY_KINDS = ("llama", "qwen2", "mistral")
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    return kvray.load_tokenizer()
+
+
+def tiny_config(kind: str, vocab_size: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  tie_word_embeddings=True)
+    if kind == "llama":
+        return LlamaConfig(**common)
+    if kind == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    if kind == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    raise ValueError(kind)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_lm(kind: str) -> kvray.LanguageModel:
+    from transformers import AutoModelForCausalLM
+
+    tok = tokenizer()
+    torch.manual_seed(0)
+    cfg = tiny_config(kind, len(tok))
+    cfg._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    enable_kvray_attention(model)
+    return kvray.LanguageModel(model=model, tokenizer=tok, name=f"tiny-{kind}")
+
+
+@pytest.fixture(params=TINY_KINDS)
+def tiny_lm(request) -> kvray.LanguageModel:
+    return _tiny_lm(request.param)
+
+
+@pytest.fixture
+def tiny_llama() -> kvray.LanguageModel:
+    return _tiny_lm("llama")
+
+
+@pytest.fixture(scope="session")
+def embedded_lm() -> kvray.LanguageModel:
+    return kvray.load_model(device="cpu")

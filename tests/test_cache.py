@@ -1,0 +1,80 @@
+"""The ragged cache's attention against dense masked attention, and cache bookkeeping."""
+
+import math
+
+import pytest
+import torch
+
+from kvray.cache import KVRayCache, KVRayLayer, RaggedKV, ragged_attention
+
+
+def dense_masked_reference(query, keys, values, keep, tail_k, tail_v):
+    """Plain attention over [all prefix entries | tail] with evicted prefix entries masked out
+    and a causal mask on the tail. query [B, Hq, q, d]; keys [B, H, N, d]; keep [B, H, N] bool."""
+    B, Hq, q, d = query.shape
+    H = keys.shape[1]
+    G = Hq // H
+    T = tail_k.shape[2]
+    out = torch.zeros(B, q, Hq, d, dtype=torch.float64)
+    for b in range(B):
+        for hq in range(Hq):
+            h = hq // G
+            K = torch.cat([keys[b, h], tail_k[b, h]]).double()
+            V = torch.cat([values[b, h], tail_v[b, h]]).double()
+            for i in range(q):
+                visible = torch.cat([keep[b, h], torch.arange(T) <= T - q + i])
+                logits = (K @ query[b, hq, i].double()) / math.sqrt(d)
+                logits[~visible] = -math.inf
+                out[b, i, hq] = torch.softmax(logits, 0) @ V
+    return out
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("G", [1, 3])
+def test_ragged_attention_matches_dense_masked(uniform, q_len, G):
+    torch.manual_seed(1)
+    B, H, N, d, T = 2, 2, 13, 8, 4
+    keys, values = torch.randn(B, H, N, d), torch.randn(B, H, N, d)
+    if uniform:
+        keep = torch.zeros(B, H, N, dtype=torch.bool)
+        for b in range(B):
+            for h in range(H):
+                keep[b, h, torch.randperm(N)[:7]] = True
+    else:
+        keep = torch.rand(B, H, N) < 0.5
+        keep[0, 1] = False  # a head that keeps nothing
+        keep[1, 0] = True   # a head that keeps everything
+    indices = [keep[b, h].nonzero().flatten() for b in range(B) for h in range(H)]
+    layer = KVRayLayer(prefix=RaggedKV.gather(keys, values, indices), prefix_tokens=N)
+    tail_k, tail_v = torch.randn(B, H, T, d), torch.randn(B, H, T, d)
+    layer.update(tail_k, tail_v)
+    query = torch.randn(B, H * G, q_len, d)
+    got = ragged_attention(query, layer, 1 / math.sqrt(d))
+    want = dense_masked_reference(query, keys, values, keep, tail_k, tail_v)
+    assert layer.prefix.uniform == uniform
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_bytes_held_are_the_kept_entries_only():
+    B, H, N, d = 1, 3, 50, 16
+    keys, values = torch.randn(B, H, N, d), torch.randn(B, H, N, d)
+    indices = [torch.arange(10), torch.arange(20), torch.arange(5)]
+    layer = KVRayLayer(prefix=RaggedKV.gather(keys, values, indices), prefix_tokens=N)
+    cache = KVRayCache([layer])
+    assert cache.nbytes() == (10 + 20 + 5) * d * 2 * 4
+    assert cache.prefix_entries() == 35
+    # positions are the original ones, and the sequence length counts original positions
+    assert layer.prefix.positions.tolist() == list(range(10)) + list(range(20)) + list(range(5))
+    assert cache.get_seq_length() == N
+    layer.update(torch.randn(B, H, 2, d), torch.randn(B, H, 2, d))
+    assert cache.get_seq_length() == N + 2
+    assert cache.nbytes() == (35 + 2 * H) * d * 2 * 4
+
+
+def test_gather_copies_so_the_full_cache_can_be_freed():
+    keys, values = torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4)
+    ragged = RaggedKV.gather(keys, values, [torch.tensor([1, 5])])
+    keys.zero_()
+    assert ragged.keys.abs().sum() > 0
+    assert ragged.keys.untyped_storage().nbytes() == 2 * 4 * 4
