@@ -1,0 +1,51 @@
+"""kvray.generate on tiny models: text, stats, protocols, errors."""
+
+import pytest
+
+import kvray
+from kvray.generate import build_prompt
+
+CONTEXT = " ".join(f"Line {i} says the weather in town {i % 7} was mild." for i in range(40))
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+def test_generate_stats(tiny_lm, query_aware):
+    out = kvray.generate(tiny_lm, CONTEXT, "What was the weather?", press=kvray.make_press("snapkv", compression_ratio=0.5),
+                         max_new_tokens=5, query_aware=query_aware)
+    s = out.stats
+    assert isinstance(out.text, str) and 0 < s.new_tokens <= 5
+    assert s.kv_tokens_kept == pytest.approx(s.kv_tokens_full * 0.5, abs=1)
+    assert abs(s.kv_bytes_kept / s.kv_bytes_full - 0.5) < 0.02
+    assert s.compression_ratio == pytest.approx(0.5, abs=0.01)
+    assert s.prefill_s > 0 and s.compress_s > 0 and s.decode_s > 0 and s.peak_mem_bytes > 0
+
+
+def test_query_aware_compresses_the_question_too(tiny_llama):
+    p = build_prompt(tiny_llama.tokenizer, CONTEXT, "What was the weather?")
+    a = kvray.generate(tiny_llama, CONTEXT, "What was the weather?", max_new_tokens=2)
+    b = kvray.generate(tiny_llama, CONTEXT, "What was the weather?", max_new_tokens=2, query_aware=True)
+    assert a.stats.kv_tokens_full == len(p.context)
+    assert b.stats.kv_tokens_full == len(p.context) + len(p.question)
+    assert a.text == b.text  # the full cache gives the same answer in both protocols
+
+
+def test_prompt_layout_follows_the_chat_template(tiny_llama):
+    tok = tiny_llama.tokenizer
+    p = build_prompt(tok, "CONTEXT TEXT", "QUESTION?", "The answer is")
+    text = tok.decode(p.context + p.question + p.suffix)
+    assert text.index("CONTEXT TEXT") < text.index("QUESTION?") < text.index("<|im_start|>assistant") < text.index("The answer is")
+    assert "QUESTION" not in tok.decode(p.context) and "<|im_start|>assistant" not in tok.decode(p.question)
+
+
+def test_generate_errors(tiny_llama):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        kvray.generate(tiny_llama, CONTEXT, "q", max_new_tokens=0)
+    with pytest.raises(ValueError, match="unknown method"):
+        kvray.generate(tiny_llama, CONTEXT, "q", press="snap")
+    with pytest.raises(ValueError, match="supports at most"):
+        kvray.generate(tiny_llama, "word " * 5000, "q")
+
+
+def test_press_by_name(tiny_llama):
+    out = kvray.generate(tiny_llama, CONTEXT, "q", press="knorm", max_new_tokens=2)
+    assert out.stats.compression_ratio == 0.0  # a name alone means its default ratio (0)
