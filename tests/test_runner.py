@@ -1,0 +1,121 @@
+"""The runner: one prefill per sample for every config, both protocols, Parquet rows, resume;
+the `kvray` command."""
+
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from kvray import results
+from kvray.cli import main as kvray_main
+from kvray.eval import make_samples
+from kvray.eval import runner as runner_mod
+from kvray.eval.runner import ModelHost, build_presses, run_eval, summarize
+from kvray.results import COLUMNS, read_results
+
+
+def samples(lm, n=2, length=300):
+    count = lambda s: len(lm.tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
+    return make_samples("niah_single", n, length, seed=0, count_tokens=count)
+
+
+def small_presses():
+    return build_presses(["full", "snapkv", "adakv"], [0.5, 0.75])
+
+
+def test_grid_on_one_prefill_both_protocols(tiny_llama, tmp_path, monkeypatch):
+    calls = []
+    real = runner_mod.prefill
+    monkeypatch.setattr(runner_mod, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    host = ModelHost(tiny_llama)
+    presses = small_presses()
+    assert len(presses) == 5  # full once, at ratio 0
+    ss = samples(tiny_llama)
+    run_id, df = run_eval(host, ss, presses, out_dir=tmp_path, protocols=[False, True], progress=False)
+    assert len(calls) == len(ss)  # one prefill per sample
+    assert len(df) == len(ss) * len(presses) * 2
+    assert set(COLUMNS) <= set(df.columns)
+    assert df["item_id"].is_unique
+    assert set(df["query_aware"]) == {False, True}
+    full = df[df.method == "full"]
+    assert (full.kv_bytes_kept == full.kv_bytes_full).all() and (full.achieved_ratio == 0).all()
+    comp = df[df.method != "full"]
+    assert ((comp.kv_bytes_kept / comp.kv_bytes_full - (1 - comp.compression_ratio)).abs() < 0.02).all()
+    assert json.loads(df[df.method == "snapkv"].params.iloc[0])["window_size"] == 32
+    assert (df.run_id == run_id).all()
+    # the shard files carry the schema (run_id comes from the hive directory)
+    files = list((tmp_path / f"run_id={run_id}").glob("part-*.parquet"))
+    assert len(files) == len(ss)
+    assert pq.read_schema(files[0]).names == [c for c in COLUMNS if c != "run_id"]
+    text = summarize(df)
+    assert "snapkv" in text and "niah_single" in text and "kept_frac" in text
+
+
+def test_resume_skips_done_shards_and_never_duplicates(tiny_llama, tmp_path, monkeypatch):
+    host = ModelHost(tiny_llama)
+    presses = small_presses()
+    ss = samples(tiny_llama, n=3)
+    real = host.evaluate_sample
+    seen = []
+
+    def crash_on_third(sample, *a, **k):
+        if sample.sample_id == ss[2].sample_id and not seen:
+            seen.append(1)
+            raise RuntimeError("killed")
+        return real(sample, *a, **k)
+
+    monkeypatch.setattr(host, "evaluate_sample", crash_on_third)
+    with pytest.raises(RuntimeError):
+        run_eval(host, ss, presses, out_dir=tmp_path, run_id="r1", progress=False)
+    partial = read_results(tmp_path / "run_id=r1")
+    assert len(partial) == 2 * len(presses)  # what was done is kept
+    done = []
+    monkeypatch.setattr(host, "evaluate_sample", lambda s, *a, **k: done.append(s.sample_id) or real(s, *a, **k))
+    _, df = run_eval(host, ss, presses, out_dir=tmp_path, run_id="r1", progress=False)
+    assert done == [ss[2].sample_id]
+    assert len(df) == 3 * len(presses) and df["item_id"].is_unique
+    assert not list((tmp_path / "run_id=r1").glob(".*tmp"))
+    with pytest.raises(ValueError, match="other methods/ratios"):
+        run_eval(host, ss, presses[:2], out_dir=tmp_path, run_id="r1", progress=False)
+
+
+def test_runner_input_errors(tiny_llama, tmp_path):
+    host = ModelHost(tiny_llama)
+    with pytest.raises(ValueError, match="no samples"):
+        run_eval(host, [], small_presses(), out_dir=tmp_path)
+    s = samples(tiny_llama, n=1)
+    with pytest.raises(ValueError, match="not unique"):
+        run_eval(host, s + s, small_presses(), out_dir=tmp_path)
+    with pytest.raises(ValueError, match="not evaluated"):
+        build_presses(["snapkv"], [0.5], {"knorm": {}})
+
+
+def test_cli_methods(capsys):
+    assert kvray_main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("full", "random", "streaming_llm", "knorm", "snapkv", "pyramidkv", "adakv"):
+        assert any(line.startswith(name + " ") for line in out.splitlines())
+
+
+def test_cli_eval_on_a_local_model_directory(tiny_llama, tmp_path, capsys):
+    model_dir = tmp_path / "tiny"
+    tiny_llama.model.save_pretrained(model_dir)
+    tiny_llama.tokenizer.save_pretrained(model_dir)
+    out_dir = tmp_path / "out"
+    rc = kvray_main(["eval", "--model", str(model_dir), "--methods", "full,knorm", "--ratios", "0.5",
+                     "--tasks", "niah_single,vt", "--length", "300", "--samples", "2", "--out", str(out_dir),
+                     "--run-id", "cli", "--no-progress", "--both-protocols"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "knorm" in text and "run cli: 16 rows" in text
+    df = read_results(out_dir)
+    assert len(df) == 16 and set(df.task) == {"niah_single", "vt"}
+
+
+def test_cli_rejects_bad_input(capsys):
+    with pytest.raises(SystemExit):
+        kvray_main(["eval", "--ratios", "1.5"])
+    assert "outside [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown method"):
+        kvray_main(["eval", "--methods", "snapkw"])
