@@ -58,7 +58,8 @@ class Prefill:
     cache: KVRayCache
     prompt: PromptTokens
     n_context: int          # tokens compressed in the query-agnostic protocol
-    n_aware: int            # tokens compressed in the query-aware protocol (context + question)
+    n_aware: int            # tokens compressed in the query-aware protocol (the whole prompt)
+    aware_logits: torch.Tensor | None  # next-token logits at the end of the whole prompt (full cache)
     agnostic_queries: list  # per layer (queries, positions) at the end of the context
     prefill_s: float
     modules: list
@@ -76,7 +77,11 @@ class Prefill:
 
     def rest(self, query_aware: bool) -> list[int]:
         """Tokens fed on the compressed cache before generation starts."""
-        return self.prompt.suffix if query_aware else self.prompt.question + self.prompt.suffix
+        return [] if query_aware else self.prompt.question + self.prompt.suffix
+
+    def first_logits(self, query_aware: bool) -> torch.Tensor | None:
+        """Logits of the first answer token when nothing is fed after compression."""
+        return self.aware_logits if query_aware else None
 
 
 def _attention_modules(model) -> list:
@@ -99,8 +104,13 @@ def _forward(model, ids: list[int], cache: KVRayCache, device) -> torch.Tensor:
 @torch.inference_mode()
 def prefill(lm: LanguageModel, prompt: PromptTokens, capture_window: int = DEFAULT_CAPTURE_WINDOW,
             with_question: bool = True) -> Prefill:
-    """Prefill the context (and then the question, for the query-aware protocol) once, with a
-    full cache that also keeps each layer's last `capture_window` post-RoPE queries."""
+    """Prefill once, with a full cache that also keeps each layer's last `capture_window`
+    post-RoPE queries: the context, then (`with_question`) the rest of the prompt.
+
+    Query-agnostic configs compress the context only and feed question + suffix afterwards;
+    query-aware configs compress the whole prompt -- context, question, end of the user turn,
+    assistant header and answer prefix -- as SnapKV's own code does, so the observation window
+    ends where generation starts, and the first answer token comes from the prefill's logits."""
     _check_ready(lm)
     n_ctx = len(prompt.context)
     total = n_ctx + len(prompt.question) + len(prompt.suffix)
@@ -110,14 +120,15 @@ def prefill(lm: LanguageModel, prompt: PromptTokens, capture_window: int = DEFAU
     t0 = time.perf_counter()
     _forward(lm.model, prompt.context, cache, lm.device)
     agnostic = [(layer.window_queries, layer.window_positions) for layer in cache.layers]
-    n_aware = n_ctx
-    if with_question and prompt.question:
-        _forward(lm.model, prompt.question, cache, lm.device)
-        n_aware += len(prompt.question)
+    n_aware, aware_logits = n_ctx, None
+    rest = prompt.question + prompt.suffix
+    if with_question and rest:
+        aware_logits = _forward(lm.model, rest, cache, lm.device)
+        n_aware += len(rest)
     prefill_s = time.perf_counter() - t0
     for layer in cache.layers:
         layer.capture_window = 0
-    return Prefill(cache, prompt, n_ctx, n_aware, agnostic, prefill_s, _attention_modules(lm.model))
+    return Prefill(cache, prompt, n_ctx, n_aware, aware_logits, agnostic, prefill_s, _attention_modules(lm.model))
 
 
 def stop_token_ids(tokenizer) -> set[int]:
@@ -130,10 +141,17 @@ def stop_token_ids(tokenizer) -> set[int]:
 
 
 @torch.inference_mode()
-def greedy_decode(lm: LanguageModel, cache: KVRayCache, rest: list[int], max_new_tokens: int) -> list[int]:
-    """Feed `rest` on `cache`, then decode greedily until a stop token or `max_new_tokens`."""
+def greedy_decode(lm: LanguageModel, cache: KVRayCache, rest: list[int], max_new_tokens: int,
+                  first_logits: torch.Tensor | None = None) -> list[int]:
+    """Feed `rest` on `cache` (or start from `first_logits` when `rest` is empty), then decode
+    greedily until a stop token or `max_new_tokens`."""
     stops = stop_token_ids(lm.tokenizer)
-    logits = _forward(lm.model, rest, cache, lm.device)
+    if rest:
+        logits = _forward(lm.model, rest, cache, lm.device)
+    elif first_logits is not None:
+        logits = first_logits
+    else:
+        raise ValueError("nothing to decode from: pass the tokens to feed or the first logits")
     out: list[int] = []
     for _ in range(max_new_tokens):
         tok = int(torch.argmax(logits))
@@ -183,7 +201,7 @@ def run_config(lm: LanguageModel, pre: Prefill, press: Press, query_aware: bool,
     `release_prefill` the full cache is dropped before decoding (real memory savings when the
     prefill is not shared with other configs)."""
     state = pre.state(query_aware)
-    rest = pre.rest(query_aware)
+    rest, first = pre.rest(query_aware), pre.first_logits(query_aware)
     prefill_s = pre.prefill_s
     t0 = time.perf_counter()
     cache = press.compress(state)
@@ -196,7 +214,7 @@ def run_config(lm: LanguageModel, pre: Prefill, press: Press, query_aware: bool,
         del state
         pre.cache = None
     t0 = time.perf_counter()
-    ids = greedy_decode(lm, cache, rest, max_new_tokens)
+    ids = greedy_decode(lm, cache, rest, max_new_tokens, first)
     decode_s = time.perf_counter() - t0
     text = lm.tokenizer.decode(ids, skip_special_tokens=True)
     stats = GenerationStats(

@@ -20,12 +20,12 @@ def test_generate_stats(tiny_lm, query_aware):
     assert s.prefill_s > 0 and s.compress_s > 0 and s.decode_s > 0 and s.peak_mem_bytes > 0
 
 
-def test_query_aware_compresses_the_question_too(tiny_llama):
+def test_query_aware_compresses_the_whole_prompt(tiny_llama):
     p = build_prompt(tiny_llama.tokenizer, CONTEXT, "What was the weather?")
     a = kvray.generate(tiny_llama, CONTEXT, "What was the weather?", max_new_tokens=2)
     b = kvray.generate(tiny_llama, CONTEXT, "What was the weather?", max_new_tokens=2, query_aware=True)
     assert a.stats.kv_tokens_full == len(p.context)
-    assert b.stats.kv_tokens_full == len(p.context) + len(p.question)
+    assert b.stats.kv_tokens_full == len(p.context) + len(p.question) + len(p.suffix)
     assert a.text == b.text  # the full cache gives the same answer in both protocols
 
 

@@ -29,7 +29,7 @@ def test_contract_every_method(tiny_lm, method, query_aware):
     pre = prefill(tiny_lm, prompt())
     state = pre.state(query_aware)
     N = state.n_tokens
-    assert N == N_CONTEXT + (9 if query_aware else 0)
+    assert N == N_CONTEXT + (9 + 4 if query_aware else 0)
     for ratio in (0.25, 0.5, 0.8):
         press = make_press(method, compression_ratio=ratio_for(method, ratio))
         cache = press.compress(state)
