@@ -28,6 +28,20 @@ DEFAULT_METHODS = "full,random,streaming_llm,knorm,snapkv,pyramidkv,adakv"
 DEFAULT_TASKS = "niah_single,niah_multikey,vt"
 
 
+def _json_object(text: str | None, flag: str, example: str) -> dict:
+    import json
+
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"kvray: {flag} is not valid JSON ({exc}); expected e.g. '{example}'")
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise SystemExit(f"kvray: {flag} must map names to option objects, e.g. '{example}'")
+    return data
+
+
 def cmd_methods(args) -> int:
     from .presses import describe_methods, method_params
 
@@ -42,14 +56,15 @@ def cmd_methods(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval import TASKS, load_samples, make_samples
-    from .eval.runner import ModelHost, build_presses, params_from_json, run_eval, set_threads, summarize
+    from .eval.runner import ModelHost, build_presses, run_eval, set_threads, summarize
     from .presses import list_methods
 
     methods = _csv(args.methods)
     bad = [m for m in methods if m not in list_methods()]
     if bad:
         raise SystemExit(f"kvray eval: unknown method(s) {bad}; known: {', '.join(list_methods())}")
-    presses = build_presses(methods, args.ratios, params_from_json(args.method_params))
+    presses = build_presses(methods, args.ratios, _json_object(args.method_params, "--method-params",
+                                                                 '{"snapkv": {"window_size": 64}}'))
     set_threads(args.threads)
     host = ModelHost.load(args.model, device=args.device)
     if args.dataset:
@@ -59,9 +74,13 @@ def cmd_eval(args) -> int:
         bad = [t for t in tasks if t not in TASKS]
         if bad:
             raise SystemExit(f"kvray eval: unknown task(s) {bad}; known: {', '.join(TASKS)}")
+        options = _json_object(args.task_options, "--task-options", '{"niah_single": {"value_kind": "word"}}')
+        unknown = set(options) - set(tasks)
+        if unknown:
+            raise SystemExit(f"kvray eval: --task-options names tasks not evaluated: {sorted(unknown)}")
         count = lambda s: len(host.lm.tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
         samples = [s for t in tasks for s in make_samples(t, args.samples, args.length, seed=args.seed,
-                                                          count_tokens=count)]
+                                                          count_tokens=count, **options.get(t, {}))]
     protocols = [False, True] if args.both_protocols else [bool(args.query_aware)]
     print(f"kvray eval: {host.lm.name} on {host.lm.device}, {len(samples)} samples x {len(presses)} configs x "
           f"{len(protocols)} protocol(s), one prefill per sample", file=sys.stderr)
@@ -88,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--length", type=int, default=1000, help="context length in tokens (default 1000)")
     e.add_argument("--samples", type=int, default=5, help="samples per task (default 5)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--task-options", default=None,
+                   help='JSON per task, e.g. \'{"niah_single": {"value_kind": "uuid"}}\'')
     e.add_argument("--dataset", default=None, help="a local .parquet/.jsonl (kvpress columns) or HF dataset instead")
     g = e.add_mutually_exclusive_group()
     g.add_argument("--query-aware", action="store_true", help="compress with the question in the prompt")

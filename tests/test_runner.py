@@ -119,3 +119,8 @@ def test_cli_rejects_bad_input(capsys):
     assert "outside [0, 1)" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown method"):
         kvray_main(["eval", "--methods", "snapkw"])
+
+
+def test_cli_rejects_bad_json_options():
+    with pytest.raises(SystemExit, match="--method-params is not valid JSON"):
+        kvray_main(["eval", "--methods", "snapkv", "--method-params", "{window: 3}"])

