@@ -64,6 +64,15 @@ class RaggedKV:
         d = self.keys.shape[-1]
         return (self.keys.view(self.batch, self.heads, n, d), self.values.view(self.batch, self.heads, n, d))
 
+    def row(self, b: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """[H, n, d] views of batch row b when its heads hold the same count, else None."""
+        lens = self.lengths[b * self.heads:(b + 1) * self.heads]
+        if len(set(lens)) != 1:
+            return None
+        s, e = self.offsets[b * self.heads], self.offsets[(b + 1) * self.heads]
+        d = self.keys.shape[-1]
+        return self.keys[s:e].view(self.heads, lens[0], d), self.values[s:e].view(self.heads, lens[0], d)
+
     def head(self, bh: int) -> tuple[torch.Tensor, torch.Tensor]:
         s, e = self.offsets[bh], self.offsets[bh + 1]
         return self.keys[s:e], self.values[s:e]
@@ -150,6 +159,24 @@ class KVRayCache(Cache):
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
+    @classmethod
+    def stack(cls, caches: list["KVRayCache"]) -> "KVRayCache":
+        """One batched cache from compressed single-sequence caches of the same prompt (same
+        compressed length, empty tails): batch row i is caches[i]. Copies the kept entries."""
+        layers = []
+        for parts in zip(*(c.layers for c in caches)):
+            prefixes = [p.prefix for p in parts]
+            if any(p is None for p in prefixes) or any(p.tail_length() for p in parts):
+                raise ValueError("only compressed caches with nothing decoded yet can be stacked")
+            if len({p.prefix_tokens for p in parts}) != 1 or len({x.heads for x in prefixes}) != 1:
+                raise ValueError("stacked caches must cover the same prompt with the same heads")
+            ragged = RaggedKV(torch.cat([x.keys for x in prefixes]), torch.cat([x.values for x in prefixes]),
+                              torch.cat([x.positions for x in prefixes]),
+                              tuple(n for x in prefixes for n in x.lengths),
+                              sum(x.batch for x in prefixes), prefixes[0].heads)
+            layers.append(KVRayLayer(prefix=ragged, prefix_tokens=parts[0].prefix_tokens))
+        return cls(layers)
+
     def num_entries(self) -> int:
         return sum(layer.num_entries() for layer in self.layers)
 
@@ -221,6 +248,10 @@ def ragged_attention(query: torch.Tensor, layer: KVRayLayer, scaling: float) -> 
     else:
         out = torch.empty_like(qg)
         for b in range(B):
+            row = prefix.row(b)
+            if row is not None:  # e.g. one config of a stacked batch with uniform heads
+                out[b] = _two_block_attention(qg[b], row[0], row[1], tk[b], tv[b], tail_mask, scaling)
+                continue
             for h in range(H):
                 pk, pv = prefix.head(b * H + h)
                 out[b, h] = _two_block_attention(qg[b, h], pk, pv, tk[b, h], tv[b, h], tail_mask, scaling)

@@ -141,27 +141,44 @@ def stop_token_ids(tokenizer) -> set[int]:
 
 
 @torch.inference_mode()
+def greedy_decode_batch(lm: LanguageModel, cache: KVRayCache, rest: list[int], max_new_tokens: int,
+                        first_logits: torch.Tensor | None = None) -> list[list[int]]:
+    """Greedy decoding of every row of a (batched) cache: feed `rest` to all rows (or start
+    from `first_logits`, shared, when `rest` is empty), then one token per row per step until
+    each row hits a stop token or `max_new_tokens`. Finished rows keep being fed a stop token
+    (their outputs are ignored) so all rows stay aligned."""
+    stops = stop_token_ids(lm.tokenizer)
+    n = cache.layers[0].prefix.batch if cache.layers[0].prefix is not None else 1
+    if rest:
+        x = torch.tensor([rest] * n, device=lm.device)
+        logits = lm.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    elif first_logits is not None:
+        logits = first_logits.expand(n, -1)
+    else:
+        raise ValueError("nothing to decode from: pass the tokens to feed or the first logits")
+    outs: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    filler = next(iter(stops)) if stops else 0
+    for step in range(max_new_tokens):
+        toks = logits.argmax(-1).tolist()
+        for i, t in enumerate(toks):
+            if not done[i]:
+                if t in stops:
+                    done[i] = True
+                else:
+                    outs[i].append(t)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        feed = torch.tensor([[filler if done[i] else toks[i]] for i in range(n)], device=lm.device)
+        logits = lm.model(input_ids=feed, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return outs
+
+
 def greedy_decode(lm: LanguageModel, cache: KVRayCache, rest: list[int], max_new_tokens: int,
                   first_logits: torch.Tensor | None = None) -> list[int]:
     """Feed `rest` on `cache` (or start from `first_logits` when `rest` is empty), then decode
     greedily until a stop token or `max_new_tokens`."""
-    stops = stop_token_ids(lm.tokenizer)
-    if rest:
-        logits = _forward(lm.model, rest, cache, lm.device)
-    elif first_logits is not None:
-        logits = first_logits
-    else:
-        raise ValueError("nothing to decode from: pass the tokens to feed or the first logits")
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        tok = int(torch.argmax(logits))
-        if tok in stops:
-            break
-        out.append(tok)
-        if len(out) == max_new_tokens:
-            break
-        logits = _forward(lm.model, [tok], cache, lm.device)
-    return out
+    return greedy_decode_batch(lm, cache, rest, max_new_tokens, first_logits)[0]
 
 
 @dataclass
@@ -195,41 +212,51 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def run_config(lm: LanguageModel, pre: Prefill, press: Press, query_aware: bool,
-               max_new_tokens: int, release_prefill: bool = False) -> GenerationOutput:
-    """Compress a copy of the prefill cache with `press`, then decode on it. With
-    `release_prefill` the full cache is dropped before decoding (real memory savings when the
-    prefill is not shared with other configs)."""
+def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_aware: bool,
+                max_new_tokens: int, decode_batch: int = 16, release_prefill: bool = False) -> list[GenerationOutput]:
+    """Compress a copy of the prefill cache with each press, then decode the compressed caches
+    `decode_batch` at a time as one batch (decoding a small model is bound by reading its
+    weights, so a batch of configs costs little more than one). `decode_s` is the batch's wall
+    time divided by its size. With `release_prefill` the full cache is dropped before decoding."""
+    if decode_batch < 1:
+        raise ValueError(f"decode_batch must be >= 1, got {decode_batch}")
     state = pre.state(query_aware)
     rest, first = pre.rest(query_aware), pre.first_logits(query_aware)
-    prefill_s = pre.prefill_s
-    t0 = time.perf_counter()
-    cache = press.compress(state)
-    compress_s = time.perf_counter() - t0
     full_bytes = state.kv_bytes()
-    full_entries = state.n_tokens * state.num_kv_heads * state.num_layers * state.batch
-    kept_entries, kept_bytes = cache.prefix_entries(), cache.prefix_nbytes()
     n_tokens, heads, n_layers, batch = state.n_tokens, state.num_kv_heads, state.num_layers, state.batch
+    full_entries = n_tokens * heads * n_layers * batch
+    compressed = []
+    for press in presses:
+        t0 = time.perf_counter()
+        cache = press.compress(state)
+        compressed.append((cache, time.perf_counter() - t0, cache.prefix_entries(), cache.prefix_nbytes()))
     if release_prefill:
         del state
         pre.cache = None
-    t0 = time.perf_counter()
-    ids = greedy_decode(lm, cache, rest, max_new_tokens, first)
-    decode_s = time.perf_counter() - t0
-    text = lm.tokenizer.decode(ids, skip_special_tokens=True)
-    stats = GenerationStats(
-        kv_tokens_full=n_tokens,
-        kv_tokens_kept=kept_entries / (heads * n_layers * batch),
-        kv_bytes_full=full_bytes,
-        kv_bytes_kept=kept_bytes,
-        compression_ratio=1.0 - kept_entries / full_entries,
-        prefill_s=prefill_s,
-        compress_s=compress_s,
-        decode_s=decode_s,
-        new_tokens=len(ids),
-        peak_mem_bytes=peak_memory_bytes(lm.device),
-    )
-    return GenerationOutput(text=text, stats=stats, token_ids=ids)
+    outputs: list[GenerationOutput] = []
+    for start in range(0, len(compressed), decode_batch):
+        chunk = compressed[start:start + decode_batch]
+        merged = KVRayCache.stack([c[0] for c in chunk]) if len(chunk) > 1 else chunk[0][0]
+        t0 = time.perf_counter()
+        ids_per_row = greedy_decode_batch(lm, merged, rest, max_new_tokens, first)
+        decode_s = (time.perf_counter() - t0) / len(chunk)
+        del merged
+        peak = peak_memory_bytes(lm.device)
+        for (_, compress_s, kept_entries, kept_bytes), ids in zip(chunk, ids_per_row):
+            stats = GenerationStats(
+                kv_tokens_full=n_tokens, kv_tokens_kept=kept_entries / (heads * n_layers * batch),
+                kv_bytes_full=full_bytes, kv_bytes_kept=kept_bytes,
+                compression_ratio=1.0 - kept_entries / full_entries, prefill_s=pre.prefill_s,
+                compress_s=compress_s, decode_s=decode_s, new_tokens=len(ids), peak_mem_bytes=peak)
+            outputs.append(GenerationOutput(text=lm.tokenizer.decode(ids, skip_special_tokens=True),
+                                            stats=stats, token_ids=ids))
+    return outputs
+
+
+def run_config(lm: LanguageModel, pre: Prefill, press: Press, query_aware: bool,
+               max_new_tokens: int, release_prefill: bool = False) -> GenerationOutput:
+    """One press on the prefill cache (see `run_configs`)."""
+    return run_configs(lm, pre, [press], query_aware, max_new_tokens, release_prefill=release_prefill)[0]
 
 
 def capture_window_for(presses: list[Press]) -> int:

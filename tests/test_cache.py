@@ -29,14 +29,20 @@ def dense_masked_reference(query, keys, values, keep, tail_k, tail_v):
     return out
 
 
-@pytest.mark.parametrize("uniform", [True, False])
+@pytest.mark.parametrize("uniform", [True, False, "mixed"])
 @pytest.mark.parametrize("q_len", [1, 3])
 @pytest.mark.parametrize("G", [1, 3])
 def test_ragged_attention_matches_dense_masked(uniform, q_len, G):
     torch.manual_seed(1)
     B, H, N, d, T = 2, 2, 13, 8, 4
     keys, values = torch.randn(B, H, N, d), torch.randn(B, H, N, d)
-    if uniform:
+    if uniform == "mixed":  # row 0 has equal head counts (batched view), row 1 does not
+        keep = torch.zeros(B, H, N, dtype=torch.bool)
+        keep[0, 0, :5] = True
+        keep[0, 1, 3:8] = True
+        keep[1, 0, :9] = True
+        keep[1, 1, ::4] = True
+    elif uniform:
         keep = torch.zeros(B, H, N, dtype=torch.bool)
         for b in range(B):
             for h in range(H):
@@ -52,7 +58,8 @@ def test_ragged_attention_matches_dense_masked(uniform, q_len, G):
     query = torch.randn(B, H * G, q_len, d)
     got = ragged_attention(query, layer, 1 / math.sqrt(d))
     want = dense_masked_reference(query, keys, values, keep, tail_k, tail_v)
-    assert layer.prefix.uniform == uniform
+    assert layer.prefix.uniform == (uniform is True)
+    assert (layer.prefix.row(0) is not None) == (uniform in (True, "mixed"))
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 

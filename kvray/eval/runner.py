@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .. import __version__
-from ..generate import Prefill, build_prompt, capture_window_for, prefill, run_config
+from ..generate import Prefill, build_prompt, capture_window_for, prefill, run_configs
 from ..models import LanguageModel, load_model
 from ..presses import Press, make_press
 from ..results import (SCHEMA_VERSION, config_id, new_run_id, now_utc, read_results, run_dir, shard_exists,
@@ -51,6 +51,7 @@ class ModelHost:
     in `kvray.actors` wrap this class)."""
 
     lm: LanguageModel
+    decode_batch: int = 16  # compressed caches decoded together (see generate.run_configs)
 
     @classmethod
     def load(cls, name: str | None = None, device=None, dtype=None) -> "ModelHost":
@@ -65,9 +66,8 @@ class ModelHost:
                                with_question=any(protocols))
         rows = []
         for query_aware in protocols:
-            for press in presses:
-                out = run_config(lm, pre, press, query_aware, sample.max_new_tokens)
-                rows.append(self._row(run_id, sample, press, query_aware, out))
+            outs = run_configs(lm, pre, list(presses), query_aware, sample.max_new_tokens, self.decode_batch)
+            rows += [self._row(run_id, sample, press, query_aware, out) for press, out in zip(presses, outs)]
         return rows
 
     def _row(self, run_id, sample, press, query_aware, out) -> dict:
