@@ -24,6 +24,16 @@ def _ratios(text: str) -> list[float]:
     return out
 
 
+def _lengths(text: str) -> list[int]:
+    try:
+        out = [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lengths must be integers (tokens), e.g. 1000,4000; got {text!r}")
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"lengths must be positive token counts, got {text!r}")
+    return out
+
+
 DEFAULT_METHODS = "full,random,streaming_llm,knorm,snapkv,pyramidkv,adakv"
 DEFAULT_TASKS = "niah_single,niah_multikey,vt"
 
@@ -79,8 +89,8 @@ def cmd_eval(args) -> int:
         if unknown:
             raise SystemExit(f"kvray eval: --task-options names tasks not evaluated: {sorted(unknown)}")
         count = lambda s: len(host.lm.tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
-        samples = [s for t in tasks for s in make_samples(t, args.samples, args.length, seed=args.seed,
-                                                          count_tokens=count, **options.get(t, {}))]
+        samples = [s for n in args.length for t in tasks
+                   for s in make_samples(t, args.samples, n, seed=args.seed, count_tokens=count, **options.get(t, {}))]
     protocols = [False, True] if args.both_protocols else [bool(args.query_aware)]
     print(f"kvray eval: {host.lm.name} on {host.lm.device}, {len(samples)} samples x {len(presses)} configs x "
           f"{len(protocols)} protocol(s), one prefill per sample", file=sys.stderr)
@@ -104,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     e.add_argument("--ratios", type=_ratios, default=[0.5], help="compression ratios, fraction removed (default 0.5)")
     e.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated task names (default {DEFAULT_TASKS})")
-    e.add_argument("--length", type=int, default=1000, help="context length in tokens (default 1000)")
+    e.add_argument("--length", type=_lengths, default=[1000],
+                   help="context length(s) in tokens, comma-separated (default 1000)")
     e.add_argument("--samples", type=int, default=5, help="samples per task (default 5)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--task-options", default=None,

@@ -32,7 +32,8 @@ SCHEMA = pa.schema([
     ("query_aware", pa.bool_()),
     ("task", pa.string()),
     ("sample_id", pa.string()),
-    ("context_tokens", pa.int64()),
+    ("target_length", pa.int64()),      # the generator's target context length; null for datasets
+    ("context_tokens", pa.int64()),     # tokens compressed (template + context [+ question in aware])
     ("prediction", pa.string()),
     ("answers", pa.list_(pa.string())),
     ("score", pa.float64()),

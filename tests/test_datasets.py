@@ -75,7 +75,7 @@ def test_generated_samples_survive_a_round_trip(tmp_path):
     samples = make_samples("niah_multivalue", 2, 300, count_tokens=lambda t: len(t.split()))
     records = [dict(context=s.context, question=s.question, answer_prefix=s.answer_prefix,
                     answer=list(s.answers), max_new_tokens=s.max_new_tokens, task=s.task,
-                    sample_id=s.sample_id, metric=s.metric) for s in samples]
+                    sample_id=s.sample_id, metric=s.metric, length=s.length) for s in samples]
     pd.DataFrame(records).to_parquet(tmp_path / "gen.parquet")
     _write_jsonl(tmp_path / "gen.jsonl", records)
     assert load_samples(tmp_path / "gen.parquet") == samples

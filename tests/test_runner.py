@@ -104,11 +104,12 @@ def test_cli_eval_on_a_local_model_directory(tiny_llama, tmp_path, capsys):
     tiny_llama.tokenizer.save_pretrained(model_dir)
     out_dir = tmp_path / "out"
     rc = kvray_main(["eval", "--model", str(model_dir), "--methods", "full,knorm", "--ratios", "0.5",
-                     "--tasks", "niah_single,vt", "--length", "300", "--samples", "2", "--out", str(out_dir),
+                     "--tasks", "niah_single,vt", "--length", "300,600", "--samples", "1", "--out", str(out_dir),
                      "--run-id", "cli", "--no-progress", "--both-protocols"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "knorm" in text and "run cli: 16 rows" in text
+    assert "niah_single@300" in text and "vt@600" in text and set(read_results(out_dir).target_length) == {300, 600}  # one column per task and length
     df = read_results(out_dir)
     assert len(df) == 16 and set(df.task) == {"niah_single", "vt"}
 

@@ -164,6 +164,8 @@ def _to_sample(row: dict, task: str, index: int, where: str) -> Sample:
     if isinstance(max_new, numbers.Real) and not isinstance(max_new, bool) and float(max_new).is_integer():
         max_new = int(max_new)
     metric = _text(row.get("metric")) or ("part" if task.startswith("qa") else "all")
+    length = row.get("length")
+    length = None if length is None or (isinstance(length, float) and math.isnan(length)) else int(length)
     try:
         return Sample(
             context=_text(row["context"]) or "",
@@ -174,6 +176,7 @@ def _to_sample(row: dict, task: str, index: int, where: str) -> Sample:
             task=task,
             sample_id=_text(row.get("sample_id")) or f"{task}-{index}",
             metric=metric,
+            length=length,
         )
     except ValueError as exc:
         raise ValueError(f"row {index} of {where}: {exc}") from None

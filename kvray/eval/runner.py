@@ -80,7 +80,7 @@ class ModelHost:
             "model": self.lm.name, "method": press.name, "params": params_json, "plan_id": press.plan_id,
             "compression_ratio": press.target_ratio, "achieved_ratio": s.compression_ratio,
             "query_aware": bool(query_aware), "task": sample.task, "sample_id": sample.sample_id,
-            "context_tokens": s.kv_tokens_full, "prediction": out.text, "answers": list(sample.answers),
+            "target_length": sample.length, "context_tokens": s.kv_tokens_full, "prediction": out.text, "answers": list(sample.answers),
             "score": score_sample(sample, out.text), "kv_bytes_full": s.kv_bytes_full,
             "kv_bytes_kept": s.kv_bytes_kept, "prefill_s": s.prefill_s, "compress_s": s.compress_s,
             "decode_s": s.decode_s, "new_tokens": s.new_tokens, "peak_mem_bytes": s.peak_mem_bytes,
@@ -144,7 +144,12 @@ def summarize(df) -> str:
         return "(no rows)"
     df = df.copy()
     df["protocol"] = df["query_aware"].map({True: "aware", False: "agnostic"})
-    scores = df.pivot_table(index=["protocol", "method", "compression_ratio"], columns="task", values="score",
+    # several target lengths: one column per task and length
+    lengths = df["target_length"].dropna().unique()
+    df["cell"] = df["task"]
+    if len(lengths) > 1:
+        df["cell"] = df["task"] + "@" + df["target_length"].map(lambda n: "?" if pd.isna(n) else str(int(n)))
+    scores = df.pivot_table(index=["protocol", "method", "compression_ratio"], columns="cell", values="score",
                             aggfunc="mean")
     scores["mean"] = df.groupby(["protocol", "method", "compression_ratio"])["score"].mean()
     extra = df.groupby(["protocol", "method", "compression_ratio"]).agg(

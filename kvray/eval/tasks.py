@@ -45,6 +45,7 @@ class Sample:
     task: str
     sample_id: str
     metric: str = "all"  # "all" (string_match_all) or "part" (string_match_part)
+    length: int | None = None  # target context length in tokens (generated tasks); None for datasets
 
     def __post_init__(self):
         answers = self.answers
@@ -504,5 +505,6 @@ def make_samples(task: str, n: int, length: int, seed: int = 0, count_tokens: Co
     for index in range(int(n)):
         rng = random.Random(f"kvray/{task}/{int(seed)}/{index}")
         fields = builder(rng, int(length), count, **resolved)
-        samples.append(Sample(task=task, sample_id=f"{task}-{int(length)}-{int(seed)}-{index}{suffix}", **fields))
+        samples.append(Sample(task=task, sample_id=f"{task}-{int(length)}-{int(seed)}-{index}{suffix}",
+                              length=int(length), **fields))
     return samples
