@@ -217,7 +217,8 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
     """Compress a copy of the prefill cache with each press, then decode the compressed caches
     `decode_batch` at a time as one batch (decoding a small model is bound by reading its
     weights, so a batch of configs costs little more than one). `decode_s` is the batch's wall
-    time divided by its size. With `release_prefill` the full cache is dropped before decoding."""
+    time divided by its size. With `release_prefill` the full cache is dropped once the last
+    configs are compressed (real memory savings when nothing else shares the prefill)."""
     if decode_batch < 1:
         raise ValueError(f"decode_batch must be >= 1, got {decode_batch}")
     state = pre.state(query_aware)
@@ -225,18 +226,19 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
     full_bytes = state.kv_bytes()
     n_tokens, heads, n_layers, batch = state.n_tokens, state.num_kv_heads, state.num_layers, state.batch
     full_entries = n_tokens * heads * n_layers * batch
-    compressed = []
-    for press in presses:
-        t0 = time.perf_counter()
-        cache = press.compress(state)
-        compressed.append((cache, time.perf_counter() - t0, cache.prefix_entries(), cache.prefix_nbytes()))
-    if release_prefill:
-        del state
-        pre.cache = None
     outputs: list[GenerationOutput] = []
-    for start in range(0, len(compressed), decode_batch):
-        chunk = compressed[start:start + decode_batch]
+    for start in range(0, len(presses), decode_batch):
+        # compress only the configs decoded together: at most `decode_batch` caches live at once
+        chunk = []
+        for press in presses[start:start + decode_batch]:
+            t0 = time.perf_counter()
+            cache = press.compress(state)
+            chunk.append((cache, time.perf_counter() - t0, cache.prefix_entries(), cache.prefix_nbytes()))
+        if release_prefill and start + decode_batch >= len(presses):
+            state = None
+            pre.cache = None
         merged = KVRayCache.stack([c[0] for c in chunk]) if len(chunk) > 1 else chunk[0][0]
+        chunk = [(None, *c[1:]) for c in chunk]  # the stacked copy is all that stays alive
         t0 = time.perf_counter()
         ids_per_row = greedy_decode_batch(lm, merged, rest, max_new_tokens, first)
         decode_s = (time.perf_counter() - t0) / len(chunk)

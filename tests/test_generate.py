@@ -87,3 +87,12 @@ def test_run_configs_batched_matches_sequential(tiny_llama):
         single = run_configs(tiny_llama, pre, presses, aware, 6, decode_batch=1)
         assert [o.token_ids for o in batched] == [o.token_ids for o in single]
         assert [o.stats.kv_bytes_kept for o in batched] == [o.stats.kv_bytes_kept for o in single]
+
+
+def test_release_prefill_drops_the_full_cache(tiny_llama):
+    from kvray.generate import prefill, run_configs
+
+    pre = prefill(tiny_llama, build_prompt(tiny_llama.tokenizer, CONTEXT, "q"))
+    outs = run_configs(tiny_llama, pre, [kvray.make_press("knorm", compression_ratio=0.5)], False, 3,
+                       release_prefill=True)
+    assert pre.cache is None and outs[0].stats.kv_bytes_kept * 2 == pytest.approx(outs[0].stats.kv_bytes_full, rel=0.02)
