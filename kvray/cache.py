@@ -128,11 +128,6 @@ class KVRayLayer(DynamicLayer):
         tail = 0 if self.tail_length() == 0 else self.keys.nbytes + self.values.nbytes
         return (self.prefix.nbytes if self.prefix is not None else 0) + tail
 
-    def num_entries(self) -> int:
-        """KV entries held, summed over (batch, head)."""
-        tail = 0 if self.tail_length() == 0 else self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[2]
-        return (sum(self.prefix.lengths) if self.prefix is not None else 0) + tail
-
     def _capture(self, query: torch.Tensor) -> None:
         end = self.get_seq_length()
         q_len = query.shape[2]
@@ -176,9 +171,6 @@ class KVRayCache(Cache):
                               sum(x.batch for x in prefixes), prefixes[0].heads)
             layers.append(KVRayLayer(prefix=ragged, prefix_tokens=parts[0].prefix_tokens))
         return cls(layers)
-
-    def num_entries(self) -> int:
-        return sum(layer.num_entries() for layer in self.layers)
 
     def prefix_nbytes(self) -> int:
         return sum(layer.prefix.nbytes for layer in self.layers if layer.prefix is not None)

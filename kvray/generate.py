@@ -21,9 +21,10 @@ class PromptTokens:
     """Token ids of the prompt in kvpress's layout: the chat template holds one user turn
     `context + question`, the assistant turn starts with `answer_prefix`."""
 
-    context: list[int]   # template prefix + context (compressed in the query-agnostic protocol)
-    question: list[int]  # the question (also compressed in the query-aware protocol)
-    suffix: list[int]    # end of the user turn, assistant header, answer_prefix (never compressed)
+    context: list[int]   # template prefix + context: compressed in both protocols
+    question: list[int]  # the question
+    suffix: list[int]    # end of the user turn, assistant header, answer_prefix
+    # question + suffix are fed after compression (query-agnostic) or compressed too (query-aware)
 
 
 def build_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> PromptTokens:
@@ -53,7 +54,8 @@ def build_prompt(tokenizer, context: str, question: str, answer_prefix: str = ""
 
 @dataclass
 class Prefill:
-    """The full cache after prefilling context (+ question), and the scorer views per protocol."""
+    """The full cache after prefilling the context (+ the rest of the prompt), and the scorer
+    views per protocol."""
 
     cache: KVRayCache
     prompt: PromptTokens
@@ -94,11 +96,10 @@ def _check_ready(lm: LanguageModel) -> None:
         enable_kvray_attention(lm.model)
 
 
-def _forward(model, ids: list[int], cache: KVRayCache, device) -> torch.Tensor:
-    """Feed `ids` on `cache`; returns the last position's logits [vocab]."""
-    x = torch.tensor([ids], device=device)
-    out = model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1]
+def _forward(model, rows: list[list[int]], cache: KVRayCache, device) -> torch.Tensor:
+    """Feed one list of ids per batch row on `cache`; returns the last position's logits [B, vocab]."""
+    x = torch.tensor(rows, device=device)
+    return model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
 @torch.inference_mode()
@@ -118,12 +119,12 @@ def prefill(lm: LanguageModel, prompt: PromptTokens, capture_window: int = DEFAU
         raise ValueError(f"prompt is {total} tokens; {lm.name} supports at most {lm.max_context}")
     cache = KVRayCache.empty(lm.num_layers, capture_window=capture_window)
     t0 = time.perf_counter()
-    _forward(lm.model, prompt.context, cache, lm.device)
+    _forward(lm.model, [prompt.context], cache, lm.device)
     agnostic = [(layer.window_queries, layer.window_positions) for layer in cache.layers]
     n_aware, aware_logits = n_ctx, None
     rest = prompt.question + prompt.suffix
     if with_question and rest:
-        aware_logits = _forward(lm.model, rest, cache, lm.device)
+        aware_logits = _forward(lm.model, [rest], cache, lm.device)[0]
         n_aware += len(rest)
     prefill_s = time.perf_counter() - t0
     for layer in cache.layers:
@@ -150,8 +151,7 @@ def greedy_decode_batch(lm: LanguageModel, cache: KVRayCache, rest: list[int], m
     stops = stop_token_ids(lm.tokenizer)
     n = cache.layers[0].prefix.batch if cache.layers[0].prefix is not None else 1
     if rest:
-        x = torch.tensor([rest] * n, device=lm.device)
-        logits = lm.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = _forward(lm.model, [rest] * n, cache, lm.device)
     elif first_logits is not None:
         logits = first_logits.expand(n, -1)
     else:
@@ -169,8 +169,7 @@ def greedy_decode_batch(lm: LanguageModel, cache: KVRayCache, rest: list[int], m
                     outs[i].append(t)
         if all(done) or step == max_new_tokens - 1:
             break
-        feed = torch.tensor([[filler if done[i] else toks[i]] for i in range(n)], device=lm.device)
-        logits = lm.model(input_ids=feed, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = _forward(lm.model, [[filler if done[i] else toks[i]] for i in range(n)], cache, lm.device)
     return outs
 
 
