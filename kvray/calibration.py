@@ -1,0 +1,609 @@
+"""Context-calibrated compression: how much of *this* context can be evicted.
+
+Follows the context-calibrated compression section of Chari & Van Durme, "Calibrated
+Query-Agnostic KV Cache Compression with Approximate Leverage Scores" (arXiv 2507.08143, v2);
+see METHODS.md 2.4. The quality proxy is the token-averaged NLL of a target continuation `t`
+(the ground-truth answer) given question `q` and context `c`; the measured quantity is the ratio
+
+    g(r, q, c) = NLL(t | q, c) / NLL(t | q, c~_r)        (c~_r keeps a fraction r of the entries)
+
+and the query-agnostic assumption models it by a one-parameter curve of the retention r,
+
+    f_b(r) = (exp(b(r-1)) - exp(-b)) / (1 - exp(-b)),    b(c) = alpha * NLL(c) + beta,
+
+where NLL(c) is the context's own token-averaged NLL (taken from the prefill forward). For a
+quality budget tau the smallest retention with f_b(r) >= tau is used (`min_retention`).
+
+Pieces, all usable without Ray (plain torch):
+
+* `retention_curve`, `min_retention`: the curve and its closed-form inverse.
+* `prefill_with_context_nll` / `context_nll`: one prefill that also yields NLL(c).
+* `measure_curve`: one sample's measured NLL ratios over a grid of retentions.
+* `fit_calibrator` -> `Calibrator` (JSON-serialisable), `safe_compression_ratio`,
+  `validate_calibrator`.
+
+Deviations and choices (the paper's fitting code is not released; METHODS.md 2.4 [N]):
+
+* NLL(c) averages -log p(x_i | x_<i) over the context's own tokens, skipping the chat-template
+  prefix (system prompt, role header) that precedes the context in the prompt; the question is
+  not part of it. It is computed from the decoder's last hidden states captured during the
+  prefill (no second forward), with the LM head applied in chunks.
+* The target `t` is the reference answer(s) joined with ", ", appended after the answer prefix.
+* The asymmetric loss weights residuals with f > y (the curve promises better quality than was
+  measured, i.e. it would over-compress) by `over_weight`, the others by 1; y (the measured
+  ratio) is clipped to [0, 1] because the curve cannot exceed 1 (an "improvement" counts as no
+  loss). Points at retention 1 carry no information (f(1) = 1 always) and are skipped.
+* The fit: NLL(c) is standardised, a coarse grid over (slope, intercept) picks starting points,
+  and L-BFGS (float64, strong-Wolfe line search) refines the best few; deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .generate import Prefill, PromptTokens, build_prompt, capture_window_for, prefill
+from .models import LanguageModel
+from .presses import Press, make_press
+
+_SMALL_B = 1e-6          # |b| below this: second-order Taylor expansion around b = 0
+CALIBRATOR_KIND = "kvray.calibrator"
+CALIBRATOR_VERSION = 1
+DEFAULT_TAU = 0.95
+
+
+# ----------------------------------------------------------------------------- the curve
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _curve_float(r: float, b: float) -> float:
+    if abs(b) < _SMALL_B:
+        return r + 0.5 * b * r * (r - 1.0)
+    if b > 0:  # negative exponents only: no overflow for large b
+        return math.exp(-b * (1.0 - r)) * math.expm1(-b * r) / math.expm1(-b)
+    return math.expm1(b * r) / math.expm1(b)
+
+
+def _as_tensors(*xs) -> list[torch.Tensor]:
+    """Broadcast to tensors of one floating dtype (float64 if any tensor has it, else the
+    tensors' floating dtype, else the default) and device; numbers are converted in that dtype."""
+    tensors = [x for x in xs if isinstance(x, torch.Tensor)]
+    floats = [t.dtype for t in tensors if t.is_floating_point()]
+    dtype = torch.float64 if torch.float64 in floats else (floats[0] if floats else torch.get_default_dtype())
+    device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+    ts = [x.to(device=device, dtype=dtype) if isinstance(x, torch.Tensor)
+          else torch.as_tensor(x, dtype=dtype, device=device) for x in xs]
+    return list(torch.broadcast_tensors(*ts))
+
+
+def retention_curve(r, b):
+    """f_b(r) = (exp(b(r-1)) - exp(-b)) / (1 - exp(-b)) = expm1(b r) / expm1(b): the predicted NLL
+    ratio (full / compressed) when a fraction `r` of the context's KV entries is kept.
+
+    f(0) = 0, f(1) = 1, increasing in r for every real b; b > 0 convex (incompressible context:
+    quality drops as soon as anything is evicted), b < 0 concave (compressible), b -> 0 the
+    identity f(r) = r. Evaluated without overflow for any b (b > 0 uses only negative
+    exponents). Floats in -> float out; tensors (or a mix) broadcast and keep autograd."""
+    if _is_real(r) and _is_real(b):
+        return _curve_float(float(r), float(b))
+    r, b = _as_tensors(r, b)
+    small = b.abs() < _SMALL_B
+    pos = b >= _SMALL_B
+    ones = torch.ones_like(b)
+    bp = torch.where(pos, b, ones)                         # safe values in the unused branches
+    bn = torch.where(pos | small, -ones, b)
+    f_pos = torch.exp(-bp * (1.0 - r)) * torch.expm1(-bp * r) / torch.expm1(-bp)
+    f_neg = torch.expm1(bn * r) / torch.expm1(bn)
+    f_small = r + 0.5 * b * r * (r - 1.0)
+    return torch.where(small, f_small, torch.where(pos, f_pos, f_neg))
+
+
+def _min_retention_float(b: float, tau: float) -> float:
+    if math.isnan(tau) or math.isnan(b):
+        raise ValueError(f"min_retention: b and tau must be numbers, got b={b!r}, tau={tau!r}")
+    tau = min(max(tau, 0.0), 1.0)
+    if abs(b) < _SMALL_B:
+        r = tau - 0.5 * b * tau * (tau - 1.0)
+    elif b > 0:  # = log1p(tau * expm1(b)) / b, without exp(b)
+        r = 1.0 + math.log(tau + (1.0 - tau) * math.exp(-b)) / b if tau > 0 else 0.0
+    else:
+        r = math.log1p(tau * math.expm1(b)) / b
+    return min(max(r, 0.0), 1.0)
+
+
+def min_retention(b, tau):
+    """Smallest retention r with f_b(r) >= tau: r* = log1p(tau * expm1(b)) / b (tau at b = 0),
+    clipped to [0, 1]; tau outside [0, 1] is clipped first (tau > 1 cannot be met: r* = 1).
+    Floats -> float; tensors broadcast."""
+    if _is_real(b) and _is_real(tau):
+        return _min_retention_float(float(b), float(tau))
+    b, tau = _as_tensors(b, tau)
+    if torch.isnan(b).any() or torch.isnan(tau).any():
+        raise ValueError("min_retention: b and tau must not be NaN")
+    tau = tau.clamp(0.0, 1.0)
+    small = b.abs() < _SMALL_B
+    pos = b >= _SMALL_B
+    ones = torch.ones_like(b)
+    bp = torch.where(pos, b, ones)
+    bn = torch.where(pos | small, -ones, b)
+    r_pos = 1.0 + torch.log(tau + (1.0 - tau) * torch.exp(-bp)) / bp
+    r_neg = torch.log1p(tau * torch.expm1(bn)) / bn
+    r_small = tau - 0.5 * b * tau * (tau - 1.0)
+    r = torch.where(small, r_small, torch.where(pos, r_pos, r_neg))
+    return r.nan_to_num(nan=0.0).clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- NLL pieces
+
+
+@contextmanager
+def capture_hidden(lm: LanguageModel):
+    """Collect the decoder's last hidden states ([B, T, d], after the final norm) of every
+    forward run inside the block, with a forward hook on the base model that is always removed."""
+    decoder = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else None
+    if decoder is None or decoder is lm.model:
+        decoder = getattr(lm.model, "model", None)
+    if not isinstance(decoder, torch.nn.Module):
+        raise TypeError(f"{lm.name}: cannot find the decoder (base model) under the LM head")
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None:
+            hidden = output[0]
+        captured.append(hidden.detach())
+
+    handle = decoder.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _head_logits(lm: LanguageModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's logits (float32) for hidden states [..., d], with final logit soft-capping
+    where the config has it (Gemma 2/3)."""
+    head = lm.model.get_output_embeddings()
+    logits = head(hidden).float()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.inference_mode()
+def nll_from_hidden(lm: LanguageModel, hidden: torch.Tensor, targets: Sequence[int] | torch.Tensor,
+                    chunk_size: int = 512) -> float:
+    """Mean -log p(targets[i] | hidden[i]) for hidden [T, d] (row i predicts targets[i]), with
+    the LM head applied `chunk_size` rows at a time (never a [T, vocab] tensor for large T)."""
+    targets = torch.as_tensor(targets, dtype=torch.long, device=hidden.device).reshape(-1)
+    if hidden.dim() != 2 or hidden.shape[0] != targets.numel():
+        raise ValueError(f"hidden must be [T, d] with T = len(targets); got {tuple(hidden.shape)} "
+                         f"for {targets.numel()} targets")
+    if targets.numel() == 0:
+        raise ValueError("no target tokens to score")
+    total = 0.0
+    for s in range(0, targets.numel(), chunk_size):
+        logits = _head_logits(lm, hidden[s:s + chunk_size])
+        total += float(F.cross_entropy(logits, targets[s:s + chunk_size], reduction="sum"))
+    return total / targets.numel()
+
+
+def template_prefix_length(tokenizer, prompt: PromptTokens, context: str, question: str = "") -> int:
+    """How many leading tokens of `prompt.context` belong to the chat template (system prompt,
+    user header) rather than to the context text (0 without a chat template). Uses the common
+    prefix with the template text tokenised alone, so a token straddling the boundary counts as
+    context."""
+    if not getattr(tokenizer, "chat_template", None):
+        return 0
+    sep = "" if not question or question[:1].isspace() else "\n\n"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": context + sep + question}],
+                                         add_generation_prompt=True, tokenize=False)
+    start = text.find(context + sep + question)
+    if start <= 0:
+        return 0
+    pre = tokenizer(text[:start], add_special_tokens=False).input_ids
+    n = 0
+    for a, b in zip(pre, prompt.context):
+        if a != b:
+            break
+        n += 1
+    return min(n, len(prompt.context) - 1)
+
+
+@torch.inference_mode()
+def prefill_with_context_nll(lm: LanguageModel, prompt: PromptTokens, *, skip: int = 0,
+                             capture_window: int | None = None, with_question: bool = False,
+                             chunk_size: int = 512) -> tuple[Prefill, float]:
+    """`kvray.generate.prefill` plus NLL(c), the context's own token-averaged NLL, taken from
+    the same forward: mean over i in [max(skip, 1), n) of -log p(context[i] | context[:i]), where
+    `skip` is the template prefix length (`template_prefix_length`)."""
+    n = len(prompt.context)
+    start = max(int(skip), 1)
+    if start >= n:
+        raise ValueError(f"the context has {n} tokens and {start} are skipped: nothing to score")
+    kwargs = {} if capture_window is None else {"capture_window": capture_window}
+    with capture_hidden(lm) as captured:
+        pre = prefill(lm, prompt, with_question=with_question, **kwargs)
+    if not captured or captured[0].shape[1] != n:
+        raise RuntimeError("the decoder hook did not see the context forward")
+    hidden = captured[0][0]  # [n, d], the first forward is the context alone
+    targets = torch.tensor(prompt.context[start:], device=hidden.device)
+    nll = nll_from_hidden(lm, hidden[start - 1:n - 1], targets, chunk_size=chunk_size)
+    return pre, nll
+
+
+def context_nll(lm: LanguageModel, context: str, question: str = "", answer_prefix: str = "", *,
+                skip_template: bool = True, chunk_size: int = 512) -> float:
+    """NLL(c) of a context as the calibrator sees it (one prefill of the context, no other
+    forward). Use `prefill_with_context_nll` to get it alongside a prefill you go on using."""
+    prompt = build_prompt(lm.tokenizer, context, question, answer_prefix)
+    skip = template_prefix_length(lm.tokenizer, prompt, context, question) if skip_template else 0
+    return prefill_with_context_nll(lm, prompt, skip=skip, chunk_size=chunk_size)[1]
+
+
+def answer_text(sample) -> str:
+    """The teacher-forced target: the reference answers joined with ", ", with a space after an
+    answer prefix that does not end in whitespace."""
+    text = ", ".join(sample.answers)
+    prefix = getattr(sample, "answer_prefix", "")
+    if prefix and not prefix[-1].isspace():
+        text = " " + text
+    return text
+
+
+def _answer_nll(lm: LanguageModel, cache, rest: list[int], answer: list[int],
+                first_logits: torch.Tensor | None) -> float:
+    """Token-averaged NLL of `answer` by teacher forcing on `cache` (which it extends): feed
+    `rest + answer[:-1]` and score the last len(answer) positions. With nothing to feed first,
+    the first answer token is scored from `first_logits` (the query-aware protocol)."""
+    model, device = lm.model, lm.device
+    target = torch.tensor(answer, device=device)
+    if rest:
+        x = torch.tensor([rest + answer[:-1]], device=device)
+        logits = model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=len(answer)).logits[0]
+    else:
+        if first_logits is None:
+            raise ValueError("nothing to feed and no first-token logits")
+        parts = [first_logits.reshape(1, -1)]
+        if len(answer) > 1:
+            x = torch.tensor([answer[:-1]], device=device)
+            parts.append(model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=len(answer) - 1).logits[0])
+        logits = torch.cat([p.float() for p in parts])
+    return float(F.cross_entropy(logits.float(), target, reduction="mean"))
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _check_retentions(retentions: Iterable[float]) -> list[float]:
+    out = []
+    for r in retentions:
+        if not _is_real(r) or not 0.0 < float(r) <= 1.0:
+            raise ValueError(f"retentions must be numbers in (0, 1], got {r!r}")
+        out.append(float(r))
+    if not out:
+        raise ValueError("no retentions to measure")
+    return out
+
+
+def measure_curve(lm: LanguageModel, sample, method: str, retentions: Sequence[float], *,
+                  method_params: dict | None = None, query_aware: bool = False) -> list[dict]:
+    """Measured NLL ratios of one sample over `retentions` (fractions of context KV kept).
+
+    One prefill (which also gives NLL(c)); the target is the reference answer (`answer_text`),
+    scored by teacher forcing `rest + answer` on a copy of the full cache (`make_press("full")`)
+    and on `make_press(method, compression_ratio=1 - r, **method_params).compress(state)` per
+    retention; the prefill cache itself is never extended. Retention 1 is the full cache itself
+    (nll_ratio exactly 1). Rows: sample_id, task, method, retention, compression_ratio,
+    context_tokens, context_nll, nll_full, nll_compressed, nll_ratio (= nll_full /
+    nll_compressed), plus query_aware, compressed_tokens and answer_tokens."""
+    return measure_curves(lm, sample, {method: method_params or {}}, retentions, query_aware=query_aware)
+
+
+@torch.inference_mode()
+def measure_curves(lm: LanguageModel, sample, methods: dict[str, dict], retentions: Sequence[float], *,
+                   query_aware: bool = False) -> list[dict]:
+    """`measure_curve` for several methods ({name: params}) on one prefill of `sample`."""
+    retentions = _check_retentions(retentions)
+    if not methods:
+        raise ValueError("no methods to measure")
+    presses = {m: [None if r >= 1.0 else make_press(m, compression_ratio=1.0 - r, **dict(params or {}))
+                   for r in retentions] for m, params in methods.items()}
+    prompt = build_prompt(lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
+    answer = lm.tokenizer(answer_text(sample), add_special_tokens=False).input_ids
+    if not answer:
+        raise ValueError(f"sample {sample.sample_id}: the answer tokenises to nothing")
+    skip = template_prefix_length(lm.tokenizer, prompt, sample.context, sample.question)
+    every = [p for ps in presses.values() for p in ps if p is not None]
+    pre, c_nll = prefill_with_context_nll(lm, prompt, skip=skip, with_question=query_aware,
+                                          capture_window=capture_window_for(every))
+    state = pre.state(query_aware)
+    rest, first = pre.rest(query_aware), pre.first_logits(query_aware)
+    nll_full = _answer_nll(lm, make_press("full").compress(state), rest, answer, first)
+    rows = []
+    for method, method_presses in presses.items():
+        for r, press in zip(retentions, method_presses):
+            nll_c = nll_full if press is None else _answer_nll(lm, press.compress(state), rest, answer, first)
+            if nll_c > 0:
+                ratio = nll_full / nll_c
+            else:
+                ratio = 1.0 if nll_full <= 0 else math.inf
+            rows.append({
+                "sample_id": sample.sample_id, "task": sample.task, "method": method,
+                "retention": r, "compression_ratio": 1.0 - r if press is not None else 0.0,
+                "context_tokens": pre.n_context, "context_nll": c_nll,
+                "nll_full": nll_full, "nll_compressed": nll_c, "nll_ratio": ratio,
+                "query_aware": bool(query_aware), "compressed_tokens": state.n_tokens, "answer_tokens": len(answer),
+            })
+    return rows
+
+
+# ----------------------------------------------------------------------------- the calibrator
+
+
+def _finite(name: str, value: Any) -> float:
+    if not _is_real(value) or not math.isfinite(float(value)):
+        raise ValueError(f"calibrator field {name!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_tau(tau: Any) -> float:
+    tau = _finite("tau", tau)
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau (the quality budget, the NLL ratio to keep) must be in (0, 1], got {tau}")
+    return tau
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """b(c) = alpha * NLL(c) + beta for one eviction method; keep the smallest retention with
+    f_b(r) >= tau (Chari & Van Durme, arXiv 2507.08143 v2, context-calibrated compression)."""
+
+    method: str
+    alpha: float
+    beta: float
+    tau: float = DEFAULT_TAU
+    over_weight: float = 4.0
+    n_points: int = 0
+    n_contexts: int = 0
+    loss: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(f"calibrator field 'method' must be a method name, got {self.method!r}")
+        object.__setattr__(self, "alpha", _finite("alpha", self.alpha))
+        object.__setattr__(self, "beta", _finite("beta", self.beta))
+        object.__setattr__(self, "tau", _check_tau(self.tau))
+        ow = _finite("over_weight", self.over_weight)
+        if ow <= 0:
+            raise ValueError(f"over_weight must be > 0, got {ow}")
+        object.__setattr__(self, "over_weight", ow)
+        for name in ("n_points", "n_contexts"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"calibrator field {name!r} must be a non-negative integer, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        if self.loss is not None:
+            object.__setattr__(self, "loss", _finite("loss", self.loss))
+
+    def b(self, context_nll):
+        """The curve parameter for a context of token-averaged NLL `context_nll`."""
+        return self.alpha * context_nll + self.beta
+
+    def predict_retention(self, context_nll, tau: float | None = None):
+        """Smallest fraction of the context's KV entries to keep for NLL ratio >= tau."""
+        return min_retention(self.b(context_nll), self.tau if tau is None else _check_tau(tau))
+
+    def max_compression_ratio(self, context_nll, tau: float | None = None):
+        """1 - predicted retention: the largest compression ratio predicted to keep quality."""
+        return 1.0 - self.predict_retention(context_nll, tau)
+
+    def press(self, context_nll: float, tau: float | None = None, max_ratio: float = 0.99, **params) -> Press:
+        """A press of this calibrator's method at the predicted ratio (at most `max_ratio`)."""
+        ratio = min(float(self.max_compression_ratio(context_nll, tau)), max_ratio)
+        return make_press(self.method, compression_ratio=max(ratio, 0.0), **params)
+
+    # -- serialisation ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {"kind": CALIBRATOR_KIND, "version": CALIBRATOR_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Calibrator":
+        if not isinstance(data, dict):
+            raise ValueError(f"a calibrator must be a JSON object, got {type(data).__name__}")
+        for key in ("kind", "version", "method", "alpha", "beta", "tau"):
+            if key not in data:
+                raise ValueError(f"calibrator JSON is missing the field {key!r}")
+        if data["kind"] != CALIBRATOR_KIND:
+            raise ValueError(f"calibrator JSON field 'kind' must be {CALIBRATOR_KIND!r}, got {data['kind']!r}")
+        if data["version"] != CALIBRATOR_VERSION:
+            raise ValueError(f"unsupported calibrator version {data['version']!r} (this kvray reads "
+                             f"version {CALIBRATOR_VERSION})")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names - {"kind", "version"})
+        if unknown:
+            raise ValueError(f"calibrator JSON has unknown field(s) {', '.join(map(repr, unknown))}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Calibrator":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"calibrator JSON is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibrator":
+        return cls.from_json(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def _asym_loss(a, c, z, r, y, over_weight):
+    """Mean asymmetric squared error; a, c broadcast against z, r, y (last dim = points)."""
+    d = retention_curve(r, a * z + c) - y
+    w = torch.where(d > 0, torch.full_like(d, over_weight), torch.ones_like(d))
+    return (w * d * d).mean(dim=-1)
+
+
+def _points(rows: Iterable[dict], method: str | None) -> list[dict]:
+    """The rows of `method` (rows without a method field count), checked for the needed fields."""
+    pts = []
+    for row in rows:
+        if method is not None and row.get("method", method) != method:
+            continue
+        for key in ("retention", "context_nll", "nll_ratio"):
+            if key not in row:
+                raise ValueError(f"calibration row is missing {key!r}: {row!r}")
+        pts.append(row)
+    return pts
+
+
+def fit_calibrator(rows: Iterable[dict], method: str, *, tau: float = DEFAULT_TAU,
+                   over_weight: float = 4.0, y_max: float = 1.0) -> Calibrator:
+    """Fit b = alpha * NLL(c) + beta to measured rows (`measure_curve` output; rows of other
+    methods are ignored) by minimising the asymmetric squared error of f_b(r) - y, y = nll_ratio
+    clipped to [0, y_max]; residuals with f > y (over-compression) weigh `over_weight`.
+
+    Procedure (ours; the paper's is not released): standardise NLL(c) to z, grid over
+    b = a z + c (a in [-20, 20], c in [-30, 30]), refine the 3 best grid points by L-BFGS in
+    float64, keep the lowest loss, map back to (alpha, beta). Deterministic."""
+    tau = _check_tau(tau)
+    over_weight = _finite("over_weight", over_weight)
+    if over_weight <= 0:
+        raise ValueError(f"over_weight must be > 0, got {over_weight}")
+    pts = _points(rows, method)
+    pts = [p for p in pts if float(p["retention"]) < 1.0]  # f(1) = 1 always: no information
+    if len(pts) < 2:
+        raise ValueError(f"need at least 2 measured points with retention < 1 for method {method!r}, "
+                         f"got {len(pts)}")
+    n_contexts = len({p.get("sample_id", id(p)) for p in pts})
+    dt = torch.float64
+    x = torch.tensor([float(p["context_nll"]) for p in pts], dtype=dt)
+    r = torch.tensor([float(p["retention"]) for p in pts], dtype=dt)
+    y = torch.tensor([float(p["nll_ratio"]) for p in pts], dtype=dt).nan_to_num(nan=0.0, posinf=y_max)
+    y = y.clamp(0.0, y_max)
+    if not (torch.isfinite(x).all() and torch.isfinite(r).all()):
+        raise ValueError("context_nll and retention must be finite")
+    mu, sd = x.mean(), x.std(unbiased=False)
+    if float(sd) <= 1e-12 * max(1.0, abs(float(mu))):
+        raise ValueError("no variation in context_nll: alpha and beta cannot be separated "
+                         "(measure contexts of different NLL)")
+    z = (x - mu) / sd
+
+    # coarse grid, one slope at a time (memory ~ len(cs) * points)
+    a_grid = torch.linspace(-20.0, 20.0, 41, dtype=dt)
+    c_grid = torch.linspace(-30.0, 30.0, 61, dtype=dt)
+    cand = []
+    for a in a_grid:
+        losses = _asym_loss(a, c_grid[:, None], z, r, y, over_weight)
+        for c, loss in zip(c_grid.tolist(), losses.tolist()):
+            cand.append((loss, float(a), c))
+    cand.sort()
+    best = cand[0]
+    with torch.enable_grad():
+        for _, a0, c0 in cand[:3]:
+            p = torch.tensor([a0, c0], dtype=dt, requires_grad=True)
+            opt = torch.optim.LBFGS([p], lr=1.0, max_iter=500, tolerance_grad=1e-12,
+                                    tolerance_change=1e-16, history_size=20, line_search_fn="strong_wolfe")
+
+            def closure():
+                opt.zero_grad()
+                loss = _asym_loss(p[0], p[1], z, r, y, over_weight)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            q = p.detach()
+            loss = float(_asym_loss(q[0], q[1], z, r, y, over_weight))
+            if math.isfinite(loss) and bool(torch.isfinite(q).all()) and loss < best[0]:
+                best = (loss, float(q[0]), float(q[1]))
+    loss, a, c = best
+    alpha = a / float(sd)
+    beta = c - a * float(mu) / float(sd)
+    return Calibrator(method=method, alpha=alpha, beta=beta, tau=tau, over_weight=over_weight,
+                      n_points=len(pts), n_contexts=n_contexts, loss=loss)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def safe_compression_ratio(curve_rows: Iterable[dict], tau: float) -> float:
+    """The largest measured compression ratio of one context's curve such that every measured
+    retention at or above it keeps nll_ratio >= tau (walking down from the highest retention);
+    0 when even the highest measured retention fails."""
+    rows = list(curve_rows)
+    if not rows:
+        raise ValueError("no rows")
+    ids = {row.get("sample_id") for row in rows}
+    if len(ids) > 1:
+        raise ValueError(f"safe_compression_ratio takes one context's rows, got {len(ids)} sample ids")
+    safe = 0.0
+    for row in sorted(rows, key=lambda row: -float(row["retention"])):
+        ratio = float(row["nll_ratio"])
+        if not (ratio >= tau):  # NaN fails too
+            break
+        safe = max(safe, 1.0 - float(row["retention"]))
+    return safe
+
+
+def validate_calibrator(cal: Calibrator, heldout_rows: Iterable[dict], tau: float | None = None, *,
+                        tolerance: float = 0.02) -> dict:
+    """Predicted vs measured safe compression ratio per held-out context (rows of `cal.method`).
+
+    A prediction is safe when predicted <= measured safe ratio + `tolerance` (the measured one
+    is quantised to the retention grid). Returns share_safe, mean_abs_error (|predicted -
+    measured|), n_contexts, tau and `contexts` (one dict per context)."""
+    tau = cal.tau if tau is None else _check_tau(tau)
+    pts = _points(heldout_rows, cal.method)
+    groups: OrderedDict[Any, list[dict]] = OrderedDict()
+    for row in pts:
+        groups.setdefault(row.get("sample_id"), []).append(row)
+    if not groups:
+        raise ValueError(f"no held-out rows for method {cal.method!r}")
+    per = []
+    for sid, rows in groups.items():
+        nll = float(rows[0]["context_nll"])
+        predicted = float(cal.max_compression_ratio(nll, tau))
+        measured = safe_compression_ratio(rows, tau)
+        per.append({"sample_id": sid, "task": rows[0].get("task"), "context_nll": nll,
+                    "predicted_ratio": predicted, "measured_safe_ratio": measured,
+                    "error": predicted - measured, "safe": predicted <= measured + tolerance})
+    return {
+        "method": cal.method, "tau": tau, "tolerance": tolerance, "n_contexts": len(per),
+        "share_safe": sum(p["safe"] for p in per) / len(per),
+        "mean_abs_error": sum(abs(p["error"]) for p in per) / len(per),
+        "contexts": per,
+    }
+
+
+__all__ = [
+    "retention_curve", "min_retention", "capture_hidden", "nll_from_hidden", "template_prefix_length",
+    "prefill_with_context_nll", "context_nll", "answer_text", "measure_curve", "Calibrator",
+    "fit_calibrator", "safe_compression_ratio", "validate_calibrator", "CALIBRATOR_KIND", "CALIBRATOR_VERSION",
+]

@@ -1,0 +1,197 @@
+"""kvray on a local Ray (one cluster for the session, 4 logical CPUs): distributed evaluation
+equals the single-process runner row for row, resume, an actor killed mid-run, a failing sample,
+the Tune search, and the main job's --smoke-test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from conftest import _tiny_lm  # noqa: E402
+from kvray.eval.runner import ModelHost, build_presses, run_eval  # noqa: E402
+from kvray.eval.tasks import make_samples  # noqa: E402
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+CONTENT = ["item_id", "config_id", "method", "params", "plan_id", "compression_ratio", "achieved_ratio",
+           "query_aware", "task", "sample_id", "context_tokens", "prediction", "score", "kv_bytes_full",
+           "kv_bytes_kept", "new_tokens"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """The tiny seeded Llama saved as a model directory, so actors load it by name."""
+    lm = _tiny_lm("llama")
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pool(ray_session, tiny_dir):
+    from kvray.actors import start_workers
+
+    p = start_workers(2, tiny_dir, cpus_per_worker=1)
+    yield p
+    p.shutdown()
+
+
+def _samples(n=4, length=160, seed=0):
+    tok = _tiny_lm("llama").tokenizer
+    return make_samples("niah_single", n, length=length, seed=seed, count_tokens=lambda s: len(tok(s).input_ids))
+
+
+def _presses():
+    return build_presses(["full", "snapkv", "knorm", "adakv"], [0.5])
+
+
+def _content(df):
+    return df.sort_values("item_id")[CONTENT].reset_index(drop=True)
+
+
+def test_distributed_equals_single_process(pool, tiny_dir, tmp_path):
+    from kvray.actors import run_eval_distributed
+    from kvray.models import load_model
+
+    samples, presses = _samples(), _presses()
+    _, dist = run_eval_distributed(pool, samples, presses, out_dir=tmp_path / "d", protocols=[False, True],
+                                   progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each actor
+    try:
+        _, local = run_eval(ModelHost(load_model(tiny_dir)), samples, presses, out_dir=tmp_path / "l",
+                            protocols=[False, True], progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(dist) == len(samples) * len(presses) * 2
+    assert dist["item_id"].is_unique
+    assert _content(dist).equals(_content(local))
+
+
+def test_driver_crash_then_resume(pool, tmp_path):
+    from kvray.actors import run_eval_distributed
+    from kvray.results import run_dir
+
+    samples, presses = _samples(), _presses()
+    submitted = []
+
+    def crash_after_three(i, key, ref):
+        submitted.append(key)
+        if len(submitted) == 4:  # 2 actors x 1 in flight: one result is back and written by now
+            raise KeyboardInterrupt("driver killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_eval_distributed(pool, samples, presses, out_dir=tmp_path, run_id="r1", progress=False,
+                             max_in_flight=1, on_submit=crash_after_three)
+    written = {p: p.stat().st_mtime_ns for p in run_dir(tmp_path, "r1").glob("part-*.parquet")}
+    assert 1 <= len(written) < len(samples)
+    _, df = run_eval_distributed(pool, samples, presses, out_dir=tmp_path, run_id="r1", progress=False)
+    assert len(df) == len(samples) * len(presses) and df["item_id"].is_unique
+    assert sorted(df["sample_id"].unique()) == sorted(s.sample_id for s in samples)
+    for path, mtime in written.items():  # shards already written were not redone
+        assert path.stat().st_mtime_ns == mtime
+
+
+def test_actor_killed_mid_run_loses_nothing(ray_session, tiny_dir, tmp_path):
+    from kvray.actors import run_eval_distributed, start_workers
+
+    pool = start_workers(2, tiny_dir, cpus_per_worker=1)
+    samples, presses = _samples(6, seed=3), _presses()
+    killed = []
+
+    def kill_actor_0(i, key, ref):
+        if i == 0 and not killed:
+            killed.append(key)
+            ray.kill(pool.actors[0], no_restart=False)  # dies with this task in flight; Ray restarts it
+
+    try:
+        _, df = run_eval_distributed(pool, samples, presses, out_dir=tmp_path, progress=False, max_in_flight=1,
+                                     on_submit=kill_actor_0)
+        # the restart is seen once actor 0 answers again (new pid)
+        ray.get(pool.actors[0].info.remote())
+    finally:
+        pool.shutdown()
+    assert killed
+    assert len(df) == len(samples) * len(presses)
+    assert df["item_id"].is_unique
+    assert df.groupby("sample_id").size().eq(len(presses)).all()
+    assert pool.restarts >= 1
+
+
+def test_failing_sample_is_reported_and_others_written(pool, tmp_path):
+    from kvray.actors import EvaluationError, run_eval_distributed
+    from kvray.eval.tasks import Sample
+
+    good = _samples(2, seed=5)
+    bad = Sample(context="word " * 6000, question="What?", answer_prefix="", answers=("x",), task="niah_single",
+                 sample_id="too-long", max_new_tokens=4)
+    with pytest.raises(EvaluationError) as err:
+        run_eval_distributed(pool, [*good, bad], _presses(), out_dir=tmp_path, run_id="r2", progress=False)
+    assert "too-long" in err.value.failed and "tokens" in err.value.failed["too-long"]
+    from kvray.results import read_results
+
+    df = read_results(tmp_path, run_id="r2")
+    assert sorted(df["sample_id"].unique()) == sorted(s.sample_id for s in good)
+
+
+def test_tune_search_reuses_actors_and_never_loses_to_uniform(ray_session, tiny_dir, tmp_path):
+    from kvray.policy import Policy
+    from kvray.tune import SearchSpace, search_budgets, trials_table
+
+    samples = _samples(4, seed=9)
+    space = SearchSpace.default("snapkv", 0.5, window_size=[8, 16], kernel_size=[1, 3])
+    res = search_budgets(space, samples, model=tiny_dir, num_trials=6, max_concurrent=2, storage_path=str(tmp_path))
+    df = res.trials
+    assert len(df) == 6
+    assert df["is_baseline"].sum() == 1 and df.loc[df["is_baseline"], "finished"].all()
+    assert res.best_score >= res.baseline_score
+    # reuse_actors: at most one model per concurrent trial slot, and prefills kept across trials
+    assert df["actor_pid"].nunique() <= 2 < len(df)
+    assert res.sample_evaluations == df["evaluated"].sum() <= res.sample_steps == df["n_samples"].sum() <= 6 * len(samples)
+    table = trials_table(res, "r", "tiny")
+    assert table["is_best"].sum() == 1
+    press = space.press(res.best_config, 3, 2)
+    pol = Policy(policy_id="tiny-best", model="tiny", method=press.name, params=press.params(),
+                 compression_ratio=press.target_ratio, plan=press.plan.to_dict())
+    assert Policy.from_json(pol.to_json()).press() == press
+
+
+def test_calibrate_job_smoke(ray_session, tiny_dir, tmp_path):
+    """jobs/calibrate.py --smoke-test end to end (its own Ray driver, the tiny model)."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "calibrate.py"), "--smoke-test", "--model", tiny_dir,
+         "--out", str(tmp_path), "--run-id", "smoke", "--set", "tune.trials=2", "--set", "eval.length=200",
+         "--set", "tune.length=200", "--set", "calibration.length=200"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "smoke"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["policies"]
+    from kvray.policy import PolicyStore
+    from kvray.results import read_results
+
+    store = PolicyStore(tmp_path / "policies")
+    assert set(summary["policies"]) <= set(store.ids())
+    for pid in summary["policies"]:
+        store.get(pid).press()  # loads and builds
+    df = read_results(run / "evals")
+    assert len(df) > 0 and df["item_id"].is_unique
+    assert "Where everything is" in proc.stdout
