@@ -169,7 +169,7 @@ def test_tune_search_reuses_actors_and_never_loses_to_uniform(ray_session, tiny_
     assert table["is_best"].sum() == 1
     press = space.press(res.best_config, 3, 2)
     pol = Policy(policy_id="tiny-best", model="tiny", method=press.name, params=press.params(),
-                 compression_ratio=press.target_ratio, plan=press.plan.to_dict())
+                 compression_ratio=press.target_ratio, plan=press.plan.to_dict() if press.plan else None)
     assert Policy.from_json(pol.to_json()).press() == press
 
 

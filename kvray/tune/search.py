@@ -138,12 +138,13 @@ class SearchResult:
 
 
 def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str | None = None,
-                   num_trials: int = 24, max_concurrent: int = 2, cpus_per_trial: float = 1,
+                   num_trials: int = 32, max_concurrent: int = 2, cpus_per_trial: float = 1,
                    use_gpu: bool | None = None, query_aware: bool = True, grace_period: int = 2,
                    reduction_factor: float = 3, seed: int = 0, storage_path: str | None = None,
                    name: str | None = None, run: str = "", verbose: int = 0) -> SearchResult:
     """Search `space` on `samples` (the calibration split, evaluated in this order by every
     trial). Needs a running Ray (`ray.init()`); one model per trial actor, reused across trials."""
+    import optuna
     import pandas as pd
     import ray
     from ray import tune
@@ -159,7 +160,10 @@ def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str 
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     resources = {"cpu": cpus_per_trial, "gpu": 1} if use_gpu else {"cpu": cpus_per_trial}
     param_space = {k: tune.choice(list(v)) for k, v in space.choices.items()}
-    searcher = OptunaSearch(metric="score", mode="max", points_to_evaluate=[space.baseline()], seed=seed)
+    # multivariate TPE models the parameters jointly (the window and the kernel interact); a
+    # short random start-up since the space is small (bench/bench_ray.py simulates the choice)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=6)
+    searcher = OptunaSearch(metric="score", mode="max", points_to_evaluate=[space.baseline()], sampler=sampler)
     searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable_cls(), space=space, samples=samples, model=model, query_aware=query_aware,

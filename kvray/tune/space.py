@@ -82,9 +82,11 @@ class SearchSpace:
         return {k: v for k, v in config.items() if k not in ALLOCATION_CHOICES}
 
     def press(self, config: dict, num_layers: int, num_kv_heads: int) -> Press:
-        plan = self.plan(config, num_layers, num_kv_heads)
         alpha = float(config.get("head_alpha", 1.0))
         params = self.method_config(config)
+        if alpha >= 1.0 and float(config.get("layer_slope", 0.0)) == 0.0:  # uniform: the method as registered
+            return make_press(self.method, compression_ratio=self.compression_ratio, **params)
+        plan = self.plan(config, num_layers, num_kv_heads)
         if alpha >= 1.0:
             return make_press(self.method, plan=plan, **params)
         return make_press("adakv", scorer=self.method, alpha=alpha, plan=plan, **params)
