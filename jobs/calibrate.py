@@ -93,7 +93,7 @@ def resolve_out(out: str) -> Path:
     path = Path(out).expanduser()
     if path.is_absolute():
         return path
-    if os.environ.get("RAY_JOB_SUBMISSION_ID") or "_ray_pkg_" in os.getcwd():
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or "_ray_pkg_" in os.getcwd():  # a submitted job
         return Path.home() / "kvray-runs" / path
     return path.resolve()
 
