@@ -75,7 +75,8 @@ def bench_compress(lm, length: int, n: int) -> dict:
     presses = {m: make_press(m, compression_ratio=0.0 if m == "full" else 0.5) for m in list_methods()}
     ratios: dict[str, list[float]] = {m: [] for m in presses}
     for s in samples:
-        pre = prefill(lm, build_prompt(lm.tokenizer, s.context, s.question, s.answer_prefix), with_question=False)
+        pre = prefill(lm, build_prompt(lm.tokenizer, s.context, s.question, s.answer_prefix), with_question=False,
+                      capture_hidden=True)  # compactor reads the hidden states
         state = pre.state(False)
         for method, press in presses.items():
             press.compress(state)  # warm-up

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .generate import Prefill, PromptTokens, build_prompt, capture_window_for, prefill
+from .generate import Prefill, PromptTokens, build_prompt, capture_window_for, hidden_needed_for, prefill
 from .models import LanguageModel
 from .presses import Press, make_press
 
@@ -227,7 +227,7 @@ def template_prefix_length(tokenizer, prompt: PromptTokens, context: str, questi
 @torch.inference_mode()
 def prefill_with_context_nll(lm: LanguageModel, prompt: PromptTokens, *, skip: int = 0,
                              capture_window: int | None = None, with_question: bool = False,
-                             chunk_size: int = 512) -> tuple[Prefill, float]:
+                             chunk_size: int = 512, capture_hidden_states: bool = False) -> tuple[Prefill, float]:
     """`kvray.generate.prefill` plus NLL(c), the context's own token-averaged NLL, taken from
     the same forward: mean over i in [max(skip, 1), n) of -log p(context[i] | context[:i]), where
     `skip` is the template prefix length (`template_prefix_length`)."""
@@ -237,7 +237,7 @@ def prefill_with_context_nll(lm: LanguageModel, prompt: PromptTokens, *, skip: i
         raise ValueError(f"the context has {n} tokens and {start} are skipped: nothing to score")
     kwargs = {} if capture_window is None else {"capture_window": capture_window}
     with capture_hidden(lm) as captured:
-        pre = prefill(lm, prompt, with_question=with_question, **kwargs)
+        pre = prefill(lm, prompt, with_question=with_question, capture_hidden=capture_hidden_states, **kwargs)
     if not captured or captured[0].shape[1] != n:
         raise RuntimeError("the decoder hook did not see the context forward")
     hidden = captured[0][0]  # [n, d], the first forward is the context alone
@@ -330,14 +330,15 @@ def measure_curves(lm: LanguageModel, sample, methods: dict[str, dict], retentio
     skip = template_prefix_length(lm.tokenizer, prompt, sample.context, sample.question)
     every = [p for ps in presses.values() for p in ps if p is not None]
     pre, c_nll = prefill_with_context_nll(lm, prompt, skip=skip, with_question=query_aware,
-                                          capture_window=capture_window_for(every))
+                                          capture_window=capture_window_for(every),
+                                          capture_hidden_states=hidden_needed_for(every))
     state = pre.state(query_aware)
     rest, first = pre.rest(query_aware), pre.first_logits(query_aware)
     nll_full = _answer_nll(lm, make_press("full").compress(state), rest, answer, first)
     rows = []
     for method, method_presses in presses.items():
         for r, press in zip(retentions, method_presses):
-            nll_c = nll_full if press is None else _answer_nll(lm, press.compress(state), rest, answer, first)
+            nll_c = nll_full if press is None else _answer_nll(lm, press.compress_prefill(lm, pre, query_aware), rest, answer, first)
             if nll_c > 0:
                 ratio = nll_full / nll_c
             else:

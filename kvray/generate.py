@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -65,6 +66,7 @@ class Prefill:
     agnostic_queries: list  # per layer (queries, positions) at the end of the context
     prefill_s: float
     modules: list
+    hidden: list | None = None  # per layer [B, n_aware, D] attention inputs (capture_hidden only)
 
     def state(self, query_aware: bool) -> PrefillState:
         n = self.n_aware if query_aware else self.n_context
@@ -74,7 +76,9 @@ class Prefill:
                 q, qpos = layer.window_queries, layer.window_positions
             else:
                 q, qpos = self.agnostic_queries[i]
-            layers.append(LayerInputs(i, layer.keys[:, :, :n], layer.values[:, :, :n], q, qpos, self.modules[i]))
+            hidden = self.hidden[i][:, :n] if self.hidden is not None else None
+            layers.append(LayerInputs(i, layer.keys[:, :, :n], layer.values[:, :, :n], q, qpos, self.modules[i],
+                                      hidden=hidden))
         return PrefillState(layers, n)
 
     def rest(self, query_aware: bool) -> list[int]:
@@ -102,34 +106,59 @@ def _forward(model, rows: list[list[int]], cache: KVRayCache, device) -> torch.T
     return model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
+@contextmanager
+def _attention_inputs(modules: list, enabled: bool):
+    """While active and `enabled`, record each attention module's input (the hidden states after
+    the input layernorm): yields per layer the list of [B, T, D] pieces, one per forward."""
+    pieces: list[list[torch.Tensor]] = [[] for _ in modules]
+
+    def keep(i):
+        def hook(module, args, kwargs):
+            pieces[i].append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(i), with_kwargs=True) for i, m in enumerate(modules)] if enabled else []
+    try:
+        yield pieces
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.inference_mode()
 def prefill(lm: LanguageModel, prompt: PromptTokens, capture_window: int = DEFAULT_CAPTURE_WINDOW,
-            with_question: bool = True) -> Prefill:
+            with_question: bool = True, capture_hidden: bool = False) -> Prefill:
     """Prefill once, with a full cache that also keeps each layer's last `capture_window`
     post-RoPE queries: the context, then (`with_question`) the rest of the prompt.
 
     Query-agnostic configs compress the context only and feed question + suffix afterwards;
     query-aware configs compress the whole prompt -- context, question, end of the user turn,
     assistant header and answer prefix -- as SnapKV's own code does, so the observation window
-    ends where generation starts, and the first answer token comes from the prefill's logits."""
+    ends where generation starts, and the first answer token comes from the prefill's logits.
+
+    `capture_hidden` also keeps every attention module's input over the prompt (as much memory
+    as the queries of all tokens) for presses with `needs_hidden` (see `hidden_needed_for`)."""
     _check_ready(lm)
     n_ctx = len(prompt.context)
     total = n_ctx + len(prompt.question) + len(prompt.suffix)
     if lm.max_context and total > lm.max_context:
         raise ValueError(f"prompt is {total} tokens; {lm.name} supports at most {lm.max_context}")
     cache = KVRayCache.empty(lm.num_layers, capture_window=capture_window)
-    t0 = time.perf_counter()
-    _forward(lm.model, [prompt.context], cache, lm.device)
-    agnostic = [(layer.window_queries, layer.window_positions) for layer in cache.layers]
-    n_aware, aware_logits = n_ctx, None
-    rest = prompt.question + prompt.suffix
-    if with_question and rest:
-        aware_logits = _forward(lm.model, [rest], cache, lm.device)[0]
-        n_aware += len(rest)
-    prefill_s = time.perf_counter() - t0
+    modules = _attention_modules(lm.model)
+    with _attention_inputs(modules, capture_hidden) as pieces:
+        t0 = time.perf_counter()
+        _forward(lm.model, [prompt.context], cache, lm.device)
+        agnostic = [(layer.window_queries, layer.window_positions) for layer in cache.layers]
+        n_aware, aware_logits = n_ctx, None
+        rest = prompt.question + prompt.suffix
+        if with_question and rest:
+            aware_logits = _forward(lm.model, [rest], cache, lm.device)[0]
+            n_aware += len(rest)
+        prefill_s = time.perf_counter() - t0
     for layer in cache.layers:
         layer.capture_window = 0
-    return Prefill(cache, prompt, n_ctx, n_aware, aware_logits, agnostic, prefill_s, _attention_modules(lm.model))
+    hidden = [p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in pieces] if capture_hidden else None
+    return Prefill(cache, prompt, n_ctx, n_aware, aware_logits, agnostic, prefill_s, modules, hidden)
 
 
 def stop_token_ids(tokenizer) -> set[int]:
@@ -231,11 +260,11 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
         chunk = []
         for press in presses[start:start + decode_batch]:
             t0 = time.perf_counter()
-            cache = press.compress(state)
+            cache = press.compress_prefill(lm, pre, query_aware) if press.needs_model else press.compress(state)
             chunk.append((cache, time.perf_counter() - t0, cache.prefix_entries(), cache.prefix_nbytes()))
         if release_prefill and start + decode_batch >= len(presses):
             state = None
-            pre.cache = None
+            pre.cache = pre.hidden = None
         merged = KVRayCache.stack([c[0] for c in chunk]) if len(chunk) > 1 else chunk[0][0]
         chunk = [(None, *c[1:]) for c in chunk]  # the stacked copy is all that stays alive
         t0 = time.perf_counter()
@@ -266,6 +295,12 @@ def capture_window_for(presses: list[Press]) -> int:
     return max([DEFAULT_CAPTURE_WINDOW, *sizes])
 
 
+def hidden_needed_for(presses: list[Press]) -> bool:
+    """Whether any press (or the scorer it wraps) reads the layers' hidden states."""
+    return any(getattr(p, "needs_hidden", False) or getattr(getattr(p, "inner", None), "needs_hidden", False)
+               for p in presses)
+
+
 def generate(lm: LanguageModel, context: str, question: str = "", *, press: Press | str | None = None,
              answer_prefix: str = "", max_new_tokens: int = 32, query_aware: bool = False) -> GenerationOutput:
     """Greedy answer to `question` about `context` with the context's KV cache compressed by
@@ -280,5 +315,6 @@ def generate(lm: LanguageModel, context: str, question: str = "", *, press: Pres
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompt = build_prompt(lm.tokenizer, context, question, answer_prefix)
-    pre = prefill(lm, prompt, capture_window=capture_window_for([press]), with_question=query_aware)
+    pre = prefill(lm, prompt, capture_window=capture_window_for([press]), with_question=query_aware,
+                  capture_hidden=hidden_needed_for([press]))
     return run_config(lm, pre, press, query_aware, max_new_tokens, release_prefill=True)

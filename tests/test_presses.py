@@ -30,7 +30,7 @@ LAYER_ADAPTIVE = {"pyramidkv", "lava"}  # per-layer budgets
 @pytest.mark.parametrize("query_aware", [False, True])
 @pytest.mark.parametrize("method", list_methods())
 def test_contract_every_method(tiny_lm, method, query_aware):
-    pre = prefill(tiny_lm, prompt())
+    pre = prefill(tiny_lm, prompt(), capture_hidden=True)
     state = pre.state(query_aware)
     N = state.n_tokens
     assert N == N_CONTEXT + (9 + 4 if query_aware else 0)
@@ -76,7 +76,7 @@ def test_ratio_zero_is_the_identity(tiny_lm, method):
     ids = torch.tensor([p.context + p.question + p.suffix])
     with torch.inference_mode():
         ref = tiny_lm.model(input_ids=ids).logits[0, len(p.context):]
-        pre = prefill(tiny_lm, p)
+        pre = prefill(tiny_lm, p, capture_hidden=True)
         cache = make_press(method, compression_ratio=0.0).compress(pre.state(False))
         out = tiny_lm.model(input_ids=torch.tensor([p.question + p.suffix]), cache=cache).logits[0]
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

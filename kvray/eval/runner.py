@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .. import __version__
-from ..generate import Prefill, build_prompt, capture_window_for, prefill, run_configs
+from ..generate import Prefill, build_prompt, capture_window_for, hidden_needed_for, prefill, run_configs
 from ..models import LanguageModel, load_model
 from ..presses import Press, make_press
 from ..results import (SCHEMA_VERSION, config_id, new_run_id, now_utc, read_results, run_dir, shard_exists,
@@ -63,6 +63,7 @@ class ModelHost:
         lm = self.lm
         prompt = build_prompt(lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
         pre: Prefill = prefill(lm, prompt, capture_window=capture_window_for(list(presses)),
+                               capture_hidden=hidden_needed_for(list(presses)),
                                with_question=any(protocols))
         rows = []
         for query_aware in protocols:

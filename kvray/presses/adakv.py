@@ -47,6 +47,10 @@ class AdaKVPress(Press):
     def needs_queries(self) -> bool:  # type: ignore[override]
         return self.inner.needs_queries
 
+    @property
+    def needs_hidden(self) -> bool:
+        return getattr(self.inner, "needs_hidden", False)
+
     def params(self) -> dict:
         return {"scorer": self.scorer, "alpha": self.alpha, **dict(self.scorer_params)}
 

@@ -6,6 +6,8 @@ region, W window queries, d head dim):
 - `LayerInputs.keys`, `.values`: [B, H, N, d], keys post-RoPE (as cached);
 - `LayerInputs.queries`: [B, Hq, W, d] post-RoPE, the last W queries of the compressed region,
   at original positions `query_positions` [W];
+- `LayerInputs.hidden`: [B, N, D] the attention module's input (hidden states after the input
+  layernorm) over the compressed region; only captured for presses with `needs_hidden`;
 - `Press.score(layer) -> [B, H, N]`: higher = keep. Protected tokens (sinks, window) get a score
   above every real one (`protect`), never a tie with the maximum.
 
@@ -36,6 +38,7 @@ class LayerInputs:
     queries: torch.Tensor | None = None
     query_positions: torch.Tensor | None = None
     module: torch.nn.Module | None = None
+    hidden: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -116,6 +119,11 @@ class Press:
     name: ClassVar[str] = ""
     #: uses the queries of the last window (its result depends on the protocol)
     needs_queries: ClassVar[bool] = False
+    #: compresses with the model at hand (extra forward passes, e.g. LAQ's pseudo decoding):
+    #: the runner calls `compress_prefill(lm, pre, query_aware)` instead of `compress(state)`
+    needs_model: ClassVar[bool] = False
+    #: reads `LayerInputs.hidden` (prefill must be run with capture_hidden=True)
+    needs_hidden: ClassVar[bool] = False
 
     def __post_init__(self):
         r = self.compression_ratio
@@ -178,6 +186,11 @@ class Press:
         scores = [self.score(layer) for layer in state.layers]
         counts = self.allocate(state, scores)
         return [select_indices(s, c) for s, c in zip(scores, counts)]
+
+    def compress_prefill(self, lm, pre, query_aware: bool) -> KVRayCache:
+        """Compress the prefill `pre` (a `kvray.generate.Prefill`) for one protocol with the model
+        `lm` at hand; presses with `needs_model` override this, the rest use `compress`."""
+        return self.compress(pre.state(query_aware))
 
     def compress(self, state: PrefillState) -> KVRayCache:
         """A new cache holding only the kept entries; `state` is left untouched."""

@@ -72,7 +72,8 @@ def _trainable_cls():
             pre = self.prefills.get(sample.sample_id)
             if pre is None:
                 prompt = build_prompt(self.lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
-                pre = prefill(self.lm, prompt, capture_window=self.window, with_question=self.query_aware)
+                pre = prefill(self.lm, prompt, capture_window=self.window, with_question=self.query_aware,
+                              capture_hidden=self.space.needs_hidden())
                 self.prefills[sample.sample_id] = pre
             return pre
 

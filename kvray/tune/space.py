@@ -91,6 +91,9 @@ class SearchSpace:
             return make_press(self.method, plan=plan, **params)
         return make_press("adakv", scorer=self.method, alpha=alpha, plan=plan, **params)
 
+    def needs_hidden(self) -> bool:
+        return bool(getattr(press_class(self.method), "needs_hidden", False))
+
     def is_baseline(self, config: dict) -> bool:
         base = self.baseline()
         return all(_same(config.get(k), v) for k, v in base.items())

@@ -1,0 +1,210 @@
+"""Compactor: approximate leverage of pre-RoPE keys blended with non-causal chunked attention."""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ..budget import head_adaptive_counts
+from .base import LayerInputs, PrefillState, Press, protect
+
+#: fp32 attention probabilities materialised at once by `noncausal_chunk_attention` (elements)
+_MAX_PROBS = 1 << 26
+
+
+@functools.lru_cache(maxsize=32)
+def gaussian_sketch(d: int, k: int, seed: int) -> torch.Tensor:
+    """Phi [d, k], entries N(0, 1/k), from its own seeded generator (never the global RNG).
+    Cached and shared: callers must not modify it."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d, k, generator=g) / math.sqrt(k)
+
+
+def approx_leverage(keys: torch.Tensor, phi: torch.Tensor, rcond: float = 1e-6) -> torch.Tensor:
+    """Leverage scores of the rows of the centred, right-sketched keys `(K - mean) Phi`.
+
+    keys [..., M, d], phi [d, k] -> [..., M] float32: `o_i = x_i^T G^+ x_i` with `x = (K - mean) Phi`,
+    `G = x^T x` (k x k, float64 eigendecomposition; eigenvalues below `rcond * max` are dropped, a
+    pseudo-inverse). Centring commutes with the right sketch. With k = d and Phi invertible this
+    is the exact leverage of the centred keys; each row's score lies in [0, 1], the sum is the rank.
+    """
+    x = torch.matmul(keys.float(), phi.to(keys.device, torch.float32))
+    x = x - x.mean(dim=-2, keepdim=True)
+    gram = torch.matmul(x.transpose(-1, -2).double(), x.double())
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    kept = evals > rcond * evals[..., -1:].clamp_min(0)
+    inv_sqrt = torch.where(kept, evals.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(evals))
+    u = torch.matmul(x, (evecs * inv_sqrt.unsqueeze(-2)).float())  # rows of U of x = U S V^T
+    return (u * u).sum(-1)
+
+
+def noncausal_chunk_attention(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Attention mass each key receives inside its chunk, non-causally, without 1/sqrt(d).
+
+    queries [B, Hq, M, d], keys [B, H, M, d] (Hq = G * H, query head h reads KV head h // G) ->
+    [B, H, M] float32: for the chunk c holding key j, `sum_{g, i in c} softmax_c(q_gi . k)_j`. The
+    last chunk is simply shorter (its keys share its own queries' mass), so every chunk hands out
+    exactly `G * len(chunk)` and the mean score per key is G everywhere."""
+    B, Hq, M, d = queries.shape
+    H = keys.shape[1]
+    G = Hq // H
+    out = torch.empty(B, H, M, dtype=torch.float32, device=keys.device)
+
+    def mass(start: int, n_chunks: int, c: int) -> None:
+        end = start + n_chunks * c
+        q = queries[:, :, start:end].float().reshape(B, H, G, n_chunks, c, d).transpose(2, 3)
+        q = q.reshape(B, H, n_chunks, G * c, d)
+        k = keys[:, :, start:end].float().reshape(B, H, n_chunks, c, d)
+        probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=-1)  # [B, H, n, G*c, c]
+        out[:, :, start:end] = probs.sum(dim=-2).reshape(B, H, n_chunks * c)
+
+    n_full = M // chunk_size
+    step = max(1, _MAX_PROBS // (B * Hq * chunk_size * chunk_size))
+    for i in range(0, n_full, step):
+        mass(i * chunk_size, min(step, n_full - i), chunk_size)
+    if M % chunk_size:
+        mass(n_full * chunk_size, 1, M % chunk_size)
+    return out
+
+
+def zscore(scores: torch.Tensor) -> torch.Tensor:
+    """[B, H, M] standardised per batch row over all heads and tokens of the layer together."""
+    flat = scores.float().flatten(1)
+    mean = flat.mean(1).view(-1, 1, 1)
+    std = flat.std(1, correction=0).clamp_min(1e-12).view(-1, 1, 1)
+    return (scores.float() - mean) / std
+
+
+def _heads(module: torch.nn.Module, hidden: torch.Tensor, proj: str, norm: str) -> torch.Tensor:
+    B, T, _ = hidden.shape
+    x = getattr(module, proj)(hidden).view(B, T, -1, module.head_dim)
+    if getattr(module, norm, None) is not None:  # Qwen3 / Gemma3 per-head RMSNorm
+        x = getattr(module, norm)(x)
+    return x.transpose(1, 2)
+
+
+@torch.no_grad()
+def prerope_keys(module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] attention input -> [B, H, T, d] keys before RoPE (k_proj, then k_norm if any)."""
+    return _heads(module, hidden, "k_proj", "k_norm")
+
+
+def apply_model_rope(module: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, d] to `positions` [T] with the model family's own rotary code
+    (`<Family>RotaryEmbedding` and `apply_rotary_pos_emb` of the attention module's file)."""
+    family = sys.modules[type(module).__module__]
+    apply = getattr(family, "apply_rotary_pos_emb", None)
+    rotary = next((v for n, v in vars(family).items() if n.endswith("RotaryEmbedding") and isinstance(v, type)), None)
+    if apply is None or rotary is None:
+        raise ValueError(f"compactor: cannot find the rotary embedding of {type(module).__name__} "
+                         f"(expected *RotaryEmbedding and apply_rotary_pos_emb in {family.__name__})")
+    cos, sin = rotary(module.config).to(x.device)(x, positions.to(x.device)[None])
+    return apply(x, x, cos, sin)[0]
+
+
+@torch.no_grad()
+def context_queries(module: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] attention input at `positions` [T] -> [B, Hq, T, d] post-RoPE queries, as the model
+    computes them (q_proj, q_norm if any, RoPE)."""
+    return apply_model_rope(module, _heads(module, hidden, "q_proj", "q_norm"), positions)
+
+
+@dataclass(frozen=True)
+class CompactorPress(Press):
+    """Compactor (Chari & Van Durme, "Compactor: Calibrated Query-Agnostic KV Cache Compression
+    with Approximate Leverage Scores", arXiv 2507.08143, v2 Dec 2025), query-agnostic.
+
+    Per layer, over the unprotected middle of the compressed region (as kvpress; the protected
+    tokens never enter the scores nor their statistics):
+    - `o`: leverage of the pre-RoPE keys (k_proj of the captured attention inputs), approximated
+      with a right Gaussian sketch Phi [d, k] (k = `sketch_dim`, capped at d) drawn once from a
+      generator seeded with `seed`, per KV head on the whole middle (kvpress; compactor-vllm uses
+      512-token chunks);
+    - `a`: non-causal attention inside `chunk_size`-token chunks, post-RoPE queries (recomputed
+      from the attention inputs) against the cached post-RoPE keys -- both references use
+      post-RoPE here --, no 1/sqrt(d) scale (both references), summed over the chunk's queries
+      and the GQA group's query heads (compactor-vllm; kvpress takes the group mean);
+    - `s = z(a) + blending * z(o)`, each z-scored per layer (over all KV heads and tokens of a
+      batch row together, as compactor-vllm's per-sequence z-score), so scores stay comparable
+      across heads for `head_adaptive`.
+    The first `sink_tokens` and last `recent_tokens` are protected (max + 1).
+
+    Fields: sink_tokens=8, recent_tokens=4 (kvpress's port by the first author; compactor-vllm
+    uses 16 / 64); chunk_size=256 (paper, kvpress); sketch_dim=48 (paper); blending=0.3 (the
+    paper's lambda; kvpress uses the compression ratio, compactor-vllm 0.5); seed=0;
+    head_adaptive=False: uniform per-head budgets (kvpress); True: the layer's budget goes to its
+    KV heads by the global top-k of the z-scored scores (the paper's head-adaptive variant, real
+    per-head budgets) with a floor of `head_floor` times the uniform share (AdaKV's allocation;
+    head_floor=0 is compactor-vllm's floor-free global top-k).
+
+    Deviations from the reference code: leverage via a float64 eigendecomposition of the k x k
+    Gram matrix with a relative cut-off (a pseudo-inverse) instead of a ridge + SVD (vllm) or
+    Cholesky (kvpress); Phi is seeded and shared by every layer and head (kvpress redraws it per
+    call); a short last chunk is a plain shorter chunk (no padded keys stealing mass as in
+    kvpress, no 1/C mass from invalid rows as in vllm); no value-norm weighting or pooling of `a`
+    (kvpress extras); protection with max + 1, never a tie (kvpress pads with max). Needs the
+    prefill's hidden states (`needs_hidden`); the context-calibrated retention is not part of it.
+    """
+
+    sink_tokens: int = 8
+    recent_tokens: int = 4
+    chunk_size: int = 256
+    sketch_dim: int = 48
+    blending: float = 0.3
+    seed: int = 0
+    head_adaptive: bool = False
+    head_floor: float = 0.2
+    name = "compactor"
+    needs_hidden = True
+
+    def __post_init__(self):
+        super().__post_init__()
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for f, lo in (("sink_tokens", 0), ("recent_tokens", 0), ("chunk_size", 1), ("sketch_dim", 1), ("seed", 0)):
+            v = getattr(self, f)
+            if not is_int(v) or v < lo:
+                raise ValueError(f"{self.name}: {f} must be an integer >= {lo}, got {v!r}")
+        b = self.blending
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < math.inf:
+            raise ValueError(f"{self.name}: blending (lambda, the weight of the leverage score) must be a "
+                             f"finite number >= 0, got {b!r}")
+        object.__setattr__(self, "blending", float(b))
+        if not isinstance(self.head_adaptive, bool):
+            raise ValueError(f"{self.name}: head_adaptive must be True or False, got {self.head_adaptive!r}")
+        f = self.head_floor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+            raise ValueError(f"{self.name}: head_floor must be a number in [0, 1], got {f!r}")
+        object.__setattr__(self, "head_floor", float(f))
+
+    @torch.no_grad()
+    def score(self, layer: LayerInputs) -> torch.Tensor:
+        if layer.hidden is None or layer.module is None:
+            raise ValueError(f"{self.name} needs each layer's attention inputs: prefill with capture_hidden=True "
+                             "(kvray.generate.hidden_needed_for(presses) says when)")
+        B, H, N, d = layer.keys.shape
+        first = min(self.sink_tokens, N)
+        last = min(self.recent_tokens, N - first)
+        scores = torch.zeros(B, H, N, dtype=torch.float32, device=layer.keys.device)
+        end = N - last
+        if end > first:
+            hidden = layer.hidden[:, first:end]
+            phi = gaussian_sketch(d, min(self.sketch_dim, d), self.seed)
+            leverage = approx_leverage(prerope_keys(layer.module, hidden), phi)
+            queries = context_queries(layer.module, hidden, torch.arange(first, end))
+            attention = noncausal_chunk_attention(queries, layer.keys[:, :, first:end], self.chunk_size)
+            scores[..., first:end] = zscore(attention) + self.blending * zscore(leverage)
+        return protect(scores, first=first, last=last)
+
+    def allocate(self, state: PrefillState, scores: list[torch.Tensor]) -> list[list[int]]:
+        if not self.head_adaptive:
+            return super().allocate(state, scores)
+        # one allocation per layer, shared by the batch (kvray evaluates one sample at a time)
+        return [head_adaptive_counts(s.float().mean(0), sum(row), self.head_floor)
+                for s, row in zip(scores, self.layer_counts(state))]
