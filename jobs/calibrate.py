@@ -255,13 +255,16 @@ def largest_safe_ratio(df, tolerance: float = 0.01) -> "object":
                                                           kv_kept=("kv_bytes_kept", "mean"),
                                                           kv_full=("kv_bytes_full", "mean"))
             ok = by_ratio[by_ratio["score"] >= full - tolerance]
-            r = float(ok.index.max()) if len(ok) else 0.0
-            rows.append({"protocol": "aware" if aware else "agnostic", "method": method, "full_score": full,
-                         "max_ratio_within_1pt": r,
-                         "score_at_max": float(ok.loc[r, "score"]) if len(ok) else full,
-                         "kv_MiB_kept": float(ok.loc[r, "kv_kept"]) / 2**20 if len(ok) else
-                         float(by_ratio["kv_full"].mean()) / 2**20,
-                         "best_score_0.5": float(by_ratio["score"].get(0.5, float("nan")))})
+            row = {"protocol": "aware" if aware else "agnostic", "method": method, "full_score": full,
+                   "max_ratio_within_1pt": float("nan"), "score_there": float("nan"), "kv_MiB_kept": float("nan"),
+                   "kv_MiB_full": float(by_ratio["kv_full"].mean()) / 2**20}
+            if len(ok):  # else no ratio of the grid stays within 1 point (shown as NaN)
+                r = float(ok.index.max())
+                row.update(max_ratio_within_1pt=r, score_there=float(ok.loc[r, "score"]),
+                           kv_MiB_kept=float(ok.loc[r, "kv_kept"]) / 2**20)
+            for ratio, score in by_ratio["score"].items():
+                row[f"score@{ratio:g}"] = float(score)
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -335,7 +338,8 @@ def main(argv=None) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         if df is not None:
             safe = largest_safe_ratio(df)
-            lines += ["Largest compression ratio within 1 point of the full cache (eval grid, mean over tasks):",
+            lines += ["Largest compression ratio within 1 point of the full cache (eval grid, mean over tasks; "
+                      "NaN: no ratio of the grid stays within 1 point):",
                       safe.to_string(index=False), ""]
             summary["largest_safe_ratio"] = safe.to_dict("records")
         if tuned:

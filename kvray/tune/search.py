@@ -157,6 +157,7 @@ def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str 
         raise ValueError("the calibration split is empty")
     if num_trials < 1:
         raise ValueError(f"num_trials must be >= 1, got {num_trials}")
+    num_trials = min(num_trials, len(space.grid()))  # more trials than allocations only repeat them
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     resources = {"cpu": cpus_per_trial, "gpu": 1} if use_gpu else {"cpu": cpus_per_trial}

@@ -1,0 +1,163 @@
+"""The results page: run the task suite for every registered method at ratios 0.5 / 0.75 / 0.9
+in both protocols on Ray actors (one prefill per sample), then write docs/results.md and PNG
+plots (score vs compression per method and task) from the Parquet it wrote.
+
+    python jobs/results_page.py                         # >= 20 samples per cell at 1k, plus a 2k point
+    python jobs/results_page.py --quick                 # a few samples, to check the pipeline
+    python jobs/results_page.py --render RUN_DIR        # only re-render the page from existing Parquet
+    python jobs/results_page.py --run-id ID             # resume an interrupted run
+
+The numbers are what they are: nothing here is tuned to the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+try:
+    import kvray
+except ImportError:  # a plain source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import kvray
+
+from kvray.eval.tasks import make_samples
+from kvray.results import new_run_id, read_results
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIOS = [0.5, 0.75, 0.9]
+TASKS_1K = ["niah_single", "niah_multikey", "vt", "fwe"]
+TASKS_2K = ["niah_single"]
+
+
+def run(args) -> Path:
+    import ray
+
+    from kvray.actors import run_eval_distributed, start_workers
+    from kvray.eval.runner import build_presses
+
+    tok = kvray.load_tokenizer(args.model)
+
+    def count(s: str) -> int:
+        return len(tok(s, add_special_tokens=False).input_ids)
+
+    n = 3 if args.quick else args.samples
+    out = Path(args.out).resolve()
+    run_id = args.run_id or new_run_id()
+    ray.init(log_to_driver=True)
+    pool = start_workers(args.workers, args.model, cpus_per_worker=1)
+    methods = [m for m in kvray.list_methods()]
+    presses = build_presses(methods, RATIOS)
+    try:
+        for length, tasks in ((1000, TASKS_1K), (2000, TASKS_2K)):
+            samples = []
+            for j, task in enumerate(tasks):
+                samples += make_samples(task, n, length=length, seed=100 + j, count_tokens=count)
+            print(f"[results] {length} tokens: {len(samples)} samples x {len(presses)} configs x 2 protocols", flush=True)
+            run_eval_distributed(pool, samples, presses, out_dir=out, protocols=[False, True],
+                                 run_id=f"{run_id}-{length}")
+    finally:
+        pool.shutdown()
+    return out, run_id
+
+
+def render(out: Path, run_id: str, page: Path, quick: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frames = []
+    for length in (1000, 2000):
+        rd = out / f"run_id={run_id}-{length}"
+        if rd.exists():
+            frames.append(read_results(rd))
+    if not frames:
+        raise SystemExit(f"no results for run {run_id} under {out}")
+    df = pd.concat(frames, ignore_index=True)
+    df["protocol"] = df["query_aware"].map({True: "query-aware", False: "query-agnostic"})
+    df["cell"] = df["task"] + "@" + df["target_length"].astype(int).astype(str)
+    img_dir = page.parent / "results"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    full = df[df["method"] == "full"].groupby(["protocol", "cell"])["score"].mean()
+    methods = [m for m in kvray.list_methods() if m != "full"]
+    cells = sorted(df["cell"].unique())
+    images = []
+    for protocol, part in df.groupby("protocol"):
+        fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), sharey=True, squeeze=False)
+        for ax, cell in zip(axes[0], cells):
+            sub = part[part["cell"] == cell]
+            for m in methods:
+                g = sub[sub["method"] == m].groupby("compression_ratio")["score"].mean()
+                if len(g):
+                    ax.plot([0.0, *g.index], [full.get((protocol, cell), float("nan")), *g.values], marker="o",
+                            label=m, linewidth=1.2)
+            ax.set_title(cell)
+            ax.set_xlabel("compression ratio")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("score (RULER string match)")
+        axes[0][-1].legend(fontsize=7, loc="lower left")
+        fig.suptitle(f"{protocol}: score vs compression (ratio 0 = full cache)")
+        fig.tight_layout()
+        name = f"score_vs_ratio_{protocol.replace('-', '_')}.png"
+        fig.savefig(img_dir / name, dpi=110)
+        plt.close(fig)
+        images.append((protocol, name))
+    table = df.pivot_table(index=["protocol", "method", "compression_ratio"], columns="cell", values="score",
+                           aggfunc="mean")
+    table["mean"] = df.groupby(["protocol", "method", "compression_ratio"])["score"].mean()
+    kept = df.groupby(["protocol", "method", "compression_ratio"]).apply(
+        lambda g: g["kv_bytes_kept"].sum() / g["kv_bytes_full"].sum(), include_groups=False)
+    table["kv_kept"] = kept
+    n_per_cell = df.groupby(["method", "compression_ratio", "cell", "protocol"]).size()
+    lines = [
+        "# Results: every method on the task suite", "",
+        f"Generated by `python jobs/results_page.py` (run `{run_id}`, {time.strftime('%Y-%m-%d')}) on the "
+        "embedded SmolLM2-135M-Instruct, CPU, greedy decoding; rows in Parquet under "
+        f"`runs/results/run_id={run_id}-*`. {n_per_cell.min()}-{n_per_cell.max()} samples per cell "
+        "(method x ratio x task x protocol). Score = RULER string match; `kv_kept` = KV bytes held / full "
+        "(real memory: per-head budgets included).", "",
+        *(["**Quick run (3 samples per cell): not for conclusions.**", ""] if quick else []),
+    ]
+    for protocol, name in images:
+        lines += [f"![{protocol}](results/{name})", ""]
+    lines += ["| protocol | method | ratio | " + " | ".join(table.columns) + " |",
+              "|---|---|---|" + "---|" * len(table.columns)]
+    for (protocol, method, ratio), row in table.iterrows():
+        lines.append(f"| {protocol} | {method} | {ratio:g} | " + " | ".join(f"{v:.2f}" for v in row.values) + " |")
+    lines += ["", "## Notes", "", "NOTES_PLACEHOLDER", ""]
+    text = "\n".join(lines)
+    if page.exists() and "NOTES_PLACEHOLDER" not in page.read_text():
+        old = page.read_text()
+        if "## Notes" in old:  # keep hand-written notes when re-rendering
+            text = text.replace("## Notes\n\nNOTES_PLACEHOLDER\n", old[old.index("## Notes"):])
+    page.write_text(text)
+    print(f"[results] wrote {page} and {len(images)} plots in {img_dir}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--samples", type=int, default=20, help="samples per task and length")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "results"))
+    ap.add_argument("--run-id", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--render", default=None, metavar="RUN_ID", help="only render the page for this run id")
+    ap.add_argument("--page", default=str(ROOT / "docs" / "results.md"))
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.render:
+        render(Path(args.out).resolve(), args.render, Path(args.page), args.quick)
+        return 0
+    out, run_id = run(args)
+    render(out, run_id, Path(args.page), args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
