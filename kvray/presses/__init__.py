@@ -72,14 +72,15 @@ from .curdkv import CurDKVPress  # noqa: E402
 from .obcache import OBCachePress  # noqa: E402
 from .lava import LAVaPress  # noqa: E402
 from .compactor import CompactorPress  # noqa: E402
+from .laq import LAQPress  # noqa: E402
 
 for _cls in (FullPress, RandomPress, StreamingLLMPress, KnormPress, SnapKVPress, PyramidKVPress, AdaKVPress,
-             CompactorPress, CurDKVPress, OBCachePress, LAVaPress):
+             CompactorPress, LAQPress, OBCachePress, CurDKVPress, LAVaPress):
     register(_cls)
 
 __all__ = [
     "Press", "LayerInputs", "PrefillState", "protect", "select_indices", "make_press", "list_methods",
     "describe_methods", "method_params", "press_class", "register",
     "FullPress", "RandomPress", "StreamingLLMPress", "KnormPress", "SnapKVPress", "PyramidKVPress", "AdaKVPress",
-    "CompactorPress", "CurDKVPress", "OBCachePress", "LAVaPress",
+    "CompactorPress", "LAQPress", "CurDKVPress", "OBCachePress", "LAVaPress",
 ]
