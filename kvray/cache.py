@@ -140,6 +140,46 @@ class KVRayLayer(DynamicLayer):
         self.window_queries = query[:, :, -w:].detach().clone()
         self.window_positions = pos[-w:].clone()
 
+    def keep(self, indices: list[torch.Tensor]) -> None:
+        """Evict during decoding: per (batch, KV head), b-major, keep the entries at `indices` of
+        that head's prefix followed by the tail (index i < n: prefix entry i, else tail entry
+        i - n). The kept entries, in the given order and with their original positions, become
+        the new prefix (copied, so the old tensors can be freed); the tail is emptied, so
+        `get_seq_length()` -- the next token's position -- does not change."""
+        T = self.tail_length()
+        prefix = self.prefix
+        if prefix is None:
+            if not T:
+                raise ValueError("nothing cached to keep entries of")
+            B, H, _, d = self.keys.shape
+            prefix = RaggedKV(self.keys.new_empty((0, d)), self.values.new_empty((0, self.values.shape[-1])),
+                              torch.empty(0, dtype=torch.long, device=self.keys.device), (0,) * (B * H), B, H)
+        B, H = prefix.batch, prefix.heads
+        pk, pv, ppos, lengths, offsets = prefix.keys, prefix.values, prefix.positions, prefix.lengths, prefix.offsets
+        if len(indices) != B * H:
+            raise ValueError(f"keep needs one index tensor per (batch, KV head): {B * H}, got {len(indices)}")
+        if T:
+            d = self.keys.shape[-1]
+            pk, pv = torch.cat([pk, self.keys.reshape(-1, d)]), torch.cat([pv, self.values.reshape(-1, d)])
+            tail_pos = torch.arange(self.prefix_tokens, self.prefix_tokens + T, device=ppos.device)
+            ppos = torch.cat([ppos, tail_pos.repeat(B * H)])
+        # one gather for all heads: head-local indices -> rows of [prefix entries | tail entries]
+        dev = pk.device
+        counts = [int(i.numel()) for i in indices]
+        idx = torch.cat([i.reshape(-1).to(dev, torch.long) for i in indices])
+        head = torch.repeat_interleave(torch.arange(B * H, device=dev), torch.tensor(counts, device=dev))
+        n = torch.tensor(lengths, device=dev, dtype=torch.long)[head]
+        if idx.numel() and bool(((idx < 0) | (idx >= n + T)).any()):
+            raise ValueError(f"keep: index out of range (heads hold {[m + T for m in lengths]} entries)")
+        sel = torch.where(idx < n, torch.tensor(offsets[:-1], device=dev, dtype=torch.long)[head] + idx,
+                          sum(lengths) + head * T + idx - n)
+        self.prefix = RaggedKV(pk.index_select(0, sel), pv.index_select(0, sel), ppos.index_select(0, sel),
+                               tuple(counts), B, H)
+        self.prefix_tokens += T
+        if self.is_initialized and T:
+            self.keys = self.keys.new_empty((B, H, 0, self.keys.shape[-1]))
+            self.values = self.values.new_empty((B, H, 0, self.values.shape[-1]))
+
 
 class KVRayCache(Cache):
     """A transformers `Cache` of `KVRayLayer`s (see module docstring)."""

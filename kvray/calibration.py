@@ -603,8 +603,40 @@ def validate_calibrator(cal: Calibrator, heldout_rows: Iterable[dict], tau: floa
     }
 
 
+def compare_with_fixed(cal: Calibrator, heldout_rows: Iterable[dict], at_predicted: Iterable[dict],
+                       tau: float | None = None) -> dict:
+    """Calibrated vs one fixed ratio for everybody, on held-out contexts.
+
+    `heldout_rows`: the held-out contexts' curves on a retention grid; `at_predicted`: each
+    held-out context measured at the retention the calibrator predicts for it (one row per
+    context, `measure_curve(..., [cal.predict_retention(nll)])`). Returns share_ok (contexts
+    whose NLL ratio stays >= tau at their predicted ratio), mean_predicted_ratio, and the best
+    fixed ratio of the grid whose share of contexts with NLL ratio >= tau is at least share_ok
+    (its ratio and share): calibration pays when mean_predicted_ratio > best_fixed_ratio."""
+    tau = cal.tau if tau is None else _check_tau(tau)
+    grid = _points(heldout_rows, cal.method)
+    pred = [r for r in at_predicted if r.get("method") == cal.method]
+    if not pred or not grid:
+        raise ValueError(f"no held-out rows for method {cal.method!r}")
+    ok = [float(r["nll_ratio"]) >= tau for r in pred]
+    share_ok = sum(ok) / len(ok)
+    ratios = [float(r["compression_ratio"]) for r in pred]
+    by_ratio: dict[float, list[bool]] = {}
+    for r in grid:
+        by_ratio.setdefault(round(1.0 - float(r["retention"]), 6), []).append(float(r["nll_ratio"]) >= tau)
+    best_fixed, best_share = 0.0, 1.0
+    for ratio in sorted(by_ratio):
+        share = sum(by_ratio[ratio]) / len(by_ratio[ratio])
+        if share >= share_ok - 1e-9:
+            best_fixed, best_share = ratio, share
+    return {"method": cal.method, "tau": tau, "n_contexts": len(pred), "share_ok": share_ok,
+            "mean_predicted_ratio": sum(ratios) / len(ratios), "best_fixed_ratio": best_fixed,
+            "best_fixed_share": best_share,
+            "fixed_shares": {f"{k:g}": sum(v) / len(v) for k, v in sorted(by_ratio.items())}}
+
+
 __all__ = [
-    "retention_curve", "min_retention", "capture_hidden", "nll_from_hidden", "template_prefix_length",
+    "compare_with_fixed", "measure_curves", "retention_curve", "min_retention", "capture_hidden", "nll_from_hidden", "template_prefix_length",
     "prefill_with_context_nll", "context_nll", "answer_text", "measure_curve", "Calibrator",
     "fit_calibrator", "safe_compression_ratio", "validate_calibrator", "CALIBRATOR_KIND", "CALIBRATOR_VERSION",
 ]

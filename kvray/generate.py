@@ -7,6 +7,7 @@ import resource
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -172,15 +173,25 @@ def stop_token_ids(tokenizer) -> set[int]:
 
 @torch.inference_mode()
 def greedy_decode_batch(lm: LanguageModel, cache: KVRayCache, rest: list[int], max_new_tokens: int,
-                        first_logits: torch.Tensor | None = None) -> list[list[int]]:
+                        first_logits: torch.Tensor | None = None, *,
+                        after_step: Callable[[KVRayCache, int], None] | None = None,
+                        ignore_stop_tokens: bool = False) -> list[list[int]]:
     """Greedy decoding of every row of a (batched) cache: feed `rest` to all rows (or start
     from `first_logits`, shared, when `rest` is empty), then one token per row per step until
     each row hits a stop token or `max_new_tokens`. Finished rows keep being fed a stop token
-    (their outputs are ignored) so all rows stay aligned."""
-    stops = stop_token_ids(lm.tokenizer)
+    (their outputs are ignored) so all rows stay aligned.
+
+    after_step: called as `after_step(cache, step)` after every forward pass (step 0 is the
+        first: `rest`, or the first generated token), e.g. a press that evicts while decoding.
+    ignore_stop_tokens: decode exactly `max_new_tokens` tokens whatever they are."""
+    stops = set() if ignore_stop_tokens else stop_token_ids(lm.tokenizer)
     n = cache.layers[0].prefix.batch if cache.layers[0].prefix is not None else 1
+    forwards = 0
     if rest:
         logits = _forward(lm.model, [rest] * n, cache, lm.device)
+        if after_step is not None:
+            after_step(cache, forwards)
+        forwards += 1
     elif first_logits is not None:
         logits = first_logits.expand(n, -1)
     else:
@@ -199,14 +210,20 @@ def greedy_decode_batch(lm: LanguageModel, cache: KVRayCache, rest: list[int], m
         if all(done) or step == max_new_tokens - 1:
             break
         logits = _forward(lm.model, [[filler if done[i] else toks[i]] for i in range(n)], cache, lm.device)
+        if after_step is not None:
+            after_step(cache, forwards)
+        forwards += 1
     return outs
 
 
 def greedy_decode(lm: LanguageModel, cache: KVRayCache, rest: list[int], max_new_tokens: int,
-                  first_logits: torch.Tensor | None = None) -> list[int]:
+                  first_logits: torch.Tensor | None = None, *,
+                  after_step: Callable[[KVRayCache, int], None] | None = None,
+                  ignore_stop_tokens: bool = False) -> list[int]:
     """Feed `rest` on `cache` (or start from `first_logits` when `rest` is empty), then decode
-    greedily until a stop token or `max_new_tokens`."""
-    return greedy_decode_batch(lm, cache, rest, max_new_tokens, first_logits)[0]
+    greedily until a stop token or `max_new_tokens` (see `greedy_decode_batch`)."""
+    return greedy_decode_batch(lm, cache, rest, max_new_tokens, first_logits, after_step=after_step,
+                               ignore_stop_tokens=ignore_stop_tokens)[0]
 
 
 @dataclass
@@ -245,7 +262,9 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
     """Compress a copy of the prefill cache with each press, then decode the compressed caches
     `decode_batch` at a time as one batch (decoding a small model is bound by reading its
     weights, so a batch of configs costs little more than one). `decode_s` is the batch's wall
-    time divided by its size. With `release_prefill` the full cache is dropped once the last
+    time divided by its size. Presses that evict while decoding (`evicts_during_decoding`, e.g.
+    MorphKV) are decoded alone, after the batches, with their `after_step` hook; outputs keep
+    the order of `presses`. With `release_prefill` the full cache is dropped once the last
     configs are compressed (real memory savings when nothing else shares the prefill)."""
     if decode_batch < 1:
         raise ValueError(f"decode_batch must be >= 1, got {decode_batch}")
@@ -254,32 +273,36 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
     full_bytes = state.kv_bytes()
     n_tokens, heads, n_layers, batch = state.n_tokens, state.num_kv_heads, state.num_layers, state.batch
     full_entries = n_tokens * heads * n_layers * batch
-    outputs: list[GenerationOutput] = []
-    for start in range(0, len(presses), decode_batch):
+    solo = [i for i, p in enumerate(presses) if getattr(p, "evicts_during_decoding", False)]
+    shared = [i for i in range(len(presses)) if i not in solo]
+    groups = [shared[s:s + decode_batch] for s in range(0, len(shared), decode_batch)] + [[i] for i in solo]
+    outputs: list[GenerationOutput | None] = [None] * len(presses)
+    for g, group in enumerate(groups):
         # compress only the configs decoded together: at most `decode_batch` caches live at once
         chunk = []
-        for press in presses[start:start + decode_batch]:
+        for press in (presses[i] for i in group):
             t0 = time.perf_counter()
             cache = press.compress_prefill(lm, pre, query_aware) if press.needs_model else press.compress(state)
             chunk.append((cache, time.perf_counter() - t0, cache.prefix_entries(), cache.prefix_nbytes()))
-        if release_prefill and start + decode_batch >= len(presses):
+        if release_prefill and g == len(groups) - 1:
             state = None
             pre.cache = pre.hidden = None
         merged = KVRayCache.stack([c[0] for c in chunk]) if len(chunk) > 1 else chunk[0][0]
         chunk = [(None, *c[1:]) for c in chunk]  # the stacked copy is all that stays alive
+        after_step = presses[group[0]].after_step if group[0] in solo else None
         t0 = time.perf_counter()
-        ids_per_row = greedy_decode_batch(lm, merged, rest, max_new_tokens, first)
+        ids_per_row = greedy_decode_batch(lm, merged, rest, max_new_tokens, first, after_step=after_step)
         decode_s = (time.perf_counter() - t0) / len(chunk)
         del merged
         peak = peak_memory_bytes(lm.device)
-        for (_, compress_s, kept_entries, kept_bytes), ids in zip(chunk, ids_per_row):
+        for i, (_, compress_s, kept_entries, kept_bytes), ids in zip(group, chunk, ids_per_row):
             stats = GenerationStats(
                 kv_tokens_full=n_tokens, kv_tokens_kept=kept_entries / (heads * n_layers * batch),
                 kv_bytes_full=full_bytes, kv_bytes_kept=kept_bytes,
                 compression_ratio=1.0 - kept_entries / full_entries, prefill_s=pre.prefill_s,
                 compress_s=compress_s, decode_s=decode_s, new_tokens=len(ids), peak_mem_bytes=peak)
-            outputs.append(GenerationOutput(text=lm.tokenizer.decode(ids, skip_special_tokens=True),
-                                            stats=stats, token_ids=ids))
+            outputs[i] = GenerationOutput(text=lm.tokenizer.decode(ids, skip_special_tokens=True),
+                                          stats=stats, token_ids=ids)
     return outputs
 
 

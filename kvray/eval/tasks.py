@@ -21,6 +21,7 @@ from kvray.eval import haystack as hs
 METRICS: tuple[str, ...] = ("all", "part")
 TASKS: tuple[str, ...] = (
     "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe",
+    "niah_list",
 )
 VALUE_KINDS: tuple[str, ...] = ("number", "word", "uuid")
 MIN_LENGTH = 128
@@ -404,6 +405,48 @@ def _fwe(rng, length, count, *, alpha):
                 max_new_tokens=48)
 
 
+# ---------------------------------------------------------------------------- long answers
+
+_LIST_PREAMBLE = ("Entries of a special magic list are hidden one at a time in the text below. Read it "
+                  "carefully and remember every entry in order: you will be asked for the whole list "
+                  "afterwards.\n\n")
+_LIST_QUESTION = ("What are all the entries of the special magic list in the text above? List every one, "
+                  "in the order they appear.")
+_LIST_PREFIX = "The entries of the special magic list, in the order they appear in the text, are:"
+
+
+def list_size(length: int) -> int:
+    """niah_list's default number of items: 30 from about 2k tokens on, fewer in shorter contexts
+    (one per 64 tokens, at least 2) so the planted sentences stay about a fifth of the text."""
+    return min(30, max(2, length // 64))
+
+
+def _niah_list(rng, length, count, *, value_kind, num_items):
+    """A long answer: `num_items` values planted at spread depths (one in each equal slice of
+    the haystack, in slice order), the question asks for all of them in order. Scored with
+    string_match_all, i.e. recall (the share of planted items the prediction contains,
+    order-insensitive); the answer's order is the context's."""
+    n = list_size(length) if num_items is None else num_items
+    fixed_text = (_LIST_PREAMBLE + _LIST_QUESTION + _LIST_PREFIX).lower()
+    if value_kind == "word":
+        # value words are never substrings of each other nor of the prose; keep them off the prompt too
+        pool = [w for w in hs.value_words() if w.lower() not in fixed_text]
+        if n > len(pool):
+            raise ValueError(f"niah_list with value_kind='word' supports num_items <= {len(pool)}, got {n}")
+        values = rng.sample(pool, n)
+    else:
+        values = _values(rng, value_kind, n)
+    depths = [(i + rng.random()) / n for i in range(n)]  # increasing: list order = context order
+    needles = [(d, f"The next entry of the special magic list is: {v}.") for d, v in zip(depths, values)]
+    hay = hs.Haystack(random.Random(rng.getrandbits(64)))
+    context = _fit_prose(hay, needles, lambda body: _LIST_PREAMBLE + body, count, length,
+                         f"niah_list with num_items={n}")
+    # room for the list as the model's tokenizer writes it, plus half again for its wording
+    answer_tokens = count(" " + ", ".join(values))
+    return dict(context=context, question=_LIST_QUESTION, answer_prefix=_LIST_PREFIX, answers=tuple(values),
+                max_new_tokens=max(32, math.ceil(1.5 * answer_tokens) + 16))
+
+
 # ---------------------------------------------------------------------------- options and registry
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
@@ -456,6 +499,9 @@ _TASKS: dict[str, tuple[Callable[..., dict], dict[str, tuple[Any, Callable[[Any]
         "freq_common": (None, _check_optional_freq("freq_common")),
         "freq_rare": (None, _check_optional_freq("freq_rare"))}),
     "fwe": (_fwe, {"alpha": (2.0, _check_alpha)}),
+    "niah_list": (_niah_list, {
+        "value_kind": ("word", _check_kind),
+        "num_items": (None, lambda v: None if v is None else _check_int("num_items", v, 1, 100))}),
 }
 assert tuple(_TASKS) == TASKS
 

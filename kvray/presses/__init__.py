@@ -73,14 +73,15 @@ from .obcache import OBCachePress  # noqa: E402
 from .lava import LAVaPress  # noqa: E402
 from .compactor import CompactorPress  # noqa: E402
 from .laq import LAQPress  # noqa: E402
+from .morphkv import MorphKVPress  # noqa: E402
 
 for _cls in (FullPress, RandomPress, StreamingLLMPress, KnormPress, SnapKVPress, PyramidKVPress, AdaKVPress,
-             CompactorPress, LAQPress, OBCachePress, CurDKVPress, LAVaPress):
+             CompactorPress, CurDKVPress, OBCachePress, LAQPress, LAVaPress, MorphKVPress):
     register(_cls)
 
 __all__ = [
     "Press", "LayerInputs", "PrefillState", "protect", "select_indices", "make_press", "list_methods",
     "describe_methods", "method_params", "press_class", "register",
     "FullPress", "RandomPress", "StreamingLLMPress", "KnormPress", "SnapKVPress", "PyramidKVPress", "AdaKVPress",
-    "CompactorPress", "LAQPress", "CurDKVPress", "OBCachePress", "LAVaPress",
+    "CompactorPress", "LAQPress", "CurDKVPress", "OBCachePress", "LAVaPress", "MorphKVPress",
 ]

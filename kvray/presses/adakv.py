@@ -37,8 +37,9 @@ class AdaKVPress(Press):
 
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"adakv: alpha (head floor) must lie in [0, 1], got {self.alpha}")
-        if self.scorer in ("adakv", "full"):
-            raise ValueError(f"adakv: scorer must be a scoring method, not {self.scorer!r}")
+        if self.scorer in ("adakv", "full", "morphkv", "laq"):
+            raise ValueError(f"adakv: scorer must be a prefill scoring method (not adakv, full, or morphkv/laq, "
+                             f"which act during decoding or need the model), got {self.scorer!r}")
         params = dict(self.scorer_params)
         object.__setattr__(self, "scorer_params", tuple(sorted(params.items())))
         object.__setattr__(self, "inner", make_press(self.scorer, compression_ratio=self.compression_ratio, **params))
