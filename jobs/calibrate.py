@@ -116,7 +116,8 @@ def stage_eval(cfg, pool, run_id, run_path, count_tokens):
 
     ev = cfg["eval"]
     samples = samples_for(ev, cfg["seed"], count_tokens, offset=0)
-    presses = build_presses(ev["methods"], [float(r) for r in ev["ratios"]])
+    methods = kvray.list_methods() if ev["methods"] == "all" else list(ev["methods"])
+    presses = build_presses(methods, [float(r) for r in ev["ratios"]])
     protocols = [p == "aware" for p in ev["protocols"]]
     bad = [p for p in ev["protocols"] if p not in ("agnostic", "aware")]
     if bad:

@@ -129,9 +129,14 @@ def read_results(path: str | os.PathLike, run_id: str | None = None):
     if path.name.startswith("run_id="):
         run_id = run_id or path.name.split("=", 1)[1]
         root = path.parent
-    dataset = ds.dataset(root, format="parquet", partitioning="hive",
-                         exclude_invalid_files=True, ignore_prefixes=[".", "_"])
-    table = dataset.to_table(filter=(ds.field("run_id") == run_id) if run_id else None)
+    # only the shards of run directories: other Parquet files next to them (Tune trials,
+    # calibration curves) have other schemas
+    pattern = f"run_id={run_id}/part-*.parquet" if run_id else "run_id=*/part-*.parquet"
+    files = sorted(str(p) for p in root.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no result shards under {root}" + (f" for run {run_id}" if run_id else ""))
+    dataset = ds.dataset(files, format="parquet", partitioning="hive", partition_base_dir=str(root))
+    table = dataset.to_table()
     df = table.to_pandas()
     cols = [c for c in COLUMNS if c in df.columns] + [c for c in df.columns if c not in COLUMNS]
     return df[cols]

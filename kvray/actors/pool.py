@@ -254,10 +254,13 @@ def run_eval_distributed(pool: WorkerPool, samples: Sequence[Sample], presses: S
 
 def measure_curves_distributed(pool: WorkerPool, samples: Sequence[Sample], methods: dict[str, dict],
                                retentions: Sequence[float], *, query_aware: bool = False,
-                               progress: bool = True) -> list[dict]:
+                               progress: bool = True, per_sample: dict[str, Sequence[float]] | None = None) -> list[dict]:
     """NLL-ratio curves (`kvray.calibration.measure_curves`) of every (sample, method) in
-    parallel over the pool, one prefill per sample. `methods` maps a method name to its parameters."""
-    items = [(s.sample_id, "measure_curves", (s, dict(methods), list(retentions), query_aware)) for s in samples]
+    parallel over the pool, one prefill per sample. `methods` maps a method name to its
+    parameters; `per_sample` (sample_id -> retentions) replaces `retentions` for those samples."""
+    per_sample = per_sample or {}
+    items = [(s.sample_id, "measure_curves", (s, dict(methods), list(per_sample.get(s.sample_id, retentions)),
+                                              query_aware)) for s in samples]
     rows: list[dict] = []
     bar = _Progress(len(items), "calibration", "context", enabled=progress)
 
