@@ -10,7 +10,7 @@ import torch
 
 from ..cache import KVRayCache, KVRayLayer
 from .base import LayerInputs, PrefillState, Press, protect
-from .scoring import GQA_REDUCTIONS, POOLINGS, pool, reduce_gqa, window_attention
+from .scoring import check_window_params, pool, reduce_gqa, window_attention
 from .snapkv import SnapKVPress
 
 
@@ -77,14 +77,8 @@ class LAQPress(Press):
             v = getattr(self, field_name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"{self.name}: {field_name} must be an integer, got {v!r}")
-        if self.window_size < 1:
-            raise ValueError(f"{self.name}: window_size must be >= 1, got {self.window_size}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"{self.name}: kernel_size must be an odd integer >= 1, got {self.kernel_size}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"{self.name}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.gqa_reduction not in GQA_REDUCTIONS:
-            raise ValueError(f"{self.name}: gqa_reduction must be one of {GQA_REDUCTIONS}, got {self.gqa_reduction!r}")
+        check_window_params(self.name, window_size=self.window_size, kernel_size=self.kernel_size,
+                            pooling=self.pooling, gqa_reduction=self.gqa_reduction)
         if self.lookahead < 1:
             raise ValueError(f"{self.name}: lookahead (pseudo tokens) must be >= 1, got {self.lookahead}")
         if not 0 <= self.stage2_window <= self.window_size:

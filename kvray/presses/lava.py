@@ -10,7 +10,7 @@ import torch
 
 from ..budget import head_adaptive_counts, keep_count, round_preserving_sum
 from .base import LayerInputs, PrefillState, Press, protect
-from .scoring import GQA_REDUCTIONS, POOLINGS, pool, window_attention
+from .scoring import check_window_params, pool, window_attention
 
 
 def layer_entropy(prefix_scores: torch.Tensor) -> float:
@@ -121,14 +121,8 @@ class LAVaPress(Press):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
-            raise ValueError(f"lava: window_size must be an integer >= 1, got {self.window_size!r}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"lava: kernel_size must be an odd integer >= 1, got {self.kernel_size}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"lava: pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.gqa_reduction not in GQA_REDUCTIONS:
-            raise ValueError(f"lava: gqa_reduction must be one of {GQA_REDUCTIONS}, got {self.gqa_reduction!r}")
+        check_window_params(self.name, window_size=self.window_size, kernel_size=self.kernel_size,
+                            pooling=self.pooling, gqa_reduction=self.gqa_reduction)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"lava: alpha (head floor) must lie in [0, 1], got {self.alpha}")
         if not isinstance(self.dynamic_layers, bool):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..budget import keep_count
 from ..cache import KVRayCache, KVRayLayer, RaggedKV
 from .base import LayerInputs, PrefillState, Press, protect
-from .scoring import GQA_REDUCTIONS
+from .scoring import check_window_params
 
 FUSIONS = ("sum", "max")
 
@@ -118,12 +118,9 @@ class MorphKVPress(Press):
         if self.plan is not None:
             raise ValueError(f"{self.name}: budget plans are not supported (one constant size per KV head); "
                              "pass compression_ratio or cache_size")
-        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
-            raise ValueError(f"{self.name}: window_size must be an integer >= 1, got {self.window_size!r}")
+        check_window_params(self.name, window_size=self.window_size, gqa_reduction=self.gqa_reduction)
         if self.fusion not in FUSIONS:
             raise ValueError(f"{self.name}: fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if self.gqa_reduction not in GQA_REDUCTIONS:
-            raise ValueError(f"{self.name}: gqa_reduction must be one of {GQA_REDUCTIONS}, got {self.gqa_reduction!r}")
         c = self.cache_size
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
             raise ValueError(f"{self.name}: cache_size must be None or an integer >= 1 (tokens per KV head), got {c!r}")

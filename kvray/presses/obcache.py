@@ -9,7 +9,7 @@ import torch
 
 from ..budget import head_adaptive_counts
 from .base import LayerInputs, PrefillState, Press, protect
-from .scoring import POOLINGS, pool
+from .scoring import check_window_params, pool
 
 VARIANTS = ("value", "key", "joint")
 HOSTS = ("snapkv", "adakv")
@@ -109,13 +109,8 @@ class OBCachePress(Press):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
-            raise ValueError(f"{self.name}: window_size must be an integer >= 1, got {self.window_size!r}")
-        if (isinstance(self.kernel_size, bool) or not isinstance(self.kernel_size, int)
-                or self.kernel_size < 1 or self.kernel_size % 2 == 0):
-            raise ValueError(f"{self.name}: kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"{self.name}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        check_window_params(self.name, window_size=self.window_size, kernel_size=self.kernel_size,
+                            pooling=self.pooling)
         if self.variant not in VARIANTS:
             raise ValueError(f"{self.name}: variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.host not in HOSTS:

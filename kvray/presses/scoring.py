@@ -11,6 +11,22 @@ GQA_REDUCTIONS = ("mean", "max")
 POOLINGS = ("avg", "max", "none")
 
 
+def check_window_params(method: str, *, window_size=None, kernel_size=None, pooling=None, gqa_reduction=None) -> None:
+    """Validate the window-attention parameters a press has (those given), with errors that
+    say what is allowed."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if window_size is not None and (not is_int(window_size) or window_size < 1):
+        raise ValueError(f"{method}: window_size must be an integer >= 1, got {window_size!r}")
+    if kernel_size is not None and (not is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0):
+        raise ValueError(f"{method}: kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+    if pooling is not None and pooling not in POOLINGS:
+        raise ValueError(f"{method}: pooling must be one of {POOLINGS}, got {pooling!r}")
+    if gqa_reduction is not None and gqa_reduction not in GQA_REDUCTIONS:
+        raise ValueError(f"{method}: gqa_reduction must be one of {GQA_REDUCTIONS}, got {gqa_reduction!r}")
+
+
 def window_attention(layer: LayerInputs, window_size: int) -> torch.Tensor:
     """softmax(Q_win K^T / sqrt(d)) in fp32 for the last `window_size` captured queries.
 
