@@ -51,3 +51,16 @@ def test_model_generate_works_on_the_compressed_cache(embedded_lm, needle):
     ours = greedy_decode(embedded_lm, press.compress(pre.state(False)), p.question + p.suffix, 8)
     n = min(len(ours), 8)
     assert n > 0 and out[0, ids.shape[1]:ids.shape[1] + n].tolist() == ours[:n]
+
+
+@pytest.mark.parametrize("method", kvray.list_methods())
+@pytest.mark.parametrize("query_aware", [False, True], ids=["agnostic", "aware"])
+def test_every_method_generates_on_the_embedded_model(embedded_lm, needle, method, query_aware):
+    """All 13 methods through kvray.generate on the real model: memory held = the plan (2%)."""
+    ratio = 0.0 if method == "full" else 0.5
+    out = kvray.generate(embedded_lm, needle.context, needle.question, press=kvray.make_press(method, compression_ratio=ratio),
+                         answer_prefix=needle.answer_prefix, max_new_tokens=6, query_aware=query_aware)
+    s = out.stats
+    assert s.new_tokens >= 1
+    assert abs(s.kv_bytes_kept / s.kv_bytes_full - (1 - ratio)) <= 0.02 * (1 - ratio)
+    assert abs(s.compression_ratio - ratio) <= 0.02
