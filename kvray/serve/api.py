@@ -1,0 +1,660 @@
+"""The HTTP API of ARCHITECTURE.md section 7, as a plain FastAPI app (no Ray): pydantic request /
+response models, `build_api(...)`, and `ModelBackend`, the plain class that does the model work.
+
+Endpoints (OpenAPI at /openapi.json, docs at /docs):
+
+* `POST /v1/generate` -- answer a question about a context with the context's KV cache compressed
+  by a tuned policy (by id) or a method at a ratio; returns the answer, KV sizes and timings.
+* `POST /v1/calibrate` -- the largest compression ratio this context supports for a policy's
+  calibrator at a quality `tolerance` (the NLL ratio full / compressed to keep, tau, as in
+  `jobs/calibrate.yaml`), with the predicted quality and the context's NLL.
+* `POST /v1/chat/completions` -- OpenAI-compatible: the last user message is the question, the
+  earlier messages (system included) are the context; the policy rides in the extra field
+  `kv_policy` (`extra_body={"kv_policy": ...}` with the `openai` client), the response carries a
+  `kv` field next to `usage`. Decoding is greedy: sampling fields (temperature, top_p, seed) are
+  accepted for client compatibility and do not change the answer; `n > 1`, `stream` and `stop`
+  are refused with a 422 that says so.
+* `GET /v1/policies`, `GET /v1/policies/{policy_id}`, `GET /healthz`.
+
+Policies are read from the `PolicyStore` directory on every request, so a policy file written
+while the server runs is served by the next request. The ingress resolves the id and ships the
+policy (as JSON) with the job, so model replicas need no access to the store.
+
+The model work goes through a backend obtained with `Depends(get_backend)`: any object with
+`async generate(job: GenerateJob) -> GenerateResult` and `async context_nll(context) -> float`.
+`ModelBackend` is the in-process one (torch work in a thread, one request on the model at a
+time); under Ray Serve (`kvray.serve.app`) the backend forwards to the `CompressedLM`
+deployment. Tests replace it with `app.dependency_overrides[get_backend]`.
+
+Bad input is answered with a 4xx whose JSON `detail` names what is wrong and what is allowed:
+422 for validation (unknown fields, ratio outside [0, 1), max_new_tokens outside [1, 512],
+unknown method), 404 for an unknown policy (the known ids are listed), 413 for a prompt longer
+than the model's context, 401 for a missing or wrong `x-api-key` when a key is configured
+(argument or env KVRAY_API_KEY; every endpoint but /healthz and the OpenAPI docs needs it),
+504 when the model work exceeds `request_timeout_s` (the work itself is not interrupted: torch
+has no cancellation; the replica's concurrency limit bounds what piles up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..policy import Policy, PolicyStore, policy_summary
+from ..presses import Press, list_methods, make_press
+
+DEFAULT_STORE = "runs/policies"          # where jobs/calibrate.py writes policies (out: runs)
+DEFAULT_METHOD = "snapkv"                # without a policy and without a method
+DEFAULT_RATIO = 0.5                      # without a policy and without a ratio (0 for `full`)
+DEFAULT_MAX_NEW_TOKENS = 32
+MAX_NEW_TOKENS = 512
+MAX_CONTEXT_CHARS = 400_000              # a cheap guard before tokenising; the real limit is the model's context
+MAX_QUESTION_CHARS = 20_000
+MAX_PREFIX_CHARS = 2_000
+MAX_MESSAGES = 256
+MAX_SERVED_RATIO = 0.99                  # /v1/calibrate clips its answer so it can be sent to /v1/generate
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+API_KEY_HEADER = "x-api-key"
+
+
+# ----------------------------------------------------------------------------- backend side
+
+
+class RequestError(Exception):
+    """Bad input that only the backend can see (a prompt longer than the model's context, a
+    policy plan for another model shape): the API answers `status_code` with `detail`."""
+
+    def __init__(self, detail: str, status_code: int = 422):
+        super().__init__(detail, status_code)
+        self.detail = detail
+        self.status_code = status_code
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """One resolved generation request, JSON-able (it crosses the Serve handle): the policy (its
+    JSON, or None for a plain method) plus the request's overrides."""
+
+    context: str
+    question: str
+    method: str
+    compression_ratio: float
+    query_aware: bool
+    max_new_tokens: int
+    answer_prefix: str = ""
+    policy_id: str | None = None
+    policy: dict | None = None
+
+    def press(self) -> Press:
+        """The press to run; ValueError (with what is allowed) when it cannot be built."""
+        if self.policy is not None:
+            return Policy.model_validate(self.policy).press(self.compression_ratio)
+        return make_press(self.method, compression_ratio=self.compression_ratio)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    answer: str
+    model: str
+    prompt_tokens: int
+    new_tokens: int
+    kv_tokens_full: int
+    kv_tokens_kept: float
+    kv_bytes_full: int
+    kv_bytes_kept: int
+    achieved_ratio: float
+    prefill_s: float
+    compress_s: float
+    decode_s: float
+    total_s: float
+
+
+class Backend(Protocol):
+    async def generate(self, job: GenerateJob) -> GenerateResult: ...
+
+    async def context_nll(self, context: str) -> float: ...
+
+
+class ModelBackend:
+    """The model work for one `LanguageModel`, usable without Ray (and wrapped by the Serve
+    deployment `CompressedLM`): each call runs in a worker thread, at most `max_concurrency` at
+    a time on the model (1: on a CPU concurrent forwards only contend; the others wait on the
+    event loop, not in threads)."""
+
+    def __init__(self, lm, max_concurrency: int = 1):
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.lm = lm
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self.broken: str | None = None  # set when the device is in a state requests cannot recover from
+
+    @property
+    def model_name(self) -> str:
+        return self.lm.name
+
+    def check_health(self) -> None:
+        if self.broken:
+            raise RuntimeError(f"model backend is unhealthy: {self.broken}")
+
+    def _check_length(self, n_prompt: int, max_new_tokens: int = 0) -> None:
+        limit = self.lm.max_context
+        if limit and n_prompt + max_new_tokens > limit:
+            extra = f" + max_new_tokens {max_new_tokens}" if max_new_tokens else ""
+            raise RequestError(f"prompt is {n_prompt} tokens{extra} = {n_prompt + max_new_tokens}; model "
+                               f"{self.lm.name} supports at most {limit} tokens: shorten the context", 413)
+
+    def generate_sync(self, job: GenerateJob) -> GenerateResult:
+        from ..generate import build_prompt, generate
+
+        t0 = time.perf_counter()
+        try:
+            press = job.press()
+        except ValueError as exc:
+            raise RequestError(f"cannot build the press: {exc}") from None
+        plan = getattr(press, "plan", None)
+        if plan is not None:
+            try:
+                plan.check_model(self.lm.num_layers, self.lm.num_kv_heads)
+            except ValueError as exc:
+                raise RequestError(f"policy {job.policy_id!r} does not fit model {self.lm.name}: {exc}") from None
+        try:
+            prompt = build_prompt(self.lm.tokenizer, job.context, job.question, job.answer_prefix)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        n_prompt = len(prompt.context) + len(prompt.question) + len(prompt.suffix)
+        self._check_length(n_prompt, job.max_new_tokens)
+        out = self._guard(lambda: generate(self.lm, job.context, job.question, press=press,
+                                           answer_prefix=job.answer_prefix, max_new_tokens=job.max_new_tokens,
+                                           query_aware=job.query_aware))
+        s = out.stats
+        return GenerateResult(
+            answer=out.text, model=self.lm.name, prompt_tokens=n_prompt, new_tokens=s.new_tokens,
+            kv_tokens_full=s.kv_tokens_full, kv_tokens_kept=float(s.kv_tokens_kept), kv_bytes_full=s.kv_bytes_full,
+            kv_bytes_kept=s.kv_bytes_kept, achieved_ratio=float(s.compression_ratio), prefill_s=s.prefill_s,
+            compress_s=s.compress_s, decode_s=s.decode_s, total_s=time.perf_counter() - t0)
+
+    def context_nll_sync(self, context: str) -> float:
+        from ..calibration import context_nll
+        from ..generate import build_prompt
+
+        try:
+            prompt = build_prompt(self.lm.tokenizer, context, "")
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        self._check_length(len(prompt.context) + len(prompt.question) + len(prompt.suffix))
+        return float(self._guard(lambda: context_nll(self.lm, context)))
+
+    def _guard(self, work: Callable):
+        try:
+            return work()
+        except RuntimeError as exc:
+            if "CUDA error" in str(exc):  # a device-side assert poisons the context: let Serve restart us
+                self.broken = str(exc).splitlines()[0][:200]
+            raise
+
+    async def _in_thread(self, fn: Callable, *args):
+        """Run `fn(*args)` in a worker thread holding a slot until the thread ends -- also when the
+        caller gives up (timeout, client gone): torch cannot be interrupted, so the slot must not
+        be handed to the next request while the abandoned work still runs."""
+        await self._slots.acquire()
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except BaseException:
+            self._slots.release()
+            raise
+
+        def done(f: asyncio.Future) -> None:
+            self._slots.release()
+            if not f.cancelled():
+                f.exception()  # retrieved: no "never retrieved" warning when the caller left
+
+        fut.add_done_callback(done)
+        return await asyncio.shield(fut)
+
+    async def generate(self, job: GenerateJob) -> GenerateResult:
+        return await self._in_thread(self.generate_sync, job)
+
+    async def context_nll(self, context: str) -> float:
+        return await self._in_thread(self.context_nll_sync, context)
+
+
+def get_backend(request: Request) -> Backend:
+    """FastAPI dependency: the app's backend (override it in tests)."""
+    provider = request.app.state.backend_provider
+    if provider is None:
+        raise HTTPException(503, "no model backend is configured for this server")
+    return provider()
+
+
+# ----------------------------------------------------------------------------- request / response models
+
+
+def _methods_text() -> str:
+    return ", ".join(list_methods())
+
+
+def _check_method(v: str | None) -> str | None:
+    if v is not None and v not in list_methods():
+        raise ValueError(f"unknown method {v!r}; known methods: {_methods_text()}")
+    return v
+
+
+def _check_text(v: str, what: str) -> str:
+    if not v.strip():
+        raise ValueError(f"{what} is empty (only whitespace): send the text to compress")
+    return v
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+_RATIO_DOC = "fraction of the context's KV entries removed, in [0, 1); default: the policy's ratio"
+
+
+class GenerateRequest(_Strict):
+    context: str = Field(min_length=1, max_length=MAX_CONTEXT_CHARS,
+                         description="the text whose KV cache is compressed")
+    question: str = Field(max_length=MAX_QUESTION_CHARS, description="asked after the context (may be empty)")
+    policy: str | None = Field(None, description="a policy id from GET /v1/policies")
+    method: str | None = Field(None, description=f"without a policy: a compression method (default {DEFAULT_METHOD})")
+    compression_ratio: float | None = Field(None, ge=0.0, lt=1.0, allow_inf_nan=False, description=_RATIO_DOC)
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
+    query_aware: bool | None = Field(None, description="compress with the question seen "
+                                                       "(default: the policy's, else false)")
+    answer_prefix: str = Field("", max_length=MAX_PREFIX_CHARS, description="text the answer starts with")
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str | None) -> str | None:
+        return _check_method(v)
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, v: str) -> str:
+        return _check_text(v, "context")
+
+
+class KVStats(BaseModel):
+    tokens_full: int = Field(description="context tokens before compression")
+    tokens_kept: float = Field(description="entries kept per layer and KV head, on average")
+    bytes_full: int
+    bytes_kept: int
+    compression_ratio: float = Field(description="achieved: 1 - kept / full entries")
+
+
+class Timing(BaseModel):
+    prefill_s: float
+    compress_s: float
+    decode_s: float
+    total_s: float
+
+
+class GenerateResponse(BaseModel):
+    answer: str
+    policy: str | None
+    method: str
+    compression_ratio: float = Field(description="the requested (target) ratio")
+    query_aware: bool
+    model: str
+    new_tokens: int
+    kv: KVStats
+    timing: Timing
+
+
+class CalibrateRequest(_Strict):
+    context: str = Field(min_length=1, max_length=MAX_CONTEXT_CHARS)
+    policy: str | None = Field(None, description="a calibrated policy id; may be omitted when exactly one "
+                                                 "policy in the store has a calibrator")
+    tolerance: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False,
+                                    description="quality to keep: the NLL ratio full / compressed (tau), "
+                                                "e.g. 0.95; default: the calibrator's")
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, v: str) -> str:
+        return _check_text(v, "context")
+
+
+class CalibrateResponse(BaseModel):
+    policy: str
+    method: str
+    tolerance: float
+    context_nll: float = Field(description="the context's token-averaged NLL under the model")
+    max_compression_ratio: float = Field(description="the largest ratio predicted to keep `tolerance` "
+                                                     f"(at most {MAX_SERVED_RATIO})")
+    retention: float = Field(description="1 - max_compression_ratio")
+    predicted_quality: float = Field(description="the calibrator's retention curve at that ratio (predicted NLL ratio)")
+    curve_b: float = Field(description="the curve parameter b = alpha * context_nll + beta")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Strict):
+    model: str | None = Field(None, description="accepted for compatibility; the server hosts one model")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    kv_policy: str | None = Field(None, description="kvray extension: a policy id from GET /v1/policies")
+    compression_ratio: float | None = Field(None, ge=0.0, lt=1.0, allow_inf_nan=False, description=_RATIO_DOC)
+    query_aware: bool | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="accepted; decoding is greedy")
+    top_p: float | None = Field(None, ge=0.0, le=1.0, description="accepted; decoding is greedy")
+    seed: int | None = Field(None, description="accepted; decoding is greedy and deterministic")
+    user: str | None = Field(None, max_length=256)
+    n: int | None = Field(None, description="only 1")
+    stream: bool | None = Field(None, description="only false (no streaming)")
+    stop: str | list[str] | None = Field(None, description="not supported (must be omitted)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ChatCompletionRequest":
+        if self.n not in (None, 1):
+            raise ValueError(f"n={self.n}: this server returns exactly one choice (n must be 1)")
+        if self.stream:
+            raise ValueError("stream=true is not supported: send stream=false or omit it")
+        if self.stop not in (None, [], ""):
+            raise ValueError("stop sequences are not supported: omit `stop` (generation ends at the "
+                             "end-of-turn token or max_tokens)")
+        if self.messages[-1].role != "user":
+            raise ValueError(f"the last message must be the user's question, got role {self.messages[-1].role!r}")
+        if not self.context():
+            raise ValueError("no context: put the document to compress in a system message or an earlier "
+                             "user message; the last user message is the question")
+        total = sum(len(m.text()) for m in self.messages)
+        if total > MAX_CONTEXT_CHARS + MAX_QUESTION_CHARS:
+            raise ValueError(f"messages hold {total} characters; at most {MAX_CONTEXT_CHARS + MAX_QUESTION_CHARS}")
+        return self
+
+    def context(self) -> str:
+        return "\n\n".join(t for t in (m.text() for m in self.messages[:-1]) if t.strip())
+
+    def question(self) -> str:
+        return self.messages[-1].text()
+
+    def new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_NEW_TOKENS
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    kv: KVStats
+    kv_policy: str | None
+    kv_method: str
+    compression_ratio: float
+    timing: Timing
+
+
+class PolicyList(BaseModel):
+    policies: list[dict[str, Any]] = Field(description="one summary per valid policy file")
+    errors: list[dict[str, str]] = Field(description="policy files that could not be read, with why")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict]]:
+    """One readable line per error (`field: message`), and the errors without the input echoed
+    back (a rejected 400 kB context should not come back in the response)."""
+    lines, errors = [], []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        msg = str(err.get("msg", "invalid input"))
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field (not part of this endpoint's request body; see /openapi.json)"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        where = ".".join(loc)
+        lines.append(f"{where}: {msg}" if where else msg)
+        errors.append({"loc": loc, "msg": msg, "type": str(err.get("type", ""))})
+    return "; ".join(lines), errors
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    cause = getattr(exc, "cause", None)  # Ray wraps a replica's exception; the original is `.cause`
+    return cause if isinstance(cause, RequestError) else exc
+
+
+def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None = None,
+              backend_provider: Callable[[], Backend] | None = None,
+              request_timeout_s: float | None = None) -> FastAPI:
+    """The FastAPI app. `store_dir`: the policy directory (default env KVRAY_POLICIES, else
+    `runs/policies`); `api_key`: required in the `x-api-key` header (default env KVRAY_API_KEY;
+    empty = none); `backend_provider`: returns the backend (see `get_backend`);
+    `request_timeout_s`: bound on the model work per request (default env
+    KVRAY_REQUEST_TIMEOUT_S, else 300 s) -> 504."""
+    store = PolicyStore(Path(store_dir or os.environ.get("KVRAY_POLICIES") or DEFAULT_STORE))
+    key = api_key if api_key is not None else os.environ.get("KVRAY_API_KEY", "")
+    timeout = float(request_timeout_s if request_timeout_s is not None
+                    else os.environ.get("KVRAY_REQUEST_TIMEOUT_S", DEFAULT_REQUEST_TIMEOUT_S))
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(f"request_timeout_s must be a positive number of seconds, got {timeout}")
+
+    app = FastAPI(
+        title="kvray", version=_version(),
+        description="KV-cache compression policies over HTTP: generate, calibrate, OpenAI-compatible chat. "
+                    "Errors are JSON {\"detail\": ...}.")
+    app.state.backend_provider = backend_provider
+    app.state.store = store
+
+    scheme = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
+                          description="required when the server is started with an API key")
+
+    async def require_key(given: str | None = Security(scheme)) -> None:
+        if given is None:
+            raise HTTPException(401, f"missing {API_KEY_HEADER} header: this server requires an API key",
+                                headers={"WWW-Authenticate": "ApiKey"})
+        if not secrets.compare_digest(given.encode(), key.encode()):
+            raise HTTPException(401, f"invalid API key in the {API_KEY_HEADER} header",
+                                headers={"WWW-Authenticate": "ApiKey"})
+
+    guarded = [Depends(require_key)] if key else []
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):  # JSON like every other error
+        return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}: {exc}"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        detail, errors = _validation_detail(exc)
+        return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
+
+    def load_policy(policy_id: str) -> Policy:
+        try:
+            return store.get(policy_id)
+        except KeyError as exc:
+            raise HTTPException(404, exc.args[0]) from None
+        except ValueError as exc:  # a broken file on the server side
+            raise HTTPException(500, f"policy {policy_id!r} cannot be read: {exc}") from None
+
+    def resolve(policy_id: str | None, method: str | None, ratio: float | None, query_aware: bool | None,
+                **rest) -> GenerateJob:
+        policy = None
+        if policy_id is not None:
+            policy = load_policy(policy_id)
+            if method is not None and method != policy.method:
+                raise HTTPException(422, f"policy {policy_id!r} uses method {policy.method!r}, the request says "
+                                         f"{method!r}: omit `method` with a policy, or omit `policy`")
+            method = policy.method
+            ratio = policy.compression_ratio if ratio is None else ratio
+            query_aware = policy.query_aware if query_aware is None else query_aware
+        else:
+            method = method or DEFAULT_METHOD
+            ratio = (0.0 if method == "full" else DEFAULT_RATIO) if ratio is None else ratio
+        job = GenerateJob(method=method, compression_ratio=float(ratio), query_aware=bool(query_aware),
+                          policy_id=policy_id, policy=policy.model_dump(mode="json") if policy else None, **rest)
+        try:
+            job.press()  # fail here, before the model is involved
+        except ValueError as exc:
+            raise HTTPException(422, f"cannot build the press: {exc}") from None
+        return job
+
+    async def run(coro, what: str):
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"{what} did not finish within {timeout:g} s") from None
+        except RequestError as exc:
+            exc = _unwrap(exc)
+            raise HTTPException(exc.status_code, exc.detail) from None
+
+    def kv_stats(r: GenerateResult) -> KVStats:
+        return KVStats(tokens_full=r.kv_tokens_full, tokens_kept=r.kv_tokens_kept, bytes_full=r.kv_bytes_full,
+                       bytes_kept=r.kv_bytes_kept, compression_ratio=r.achieved_ratio)
+
+    def timing(r: GenerateResult) -> Timing:
+        return Timing(prefill_s=r.prefill_s, compress_s=r.compress_s, decode_s=r.decode_s, total_s=r.total_s)
+
+    @app.get("/healthz", response_model=Health, tags=["ops"])
+    async def healthz() -> Health:
+        """Liveness of the HTTP layer (no API key needed); model replicas have their own health checks."""
+        return Health(status="ok")
+
+    @app.get("/v1/policies", response_model=PolicyList, dependencies=guarded, tags=["policies"])
+    async def list_policies() -> PolicyList:
+        """Summaries of every policy in the store (re-read now)."""
+        policies, errors = [], []
+        for pid in store.ids():
+            try:
+                policies.append(policy_summary(store.get(pid)))
+            except (KeyError, ValueError) as exc:  # deleted meanwhile, or broken
+                errors.append({"policy_id": pid, "error": str(exc.args[0] if exc.args else exc)})
+        return PolicyList(policies=policies, errors=errors)
+
+    @app.get("/v1/policies/{policy_id}", dependencies=guarded, tags=["policies"])
+    async def get_policy(policy_id: str) -> dict:
+        """The full policy JSON (method, parameters, budget plan, calibrator, metrics, provenance)."""
+        return load_policy(policy_id).model_dump(mode="json")
+
+    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=guarded, tags=["generate"])
+    async def generate(req: GenerateRequest, backend: Backend = Depends(get_backend)) -> GenerateResponse:
+        """Answer `question` about `context` with the context's KV cache compressed by `policy`
+        (or `method` at `compression_ratio`)."""
+        job = resolve(req.policy, req.method, req.compression_ratio, req.query_aware, context=req.context,
+                      question=req.question, max_new_tokens=req.max_new_tokens, answer_prefix=req.answer_prefix)
+        r = await run(backend.generate(job), "generation")
+        return GenerateResponse(answer=r.answer, policy=job.policy_id, method=job.method,
+                                compression_ratio=job.compression_ratio, query_aware=job.query_aware, model=r.model,
+                                new_tokens=r.new_tokens, kv=kv_stats(r), timing=timing(r))
+
+    @app.post("/v1/calibrate", response_model=CalibrateResponse, dependencies=guarded, tags=["generate"])
+    async def calibrate(req: CalibrateRequest, backend: Backend = Depends(get_backend)) -> CalibrateResponse:
+        """The largest compression ratio predicted to keep `tolerance` of the quality on this
+        context (one prefill to measure its NLL), from the policy's calibrator."""
+        from ..calibration import retention_curve
+
+        if req.policy is None:
+            calibrated = [p for p in store.ids() if _has_calibrator(store, p)]
+            if len(calibrated) != 1:
+                raise HTTPException(422, "name a `policy`: calibrated policies in the store: "
+                                         f"{', '.join(calibrated) if calibrated else '(none)'}")
+            policy = load_policy(calibrated[0])
+        else:
+            policy = load_policy(req.policy)
+        try:
+            cal = policy.calibrator_obj()
+        except ValueError as exc:
+            raise HTTPException(500, f"policy {policy.policy_id!r} has an unreadable calibrator: {exc}") from None
+        if cal is None:
+            calibrated = [p for p in store.ids() if _has_calibrator(store, p)]
+            raise HTTPException(422, f"policy {policy.policy_id!r} has no calibrator (it was not calibrated); "
+                                     f"calibrated policies: {', '.join(calibrated) if calibrated else '(none)'}")
+        tau = cal.tau if req.tolerance is None else req.tolerance
+        nll = float(await run(backend.context_nll(req.context), "measuring the context NLL"))
+        ratio = min(max(float(cal.max_compression_ratio(nll, tau)), 0.0), MAX_SERVED_RATIO)
+        b = float(cal.b(nll))
+        return CalibrateResponse(policy=policy.policy_id, method=cal.method, tolerance=tau, context_nll=nll,
+                                 max_compression_ratio=ratio, retention=1.0 - ratio,
+                                 predicted_quality=float(retention_curve(1.0 - ratio, b)), curve_b=b)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=guarded, tags=["openai"])
+    async def chat(req: ChatCompletionRequest, backend: Backend = Depends(get_backend)) -> ChatCompletionResponse:
+        """OpenAI-compatible chat: the last user message is the question, the earlier messages the
+        compressed context; `kv_policy` (extension) picks the policy."""
+        n_new = req.new_tokens()
+        job = resolve(req.kv_policy, None, req.compression_ratio, req.query_aware, context=req.context(),
+                      question=req.question(), max_new_tokens=n_new)
+        r = await run(backend.generate(job), "generation")
+        return ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=r.model,
+            choices=[ChatChoice(index=0, message=ChatChoiceMessage(content=r.answer),
+                                finish_reason="length" if r.new_tokens >= n_new else "stop")],
+            usage=Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.new_tokens,
+                        total_tokens=r.prompt_tokens + r.new_tokens),
+            kv=kv_stats(r), kv_policy=job.policy_id, kv_method=job.method,
+            compression_ratio=job.compression_ratio, timing=timing(r))
+
+    return app
+
+
+def _has_calibrator(store: PolicyStore, policy_id: str) -> bool:
+    try:
+        return store.get(policy_id).calibrator is not None
+    except (KeyError, ValueError):
+        return False
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+__all__ = [
+    "build_api", "get_backend", "ModelBackend", "GenerateJob", "GenerateResult", "RequestError", "Backend",
+    "GenerateRequest", "GenerateResponse", "CalibrateRequest", "CalibrateResponse", "ChatCompletionRequest",
+    "ChatCompletionResponse", "MAX_NEW_TOKENS", "MAX_CONTEXT_CHARS", "DEFAULT_STORE",
+]

@@ -1,0 +1,176 @@
+"""Ray Serve shell around `kvray.serve.api` (RAY.md section 3): two deployments.
+
+* `CompressedLM` hosts one base model per replica (`load_model` once, in the constructor) and
+  serves every policy on it: the policy travels with each job (the ingress reads it from the
+  store on every request), so tuned policies are multiplexed by id over one model and new policy
+  files are served without a restart or a redeploy. The torch work runs in a worker thread
+  (`ModelBackend`), one request on the model at a time per replica; `check_health` fails after
+  an unrecoverable device error so Serve replaces the replica.
+* `KVRayAPI` is the FastAPI ingress (`build_api`, built on the replica by
+  `__serve_build_asgi_app__`), with `max_ongoing_requests` / `max_queued_requests` so that
+  overload is answered 503 ("Request dropped due to backpressure") instead of queueing without
+  bound; it must be set on the ingress (RAY.md: on the inner deployment the router's queue
+  absorbs the load).
+
+No `@serve.batch`: each request brings its own context (different lengths, so a batched
+prefill would pad or need ragged attention) and its own press (its own budgets per layer and
+head), and `kvray.generate` prefills one prompt at a time; `run_configs` batches the decoding of
+several presses on *one* prefill, not several contexts. Batching across requests would pay for
+the decode phase of a small model (bound by reading the weights), but needs a batched prefill over
+different contexts and the stacking of compressed caches of different lengths -- not supported
+by kvray.generate today. Requests are therefore served one at a time per replica and scaled out
+with replicas (autoscaling on ongoing requests).
+
+Run it:
+
+    KVRAY_POLICIES=runs/policies serve run kvray.serve.app:app       # env: KVRAY_MODEL, KVRAY_API_KEY, ...
+    python -c "from kvray.serve import deploy; deploy('runs/policies')"
+
+Environment read by the module-level `app`: KVRAY_POLICIES (policy directory, default
+runs/policies, made absolute), KVRAY_MODEL (default: the embedded SmolLM2-135M), KVRAY_API_KEY
+(read by the ingress replica from its own environment), KVRAY_NUM_GPUS (per model replica,
+default 0), KVRAY_MAX_REPLICAS (model replicas, default 1), KVRAY_REQUEST_TIMEOUT_S.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from .api import DEFAULT_STORE, GenerateJob, GenerateResult, ModelBackend, RequestError, build_api
+
+MODEL_DEPLOYMENT = "CompressedLM"
+INGRESS_DEPLOYMENT = "KVRayAPI"
+APP_NAME = "kvray"
+
+# The ingress only awaits the model replicas: a few dozen requests in flight are cheap there;
+# beyond ongoing + queued the proxy answers 503 at once.
+INGRESS_MAX_ONGOING = 16
+INGRESS_MAX_QUEUED = 16
+# One request on the model at a time (ModelBackend's slot); a few wait inside the replica so the
+# next one starts without a round trip.
+MODEL_MAX_ONGOING = 4
+
+
+@serve.deployment(
+    name=MODEL_DEPLOYMENT,
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=MODEL_MAX_ONGOING,
+    autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1,
+                        "target_ongoing_requests": 2, "upscale_delay_s": 30, "downscale_delay_s": 600},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+)
+class CompressedLM:
+    """One base model per replica; any policy per request."""
+
+    def __init__(self, model: str | None = None, threads: int | None = None):
+        import torch
+
+        from ..models import load_model
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.backend = ModelBackend(load_model(model))
+
+    async def generate(self, job: GenerateJob) -> GenerateResult:
+        return await self.backend.generate(job)
+
+    async def context_nll(self, context: str) -> float:
+        return await self.backend.context_nll(context)
+
+    def check_health(self) -> None:
+        self.backend.check_health()
+
+
+class HandleBackend:
+    """The API's backend under Serve: forwards to `CompressedLM` through its handle and gives
+    back the replica's `RequestError` itself (Ray wraps it; the original is `.cause`)."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except RequestError as exc:
+            cause = getattr(exc, "cause", exc)
+            raise (cause if isinstance(cause, RequestError) else RequestError(str(exc))) from None
+
+    async def generate(self, job: GenerateJob) -> GenerateResult:
+        return await self._call("generate", job)
+
+    async def context_nll(self, context: str) -> float:
+        return await self._call("context_nll", context)
+
+
+@serve.deployment(
+    name=INGRESS_DEPLOYMENT,
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=INGRESS_MAX_ONGOING,
+    max_queued_requests=INGRESS_MAX_QUEUED,
+    autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
+                        "target_ongoing_requests": INGRESS_MAX_ONGOING // 2},
+)
+@serve.ingress()
+class KVRayAPI:
+    """The HTTP ingress: `build_api` over the `CompressedLM` handle."""
+
+    def __init__(self, lm: DeploymentHandle, policies_dir: str, api_key: str | None = None,
+                 request_timeout_s: float | None = None):
+        self._backend = HandleBackend(lm)
+        self._policies_dir = policies_dir
+        self._api_key = api_key
+        self._timeout = request_timeout_s
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self._policies_dir, api_key=self._api_key, backend_provider=lambda: self._backend,
+                         request_timeout_s=self._timeout)
+
+
+def build_app(policies_dir: str | os.PathLike | None = None, model: str | None = None, *,
+              api_key: str | None = None, num_gpus: float | None = None, max_replicas: int | None = None,
+              threads: int | None = None, request_timeout_s: float | None = None):
+    """The bound application. Defaults come from the environment (see the module docstring).
+    `api_key=None` lets the ingress replica read KVRAY_API_KEY from its own environment (an
+    explicit key becomes part of the deployment's arguments, visible on the Ray dashboard)."""
+    store = Path(policies_dir or os.environ.get("KVRAY_POLICIES") or DEFAULT_STORE).expanduser().resolve()
+    model = model or os.environ.get("KVRAY_MODEL") or None
+    if model is not None and Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())  # replicas may run in another directory
+    gpus = float(num_gpus if num_gpus is not None else os.environ.get("KVRAY_NUM_GPUS", 0))
+    replicas = int(max_replicas if max_replicas is not None else os.environ.get("KVRAY_MAX_REPLICAS", 1))
+    if replicas < 1:
+        raise ValueError(f"max_replicas must be >= 1 (min_replicas is 1: a cold start loads the model), got {replicas}")
+    timeout = request_timeout_s if request_timeout_s is not None else os.environ.get("KVRAY_REQUEST_TIMEOUT_S")
+    lm = CompressedLM.options(
+        ray_actor_options={"num_cpus": 1, "num_gpus": gpus},
+        autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": replicas,
+                            "target_ongoing_requests": 2, "upscale_delay_s": 30, "downscale_delay_s": 600},
+    ).bind(model, threads)
+    return KVRayAPI.bind(lm, str(store), api_key, float(timeout) if timeout is not None else None)
+
+
+def deploy(policies_dir: str | os.PathLike, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+           *, api_key: str | None = None, name: str = APP_NAME, route_prefix: str = "/", blocking: bool = False,
+           request_timeout_s: float | None = None, **app_options) -> DeploymentHandle:
+    """Start Serve's HTTP proxy on host:port (a no-op when Serve already runs on this Ray
+    cluster: its HTTP options cannot change) and deploy (or update) the app; returns the ingress
+    handle once the app is RUNNING. `request_timeout_s` also bounds the proxy (HTTP 408)."""
+    http = {"host": host, "port": int(port)}
+    if request_timeout_s is not None:
+        http["request_timeout_s"] = float(request_timeout_s)
+    serve.start(http_options=http)
+    return serve.run(build_app(policies_dir, model, api_key=api_key, request_timeout_s=request_timeout_s,
+                               **app_options),
+                     name=name, route_prefix=route_prefix, blocking=blocking)
+
+
+app = build_app()
+
+__all__ = ["CompressedLM", "KVRayAPI", "HandleBackend", "build_app", "deploy", "app",
+           "MODEL_DEPLOYMENT", "INGRESS_DEPLOYMENT", "APP_NAME"]
