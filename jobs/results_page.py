@@ -158,11 +158,12 @@ def render(out: Path, run_id: str, page: Path, quick: bool = False) -> None:
         fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), sharey=True, squeeze=False)
         for ax, cell in zip(axes[0], cells):
             sub = part[part["cell"] == cell]
-            for m in methods:
+            for i, m in enumerate(methods):  # 12 methods: distinct colours and line styles
                 g = sub[sub["method"] == m].groupby("compression_ratio")["score"].mean()
                 if len(g):
                     ax.plot([0.0, *g.index], [full.get((protocol, cell), float("nan")), *g.values], marker="o",
-                            label=m, linewidth=1.2)
+                            label=m, linewidth=1.2, color=plt.cm.tab20(i / max(1, len(methods) - 1)),
+                            linestyle=("-", "--", ":")[i % 3])
             ax.set_title(cell)
             ax.set_xlabel("compression ratio")
             ax.grid(alpha=0.3)

@@ -27,6 +27,7 @@ class PromptTokens:
     question: list[int]  # the question
     suffix: list[int]    # end of the user turn, assistant header, answer_prefix
     # question + suffix are fed after compression (query-agnostic) or compressed too (query-aware)
+    template_suffix: tuple = ()  # the suffix without the answer prefix (which may name the query's key)
 
 
 def build_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> PromptTokens:
@@ -41,14 +42,15 @@ def build_prompt(tokenizer, context: str, question: str, answer_prefix: str = ""
             raise ValueError("the chat template changed the user message; cannot split context and question")
         ctx_end = start + len(context)
         q_end = ctx_end + len(q_text)
-        ctx_str, q_str, suffix_str = text[:ctx_end], text[ctx_end:q_end], text[q_end:] + answer_prefix
+        ctx_str, q_str, template_str = text[:ctx_end], text[ctx_end:q_end], text[q_end:]
     else:
-        ctx_str, q_str, suffix_str = context, q_text, "\n" + answer_prefix
+        ctx_str, q_str, template_str = context, q_text, "\n"
+    suffix_str = template_str + answer_prefix
 
     def enc(s: str) -> list[int]:
         return tokenizer(s, add_special_tokens=False).input_ids if s else []
 
-    ids = PromptTokens(enc(ctx_str), enc(q_str), enc(suffix_str))
+    ids = PromptTokens(enc(ctx_str), enc(q_str), enc(suffix_str), tuple(enc(template_str)))
     if not ids.context:
         raise ValueError("empty context: nothing to compress")
     return ids

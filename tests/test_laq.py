@@ -156,7 +156,7 @@ def test_pseudo_decoding_on_tiny_llama(tiny_llama, query_aware, varied):
     N = state.n_tokens
     press = LAQPress(compression_ratio=0.5, lookahead=4)
     feed = press.lookahead_feed(pre, query_aware)
-    assert feed == ([] if query_aware else pre.prompt.suffix)  # blind to the question by default
+    assert feed == ([] if query_aware else list(pre.prompt.template_suffix) or pre.prompt.suffix)  # blind to the query
     provisional = press.stage1().compress(state)
     tokens, queries = press.pseudo_decode(lm, provisional, feed, pre.first_logits(query_aware))
     assert len(tokens) == press.lookahead
@@ -254,7 +254,7 @@ def test_agnostic_lookahead_and_the_question():
     t2, _ = sees.pseudo_decode(lm, sees.stage1().compress(pre2.state(False)), sees.lookahead_feed(pre2, False), None)
     assert t1 != t2
     blind = LAQPress(compression_ratio=0.5, lookahead=4)
-    assert blind.lookahead_feed(pre1, False) == p1.suffix
+    assert blind.lookahead_feed(pre1, False) == (list(p1.template_suffix) or p1.suffix)
     c1, c2 = blind.compress_prefill(lm, pre1, False), blind.compress_prefill(lm, pre2, False)
     for a, b in zip(c1.layers, c2.layers):
         assert torch.equal(a.prefix.positions, b.prefix.positions)
@@ -273,3 +273,21 @@ def test_end_to_end_run_configs(tiny_lm, query_aware):
     # ratio 0 keeps everything and decodes as the full cache
     assert out_zero.stats.kv_bytes_kept == out_zero.stats.kv_bytes_full
     assert out_zero.token_ids == out_full.token_ids
+
+
+def test_agnostic_lookahead_does_not_see_the_answer_prefix(tiny_llama):
+    """The answer prefix can name the query's key ("The special magic number for X is"): in the
+    query-agnostic protocol the lookahead feeds the chat template's suffix only."""
+    from kvray.generate import build_prompt
+
+    lm = tiny_llama
+    ctx = "The sky is blue and the grass is green. " * 12
+    p1 = build_prompt(lm.tokenizer, ctx, "What colour is the sky?", "Answer: the colour of the sky is")
+    p2 = build_prompt(lm.tokenizer, ctx, "What colour is the grass?", "Answer: the colour of the grass is")
+    assert p1.template_suffix and p1.suffix[:len(p1.template_suffix)] == list(p1.template_suffix)
+    assert p1.template_suffix == p2.template_suffix and p1.suffix != p2.suffix
+    press = LAQPress(compression_ratio=0.5, lookahead=3)
+    c1 = press.compress_prefill(lm, prefill(lm, p1), False)
+    c2 = press.compress_prefill(lm, prefill(lm, p2), False)
+    for a, b in zip(c1.layers, c2.layers):
+        assert torch.equal(a.prefix.positions, b.prefix.positions)

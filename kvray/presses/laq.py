@@ -44,8 +44,10 @@ class LAQPress(Press):
     - mean over query rows instead of sum (same ranking), pooling over all N columns as kvray's
       SnapKV does (the reference pools the unprotected columns only);
     - query-agnostic protocol (the reference only has query-aware prompts): by default the
-      lookahead starts after only the template suffix is fed on the provisional cache, so the
-      compression stays blind to the question as the protocol requires;
+      lookahead starts after only the chat template's suffix (end of the user turn, assistant
+      header) is fed on the provisional cache -- neither the question nor the answer prefix,
+      which can name the key -- so the compression stays blind to the query as the protocol
+      requires;
       `lookahead_sees_question=True` feeds the question first (then the kept entries depend on
       it: not comparable with the other methods' query-agnostic numbers);
     - if the very first pseudo token is a stop token there is nothing to look ahead at and the
@@ -121,7 +123,8 @@ class LAQPress(Press):
         """Tokens fed on the provisional cache before the pseudo tokens."""
         if query_aware or self.lookahead_sees_question:
             return pre.rest(query_aware)
-        return list(pre.prompt.suffix)
+        # the template only: the answer prefix can name the query's key ("The magic number for X is")
+        return list(pre.prompt.template_suffix) or list(pre.prompt.suffix)
 
     @torch.inference_mode()
     def pseudo_decode(self, lm, cache: KVRayCache, feed: list[int],
