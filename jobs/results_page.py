@@ -148,7 +148,7 @@ def render(out: Path, run_id: str, page: Path, quick: bool = False) -> None:
     df = pd.concat(frames, ignore_index=True)
     df["protocol"] = df["query_aware"].map({True: "query-aware", False: "query-agnostic"})
     df["cell"] = df["task"] + "@" + df["target_length"].astype(int).astype(str)
-    img_dir = page.parent / "results"
+    img_dir = page.parent / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
     full = df[df["method"] == "full"].groupby(["protocol", "cell"])["score"].mean()
     methods = [m for m in kvray.list_methods() if m != "full"]
@@ -194,7 +194,7 @@ def render(out: Path, run_id: str, page: Path, quick: bool = False) -> None:
         *(["**Quick run (3 samples per cell): not for conclusions.**", ""] if quick else []),
     ]
     for protocol, name in images:
-        lines += [f"![{protocol}](results/{name})", ""]
+        lines += [f"![{protocol}](img/{name})", ""]
     lines += ["| protocol | method | ratio | " + " | ".join(table.columns) + " |",
               "|---|---|---|" + "---|" * len(table.columns)]
     for (protocol, method, ratio), row in table.iterrows():
