@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
