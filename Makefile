@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install calibrate eval test bench bench-ray clean
+.PHONY: install calibrate serve report eval test bench bench-ray bench-serve clean
 ARGS ?=
 
 install: $(VENV)/.installed
@@ -27,6 +27,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 calibrate: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash jobs/submit_local.sh $(ARGS)
 
+# The HTTP API on 127.0.0.1:8000 over the policies in runs/policies (attaches to the Ray head
+# `make calibrate` started, else starts its own); Ctrl-C stops it. E.g. ARGS='--port 8001'.
+serve: install
+	RAY_AUTH_MODE=token $(VENV)/bin/ray get-auth-token --generate >/dev/null
+	RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/kvray serve $(ARGS)
+
+# The HTML report of the newest run under runs/ (or RUN=runs/<run_id>).
+RUN ?= $(shell ls -d runs/2*/ 2>/dev/null | sort | tail -n 1)
+report: install
+	@test -n "$(RUN)" || { echo "no run under runs/: run make calibrate first, or pass RUN=path/to/run"; exit 2; }
+	$(VENV)/bin/kvray report $(RUN)
+
 # The evaluation grid alone, in one process: the default suite on the embedded model.
 eval: install
 	$(VENV)/bin/kvray eval --threads 2 --out results
@@ -39,6 +51,10 @@ bench: install
 
 bench-ray: install
 	$(PY) bench/bench_ray.py
+
+bench-serve: install
+	RAY_AUTH_MODE=token $(VENV)/bin/ray get-auth-token --generate >/dev/null
+	RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 $(PY) bench/serve_load.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -239,6 +239,33 @@ def make_policies(cfg, run_id, run_path, model_name, num_layers, num_kv_heads, t
     return policies
 
 
+# ----------------------------------------------------------------------------- serving
+
+
+def serve_policies(cfg, store: Path, policy_ids: list[str], host: str, port: int) -> str:
+    """--serve: make the kvray Serve app on this cluster serve `store`. A running app that already
+    lists every new policy needs nothing (the store is re-read per request); otherwise the app
+    is deployed, or redeployed over this store. Returns one line for the summary."""
+    import urllib.request
+
+    from kvray.serve.app import APP_NAME, deploy, example_curl
+
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    headers = {"x-api-key": os.environ["KVRAY_API_KEY"]} if os.environ.get("KVRAY_API_KEY") else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{base}/v1/policies", headers=headers), timeout=10) as r:
+            served = {p["policy_id"] for p in json.loads(r.read()).get("policies", [])}
+    except (OSError, ValueError, AttributeError, KeyError):  # nothing listening, another app, an old schema
+        served = set()
+    if policy_ids and set(policy_ids) <= served:
+        how = f"already serving {store} at {base}: the new policies are live (hot reload)"
+    else:
+        print(f"[serve] deploying app {APP_NAME!r} over {store} on {base} ...", flush=True)
+        deploy(store, cfg["model"], host, port)
+        how = f"deployed app {APP_NAME!r} over {store} at {base}"
+    return how + "\n  try: " + example_curl(base, policy_ids[0] if policy_ids else None, bool(headers))
+
+
 # ----------------------------------------------------------------------------- summary
 
 
@@ -278,6 +305,10 @@ def main(argv=None) -> int:
     ap.add_argument("--run-id", default=None, help="resume this run (default: a new id)")
     ap.add_argument("--smoke-test", action="store_true", help="a tiny configuration (about 2 minutes on a laptop)")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: eval,tune,calibration")
+    ap.add_argument("--serve", action="store_true",
+                    help="when done, deploy (or update) the kvray Serve app on this cluster over the policy store")
+    ap.add_argument("--serve-host", default="127.0.0.1", help="HTTP host for --serve (default 127.0.0.1)")
+    ap.add_argument("--serve-port", type=int, default=8000, help="HTTP port for --serve (default 8000)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("ray", "ray.tune", "ray.data"):
@@ -362,7 +393,27 @@ def main(argv=None) -> int:
             summary["calibration"] = c_rows
     lines += ["Policies:"] + [f"  {p.policy_id}  ({p.method}, ratio {p.compression_ratio:.2f}"
                               f"{', calibrated' if p.calibrator else ''})" for p in policies]
-    lines += ["", "Where everything is:",
+    from kvray.serve.app import example_curl
+
+    store = out / "policies"
+    if args.serve:
+        serving = serve_policies(cfg, store, [p.policy_id for p in policies], args.serve_host, args.serve_port)
+    else:
+        serving = ("serve them: `make serve` (or `kvray serve --policies " + str(store) + "`), then\n  " +
+                   example_curl("http://127.0.0.1:8000", policies[0].policy_id if policies else None))
+    lines += ["", "Serving: " + serving]
+    report = run_path / "report.html"
+    summary.update(policies=[p.policy_id for p in policies], report=str(report))
+    (run_path / "summary.json").write_text(json.dumps(summary, indent=1, default=str))  # the report reads it
+    try:
+        from kvray.report import write_report
+
+        write_report(run_path, report)
+        report_line = f"  report          {report}  (plots; regenerate: kvray report {run_path})"
+    except Exception as exc:  # noqa: BLE001 -- the results are written; a plotting failure must not fail the job
+        log.warning("the report could not be written: %s: %s", type(exc).__name__, exc)
+        report_line = f"  report          not written ({type(exc).__name__}: {exc}); retry: kvray report {run_path}"
+    lines += ["", "Where everything is:", report_line,
               f"  run directory   {run_path}",
               f"  eval rows       {run_path / 'evals'}  (pandas.read_parquet / duckdb / kvray.results.read_results)",
               f"  tune trials     {run_path / 'tune'}/<method>.parquet  (Tune state in tune/ray)",
@@ -371,8 +422,6 @@ def main(argv=None) -> int:
               f"  summary         {run_path / 'summary.txt'}, summary.json"]
     text = "\n".join(lines)
     (run_path / "summary.txt").write_text(text + "\n")
-    summary["policies"] = [p.policy_id for p in policies]
-    (run_path / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print("\n" + text, flush=True)
     return 0
 

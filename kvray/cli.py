@@ -1,4 +1,4 @@
-"""The `kvray` command: `methods`, `eval` (more subcommands arrive with the Ray service)."""
+"""The `kvray` command: `methods`, `eval`, `serve`, `report`."""
 
 from __future__ import annotations
 
@@ -101,6 +101,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.app import serve_locally
+
+    if not 1 <= args.port <= 65535:
+        raise SystemExit(f"kvray serve: --port must be in 1..65535, got {args.port}")
+    return serve_locally(args.policies, args.model, args.host, args.port, detach=args.detach,
+                         max_replicas=args.max_replicas, cpus=args.cpus, num_gpus=args.gpus,
+                         request_timeout_s=args.request_timeout)
+
+
+def cmd_report(args) -> int:
+    from .report import main as report_main
+
+    return report_main([args.run_dir] + (["--out", args.out] if args.out else []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvray", description="Evaluate, tune and serve KV-cache compression.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -131,6 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("serve", help="serve the policies over HTTP with Ray Serve (127.0.0.1:8000)",
+                       description="Deploy the kvray HTTP API (ARCHITECTURE.md section 7) on Ray Serve: attaches to "
+                                   "the running Ray cluster (e.g. the head `make calibrate` started) or starts a "
+                                   "private one, and serves until Ctrl-C. Env: KVRAY_API_KEY (require x-api-key).")
+    s.add_argument("--policies", default=None, help="policy directory (default env KVRAY_POLICIES, else runs/policies)")
+    s.add_argument("--model", default=None, help="hub id, local dir or .gguf (default: embedded SmolLM2-135M)")
+    s.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    s.add_argument("--cpus", type=float, default=None, help="CPUs (and torch threads) per model replica (default 1)")
+    s.add_argument("--gpus", type=float, default=None, help="GPUs per model replica (default 0)")
+    s.add_argument("--max-replicas", type=int, default=None, help="autoscaling ceiling for model replicas (default 1)")
+    s.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="seconds of model work per request before a 504 (default 300)")
+    s.add_argument("--detach", action="store_true", help="deploy on the running cluster and return")
+    s.set_defaults(fn=cmd_serve)
+
+    r = sub.add_parser("report", help="write a self-contained HTML report (PNG plots) of a calibrate run")
+    r.add_argument("run_dir", help="a run directory written by jobs/calibrate.py, e.g. runs/<run_id>")
+    r.add_argument("--out", default=None, help="HTML path (default RUN_DIR/report.html)")
+    r.set_defaults(fn=cmd_report)
     return p
 
 

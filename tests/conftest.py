@@ -61,3 +61,25 @@ def tiny_llama() -> kvray.LanguageModel:
 @pytest.fixture(scope="session")
 def embedded_lm() -> kvray.LanguageModel:
     return kvray.load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One private local Ray for the whole session (4 logical CPUs; never a running cluster)."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """The tiny seeded Llama saved as a model directory, so actors and replicas load it by name."""
+    lm = _tiny_lm("llama")
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)

@@ -27,24 +27,6 @@ CONTENT = ["item_id", "config_id", "method", "params", "plan_id", "compression_r
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> str:
-    """The tiny seeded Llama saved as a model directory, so actors load it by name."""
-    lm = _tiny_lm("llama")
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
 def pool(ray_session, tiny_dir):
     from kvray.actors import start_workers
 
@@ -195,3 +177,8 @@ def test_calibrate_job_smoke(ray_session, tiny_dir, tmp_path):
     df = read_results(run / "evals")
     assert len(df) > 0 and df["item_id"].is_unique
     assert "Where everything is" in proc.stdout
+    # the report (plots of this run) and how to serve the policies, from the summary
+    html = (run / "report.html").read_text()
+    assert summary["report"] == str(run / "report.html") and html.count("data:image/png;base64,") >= 3
+    assert f"kvray report {run}" in proc.stdout and "make serve" in proc.stdout
+    assert f'"policy": "{summary["policies"][0]}"' in proc.stdout  # the curl with the printed policy id

@@ -1,13 +1,12 @@
 """The HTTP API (kvray.serve.api) with a fake backend through FastAPI's TestClient -- no Ray, no
 model: every endpoint's happy path, a 4xx with a helpful message for each kind of bad input, the
 API key, policy hot reload, timeouts, the OpenAPI schema. Then the plain `ModelBackend` on the
-tiny seeded Llama, and one Ray Serve smoke test (marked `ray`)."""
+tiny seeded Llama. Through Ray Serve: tests/test_serve_ray.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -459,57 +458,3 @@ def test_model_backend_on_tiny_model(tiny_llama, tmp_path):
     r = client.post("/v1/chat/completions", json={"kv_policy": "knorm-cal", "max_tokens": 2, "messages": [
         {"role": "system", "content": context}, {"role": "user", "content": "What is key 3?"}]})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > kv["tokens_full"]
-
-
-# ----------------------------------------------------------------------------- Ray Serve smoke test
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.ray
-def test_ray_serve_smoke(tmp_path):
-    """The Serve app on a local Ray with the tiny model: generate, a backend 4xx through the
-    handle (RequestError crosses the replica boundary), the API key; 127.0.0.1 only."""
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    import httpx
-
-    from conftest import _tiny_lm
-    from kvray.serve.app import deploy
-
-    lm = _tiny_lm("llama")
-    model_dir = tmp_path / "tiny-llama"
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
-    store = tmp_path / "policies"
-    _policies(store)
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    try:
-        deploy(store, str(model_dir), port=port, api_key="k", name="kvray-smoke", threads=1)
-        url = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=url, timeout=60, headers={"x-api-key": "k"}) as http:
-            assert http.get("/healthz").json() == {"status": "ok"}
-            assert http.get("/v1/policies", headers={"x-api-key": "no"}).status_code == 401
-            r = http.post("/v1/generate", json={"context": "The code is 12. " * 20, "question": "Code?",
-                                                "policy": "snap-plan", "max_new_tokens": 2})
-            assert r.status_code == 200, r.text
-            assert r.json()["model"] == "tiny-llama" and r.json()["kv"]["bytes_kept"] < r.json()["kv"]["bytes_full"]
-            r = http.post("/v1/generate", json={"context": "word " * 5000, "question": "q", "method": "knorm"})
-            assert r.status_code == 413 and "supports at most 4096 tokens" in r.json()["detail"], r.text
-            Policy(policy_id="late", model="tiny-llama", method="knorm", compression_ratio=0.5).save(store)
-            r = http.post("/v1/generate", json={"context": "abc " * 20, "question": "q", "policy": "late",
-                                                "max_new_tokens": 1})
-            assert r.status_code == 200 and r.json()["method"] == "knorm"  # no redeploy
-    finally:
-        serve.shutdown()
-        if started:
-            ray.shutdown()

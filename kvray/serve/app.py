@@ -29,7 +29,8 @@ Run it:
 Environment read by the module-level `app`: KVRAY_POLICIES (policy directory, default
 runs/policies, made absolute), KVRAY_MODEL (default: the embedded SmolLM2-135M), KVRAY_API_KEY
 (read by the ingress replica from its own environment), KVRAY_NUM_GPUS (per model replica,
-default 0), KVRAY_MAX_REPLICAS (model replicas, default 1), KVRAY_REQUEST_TIMEOUT_S.
+default 0), KVRAY_CPUS (per model replica, default 1; also its torch threads),
+KVRAY_MAX_REPLICAS (model replicas, default 1), KVRAY_REQUEST_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from .api import DEFAULT_STORE, GenerateJob, GenerateResult, ModelBackend, Reque
 MODEL_DEPLOYMENT = "CompressedLM"
 INGRESS_DEPLOYMENT = "KVRayAPI"
 APP_NAME = "kvray"
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 # The ingress only awaits the model replicas: a few dozen requests in flight are cheap there;
 # beyond ongoing + queued the proxy answers 503 at once.
@@ -110,7 +112,7 @@ class HandleBackend:
 
 @serve.deployment(
     name=INGRESS_DEPLOYMENT,
-    ray_actor_options={"num_cpus": 0.25},
+    ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
     max_ongoing_requests=INGRESS_MAX_ONGOING,
     max_queued_requests=INGRESS_MAX_QUEUED,
     autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
@@ -134,10 +136,15 @@ class KVRayAPI:
 
 def build_app(policies_dir: str | os.PathLike | None = None, model: str | None = None, *,
               api_key: str | None = None, num_gpus: float | None = None, max_replicas: int | None = None,
-              threads: int | None = None, request_timeout_s: float | None = None):
+              cpus: float | None = None, threads: int | None = None, request_timeout_s: float | None = None,
+              max_ongoing_requests: int = INGRESS_MAX_ONGOING, max_queued_requests: int = INGRESS_MAX_QUEUED):
     """The bound application. Defaults come from the environment (see the module docstring).
     `api_key=None` lets the ingress replica read KVRAY_API_KEY from its own environment (an
-    explicit key becomes part of the deployment's arguments, visible on the Ray dashboard)."""
+    explicit key becomes part of the deployment's arguments, visible on the Ray dashboard).
+    `max_ongoing_requests` / `max_queued_requests`: the ingress's limits (beyond their sum, 503)."""
+    if max_ongoing_requests < 1 or max_queued_requests < 0:
+        raise ValueError(f"max_ongoing_requests must be >= 1 and max_queued_requests >= 0, got "
+                         f"{max_ongoing_requests} and {max_queued_requests}")
     store = Path(policies_dir or os.environ.get("KVRAY_POLICIES") or DEFAULT_STORE).expanduser().resolve()
     model = model or os.environ.get("KVRAY_MODEL") or None
     if model is not None and Path(model).expanduser().exists():
@@ -147,12 +154,24 @@ def build_app(policies_dir: str | os.PathLike | None = None, model: str | None =
     if replicas < 1:
         raise ValueError(f"max_replicas must be >= 1 (min_replicas is 1: a cold start loads the model), got {replicas}")
     timeout = request_timeout_s if request_timeout_s is not None else os.environ.get("KVRAY_REQUEST_TIMEOUT_S")
+    cpus = float(cpus if cpus is not None else os.environ.get("KVRAY_CPUS", 1))
+    if not cpus > 0:
+        raise ValueError(f"cpus per model replica must be > 0, got {cpus}")
+    threads = threads or max(1, int(cpus))  # torch threads = the CPUs Ray reserved for the replica
     lm = CompressedLM.options(
-        ray_actor_options={"num_cpus": 1, "num_gpus": gpus},
+        ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
         autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": replicas,
                             "target_ongoing_requests": 2, "upscale_delay_s": 30, "downscale_delay_s": 600},
     ).bind(model, threads)
-    return KVRayAPI.bind(lm, str(store), api_key, float(timeout) if timeout is not None else None)
+    # The ingress reads the policy store from its node's disk: pin it to the head node, where
+    # jobs/calibrate.py (a job driver) writes the policies (elsewhere: a shared file system).
+    # num_cpus 0: it only awaits the model replicas, and cluster.yaml's head advertises no CPU.
+    ingress = KVRayAPI.options(
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
+        max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
+        autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
+                            "target_ongoing_requests": max(1, max_ongoing_requests // 2)})
+    return ingress.bind(lm, str(store), api_key, float(timeout) if timeout is not None else None)
 
 
 def deploy(policies_dir: str | os.PathLike, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -160,17 +179,96 @@ def deploy(policies_dir: str | os.PathLike, model: str | None = None, host: str 
            request_timeout_s: float | None = None, **app_options) -> DeploymentHandle:
     """Start Serve's HTTP proxy on host:port (a no-op when Serve already runs on this Ray
     cluster: its HTTP options cannot change) and deploy (or update) the app; returns the ingress
-    handle once the app is RUNNING. `request_timeout_s` also bounds the proxy (HTTP 408)."""
+    handle once the app is RUNNING. `request_timeout_s` bounds the model work per request (504);
+    the proxy's own bound (408, queueing included) is set a little longer when this call starts it."""
     http = {"host": host, "port": int(port)}
     if request_timeout_s is not None:
-        http["request_timeout_s"] = float(request_timeout_s)
+        http["request_timeout_s"] = float(request_timeout_s) + 30.0
     serve.start(http_options=http)
     return serve.run(build_app(policies_dir, model, api_key=api_key, request_timeout_s=request_timeout_s,
                                **app_options),
                      name=name, route_prefix=route_prefix, blocking=blocking)
 
 
+def example_curl(base_url: str, policy_id: str | None, api_key_set: bool = False) -> str:
+    """A copy-pasteable request to /v1/generate (the README's, printed by `kvray serve`)."""
+    import json
+
+    body = {"policy": policy_id} if policy_id else {"method": "snapkv", "compression_ratio": 0.5}
+    body.update(context="Our office moved twice this year. The vault code is 4711. The cafeteria opens at nine.",
+                question="What is the vault code?", max_new_tokens=16)
+    key = " -H \"x-api-key: $KVRAY_API_KEY\"" if api_key_set else ""
+    return f"curl -s {base_url}/v1/generate -H 'content-type: application/json'{key} -d '{json.dumps(body)}'"
+
+
+def _ray_is_running() -> bool:
+    """Whether `ray.init()` would attach to a running cluster (RAY_ADDRESS, or a head started
+    with `ray start` on this machine) rather than start a private one."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None) is not None
+    except Exception:  # noqa: BLE001 -- no cluster file, no address: a private Ray
+        return False
+
+
+def serve_locally(policies_dir: str | os.PathLike | None = None, model: str | None = None, host: str = "127.0.0.1",
+                  port: int = 8000, *, detach: bool = False, name: str = APP_NAME, echo=print,
+                  **app_options) -> int:
+    """`kvray serve`: attach to the running Ray cluster (or start a private one), deploy the app
+    on host:port, print where it is, the policies and a curl to try, then serve until Ctrl-C /
+    SIGTERM (and remove what it started), or return at once with `detach` (needs a running
+    cluster: a private Ray ends with this process)."""
+    import signal
+    import time
+
+    import ray
+
+    from ..policy import PolicyStore
+
+    store = Path(policies_dir or os.environ.get("KVRAY_POLICIES") or DEFAULT_STORE).expanduser().resolve()
+    attached = _ray_is_running()
+    if detach and not attached:
+        raise SystemExit("kvray serve --detach needs a running Ray cluster (e.g. `RAY_AUTH_MODE=token ray start "
+                         "--head`, or the one `make calibrate` starts): a Ray started by this process stops with it")
+    ray.init(address="auto" if attached else None, log_to_driver=False, namespace="kvray-serve")
+    echo(f"[kvray serve] {'attached to the running Ray cluster' if attached else 'started a private Ray'}; "
+         f"deploying app {name!r} on http://{host}:{port} (model {model or 'embedded SmolLM2-135M-Instruct'}) ...")
+    ids = PolicyStore(store).ids() if store.is_dir() else []
+    deploy(store, model, host, port, name=name, **app_options)
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    echo(f"[kvray serve] ready: {base}  (OpenAPI docs {base}/docs)")
+    echo(f"[kvray serve] policy store {store}: " + (", ".join(ids) if ids else
+         "no policies yet (run `make calibrate`; new files are served without a restart)"))
+    echo("[kvray serve] try:\n  " + example_curl(base, ids[0] if ids else None,
+                                                  bool(app_options.get("api_key") or os.environ.get("KVRAY_API_KEY"))))
+    if detach:
+        echo(f"[kvray serve] detached: the app keeps running on the cluster; remove it with "
+             f"`serve shutdown` or `python -c \"from ray import serve; serve.delete('{name}')\"`")
+        return 0
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    echo("[kvray serve] serving; Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        echo("[kvray serve] stopping ...")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        try:
+            serve.delete(name)
+            if not attached or not serve.status().applications:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
 app = build_app()
 
-__all__ = ["CompressedLM", "KVRayAPI", "HandleBackend", "build_app", "deploy", "app",
+__all__ = ["CompressedLM", "KVRayAPI", "HandleBackend", "build_app", "deploy", "serve_locally", "example_curl", "app",
            "MODEL_DEPLOYMENT", "INGRESS_DEPLOYMENT", "APP_NAME"]
