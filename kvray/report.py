@@ -533,7 +533,7 @@ def _throughput(run: _Run, img: _Images) -> str:
                    fontsize=8, title_fontsize=8)
         axes[-1].set_xticks(range(len(labels)))
         axes[-1].set_xticklabels(labels, rotation=30, ha="right")
-        fig.suptitle("Compression time, decode time per token and KV cache kept, per method and ratio", fontsize=11)
+        fig.suptitle("Compression time, decode time per token and KV cache kept,\nper method and ratio", fontsize=11)
         body.append(img(fig, "throughput", "compression time, decode time per token and KV MiB kept per method"))
     table["ratio"] = table["ratio"].map(_ratio)
     body.append(_table(table, digits=2))

@@ -66,6 +66,7 @@ def test_config_matches_the_app(config):
     assert module == serve_app.__name__ and type(getattr(serve_app, attr)).__name__ == "Application"
     ingress = next(d for d in application["deployments"] if d["name"] == serve_app.INGRESS_DEPLOYMENT)
     assert ingress["max_queued_requests"] > 0  # overload -> 503, not an unbounded queue
+    assert ingress["num_replicas"] == 1 and "autoscaling_config" not in ingress  # a fixed 503 bound
     assert ingress["ray_actor_options"]["num_cpus"] == 0  # cluster.yaml's head has no CPU to give
     assert serve_app.HEAD_NODE_RESOURCE in ingress["ray_actor_options"]["resources"]
     model = next(d for d in application["deployments"] if d["name"] == serve_app.MODEL_DEPLOYMENT)

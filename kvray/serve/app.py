@@ -115,8 +115,7 @@ class HandleBackend:
     ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
     max_ongoing_requests=INGRESS_MAX_ONGOING,
     max_queued_requests=INGRESS_MAX_QUEUED,
-    autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
-                        "target_ongoing_requests": INGRESS_MAX_ONGOING // 2},
+    num_replicas=1,  # one async replica is plenty, and keeps the 503 bound at ongoing + queued
 )
 @serve.ingress()
 class KVRayAPI:
@@ -168,9 +167,7 @@ def build_app(policies_dir: str | os.PathLike | None = None, model: str | None =
     # num_cpus 0: it only awaits the model replicas, and cluster.yaml's head advertises no CPU.
     ingress = KVRayAPI.options(
         ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
-        max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
-        autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
-                            "target_ongoing_requests": max(1, max_ongoing_requests // 2)})
+        max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
     return ingress.bind(lm, str(store), api_key, float(timeout) if timeout is not None else None)
 
 
