@@ -365,7 +365,8 @@ def main(argv=None) -> int:
     import pandas as pd
 
     lines = [f"kvray calibrate: run {run_id} on {model_name} finished in {elapsed / 60:.1f} min", ""]
-    summary: dict = {"run_id": run_id, "model": model_name, "elapsed_s": elapsed, "run_dir": str(run_path)}
+    summary: dict = {"run_id": run_id, "model": model_name, "elapsed_s": elapsed, "run_dir": str(run_path),
+                     "num_layers": info["num_layers"], "num_kv_heads": info["num_kv_heads"]}
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         if df is not None:
             safe = largest_safe_ratio(df)

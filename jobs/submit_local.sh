@@ -14,6 +14,8 @@ else
     --include-dashboard true --disable-usage-stats >/dev/null
 fi
 ID="kvray-calibrate-$(date +%Y%m%d-%H%M%S)"
+# Ctrl-C here stops the job too (by its id), not only the log tail.
+trap 'echo "[make calibrate] interrupted: stopping job $ID"; ray job stop --address "$ADDRESS" "$ID" >/dev/null 2>&1 || true; exit 130' INT TERM
 echo "[make calibrate] submitting $ID (watch it at $ADDRESS, or: RAY_AUTH_MODE=token ray job logs -f $ID)"
 ray job submit --address "$ADDRESS" --submission-id "$ID" --working-dir . -- \
   python jobs/calibrate.py --out "$PWD/runs" "$@"

@@ -335,7 +335,67 @@ def _plans(run: _Run, img: _Images) -> str:
         body.append(_absent("Tune trials", "tune/*.parquet"))
     else:
         body.append(_tune(run.tune, img))
+        body.append(_top_allocations(run, img))
     return _section("budgets", "2. Tuned budgets", body)
+
+
+def _model_shape(run: _Run) -> tuple[int, int] | None:
+    """(layers, KV heads): from summary.json (jobs/calibrate.py writes it) or any policy's plan."""
+    layers, heads = run.summary.get("num_layers"), run.summary.get("num_kv_heads")
+    if isinstance(layers, int) and isinstance(heads, int):
+        return layers, heads
+    for p in run.policies:
+        if p.plan is not None:
+            keep = np.asarray(p.plan["keep"], dtype=float)
+            return keep.shape[0], keep.shape[1]
+    return None
+
+
+def _top_allocations(run: _Run, img: _Images, k: int = 4) -> str:
+    """Per tuned method, the keep fractions (layer x KV head) of its `k` best distinct allocations,
+    rebuilt from the trials' configs with the search space that made them."""
+    from .tune.space import SearchSpace
+
+    shape = _model_shape(run)
+    if shape is None or "config" not in run.tune:
+        return '<p class="absent">The model shape is unknown (no num_layers in summary.json, no policy plan): ' \
+               "the trials' allocations are not drawn.</p>"
+    layers, heads = shape
+    figs = []
+    for method, t in run.tune.groupby(run.tune["method"].astype(str)):
+        t = t.sort_values("score", ascending=False).drop_duplicates("config").head(k)
+        panels = []
+        for _, row in t.iterrows():
+            try:
+                config = json.loads(row["config"])
+                space = SearchSpace.default(method, float(row["target_ratio"]))
+                press = space.press(config, layers, heads)
+            except (ValueError, KeyError, TypeError):
+                continue
+            plan = press.plan
+            keep = (np.asarray(plan.keep, dtype=float) if plan is not None
+                    else np.full((layers, heads), 1.0 - float(row["target_ratio"])))
+            alpha = float(config.get("head_alpha", 1.0))
+            panels.append((keep, f"score {row['score']:.3f}" + (" (uniform)" if row.get("is_baseline") else "")
+                           + f"\nslope {float(config.get('layer_slope', 0.0)):+g}, head_alpha {alpha:g}"))
+        if not panels:
+            continue
+        fig = Figure(figsize=(2.6 * len(panels) + 1.2, min(8.0, max(3.6, 1.8 + 0.12 * layers))), layout="constrained")
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (keep, title) in zip(axes, panels):
+            im = ax.imshow(keep, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.set_xlabel("KV head")
+            if heads <= 16:
+                ax.set_xticks(range(heads))
+        axes[0].set_ylabel("layer")
+        fig.colorbar(im, ax=list(axes), label="fraction of KV entries kept")
+        fig.suptitle(f"{method}: the {len(panels)} best allocations of the search (best first)", fontsize=10)
+        figs.append(img(fig, f"tune-allocations-{method}", f"{method}: keep fractions of the best allocations"))
+    note = ("<p>Layer budgets are the plan's; with head_alpha &lt; 1 AdaKV splits each layer's budget among its "
+            "KV heads per context (at least head_alpha x the even share per head), so the head columns show "
+            "the even split the run starts from.</p>")
+    return note + "\n".join(figs) if figs else ""
 
 
 def _tune(tune: pd.DataFrame, img: _Images) -> str:

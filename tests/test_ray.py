@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,23 @@ def test_calibrate_job_smoke(ray_session, tiny_dir, tmp_path):
     assert summary["report"] == str(run / "report.html") and html.count("data:image/png;base64,") >= 3
     assert f"kvray report {run}" in proc.stdout and "make serve" in proc.stdout
     assert f'"policy": "{summary["policies"][0]}"' in proc.stdout  # the curl with the printed policy id
+
+
+def test_start_workers_goes_on_with_the_actors_that_fit(ray_session, tiny_dir, monkeypatch, capsys):
+    """Two actors that each need all the free CPUs (as when a Serve app holds part of a laptop):
+    the run goes on with the one placed, the other is removed; none placeable: a clear error."""
+    import kvray.actors.pool as pool_mod
+
+    free = ray.available_resources().get("CPU", 0)
+    monkeypatch.setattr(pool_mod, "PLACE_GRACE_S", 3.0)
+    pool = pool_mod.start_workers(2, tiny_dir, cpus_per_worker=free)
+    try:
+        assert len(pool.actors) == len(pool.infos) == 1
+        assert "only 1 of 2 model actors could be placed" in capsys.readouterr().err
+    finally:
+        pool.shutdown()
+    monkeypatch.setattr(pool_mod, "START_TIMEOUT_S", 3.0)
+    with pytest.raises(RuntimeError, match="no model actor could start within 3 s"):
+        pool_mod.start_workers(1, tiny_dir, cpus_per_worker=free + 1)
+    time.sleep(1.0)
+    assert ray.available_resources().get("CPU", 0) == free  # nothing left holding CPUs

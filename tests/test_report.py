@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from html.parser import HTMLParser
 
 import matplotlib.image
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -149,7 +150,7 @@ def full_report(tmp_path_factory):
 
 
 EXPECTED_PNGS = {"scores-query-agnostic.png", "scores-query-aware.png", "plan-tiny-snapkv-r0.5-aaaa.png",
-                 "tune-trials.png", "calibration-safe-ratio.png", "calibration-curves.png", "throughput.png"}
+                 "tune-trials.png", "tune-allocations-snapkv.png", "calibration-safe-ratio.png", "calibration-curves.png", "throughput.png"}
 
 
 def test_full_report_embeds_and_writes_every_plot(full_report):
@@ -269,3 +270,31 @@ def test_bad_run_dir_exits_with_a_message(tmp_path, setup, message):
         main([str(run)])
     assert message in str(exc.value)
     assert not (tmp_path / "run" / "report.html").exists()
+
+
+def test_top_allocations_are_rebuilt_from_the_trials(tmp_path):
+    """The best trials' plans come back from their configs with the model shape (summary.json or
+    a policy's plan); without a shape the page says why there is no figure."""
+    from kvray.report import _load, _top_allocations
+    from kvray.tune.space import SearchSpace
+
+    run_dir = tmp_path / RUN_ID
+    make_full_run(run_dir)
+    run = _load(run_dir)
+    drawn = {}
+
+    class Capture:
+        def __call__(self, fig, name, alt):
+            drawn[name] = [ax.images[0].get_array() for ax in fig.axes if ax.images]
+            return name
+
+    assert "tune-allocations-snapkv" in _top_allocations(run, Capture(), k=2)
+    best, second = drawn["tune-allocations-snapkv"]  # scores 0.7 (slope -0.5), then 0.5 (uniform)
+    expected = SearchSpace.default("snapkv", 0.5).plan({"layer_slope": -0.5}, 3, 2).keep
+    assert np.allclose(best, expected) and best[0, 0] < best[-1, 0]
+    assert np.allclose(second, 0.5)
+    run.policies = [p for p in run.policies if p.plan is None]
+    assert "model shape is unknown" in _top_allocations(run, Capture())
+    run.summary["num_layers"], run.summary["num_kv_heads"] = 4, 3
+    _top_allocations(run, Capture(), k=1)
+    assert drawn["tune-allocations-snapkv"][0].shape == (4, 3)

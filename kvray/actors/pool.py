@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 MAX_RESTARTS = 4        # per actor; a model that keeps crashing is a bug, not bad luck
 MAX_TASK_RETRIES = 3    # a task whose actor died is retried on the restarted actor
+# Once one actor is up, how long the others may take to be placed and load before the run goes
+# on without them (e.g. a Serve app holds part of a laptop's CPUs); none up at all: an error.
+PLACE_GRACE_S = float(os.environ.get("KVRAY_ACTOR_GRACE_S", 120))
+START_TIMEOUT_S = float(os.environ.get("KVRAY_ACTOR_START_TIMEOUT_S", 1800))
 
 
 class EvaluationError(RuntimeError):
@@ -134,8 +138,53 @@ def start_workers(num_workers: int, model: str | None = None, *, cpus_per_worker
     actors = [remote_cls.options(**opts).remote(model, device=device, dtype=dtype, threads=threads,
                                                  decode_batch=decode_batch, label=str(i))
               for i in range(num_workers)]
-    infos = ray.get([a.info.remote() for a in actors])
-    return WorkerPool(actors, infos, run=run)
+    refs = [a.info.remote() for a in actors]
+    try:
+        ready = _wait_for_actors(refs, opts, grace_s=PLACE_GRACE_S, timeout_s=START_TIMEOUT_S)
+    except BaseException:
+        for actor in actors:  # none left pending (they would hold or wait for resources forever)
+            ray.kill(actor, no_restart=True)
+        raise
+    for i, actor in enumerate(actors):
+        if i not in ready:
+            ray.kill(actor, no_restart=True)
+    keep = sorted(ready)
+    return WorkerPool([actors[i] for i in keep], [ready[i] for i in keep], run=run)
+
+
+def _wait_for_actors(refs: list, opts: dict, *, grace_s: float, timeout_s: float) -> dict[int, dict]:
+    """{index: info} of the actors that came up: all of them, or those up `grace_s` after the
+    first (the rest could not be placed: the cluster's free resources are short, e.g. a Serve
+    app holds some). A model that fails to load raises; none placed within `timeout_s` raises
+    with what the cluster has free."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    ready: dict[int, dict] = {}
+    pending = list(refs)
+    t0 = time.perf_counter()
+    first = None
+    while pending:
+        limit = timeout_s - (time.perf_counter() - t0) if first is None else grace_s - (time.perf_counter() - first)
+        if limit <= 0:
+            break
+        done, pending = ray.wait(pending, num_returns=1, timeout=limit)
+        for ref in done:
+            ready[index[ref]] = ray.get(ref)  # a model that cannot load raises here, with its error
+            first = first or time.perf_counter()
+    if not ready:
+        raise RuntimeError(f"no model actor could start within {timeout_s:.0f} s (each asks for {opts}); the "
+                           f"cluster has free {_free()}. Free resources (e.g. `serve shutdown`), ask for fewer "
+                           "CPUs per worker, or raise KVRAY_ACTOR_START_TIMEOUT_S")
+    if pending:
+        log.warning("%d of %d model actors could not be placed within %.0f s of the first (each asks for %s; the "
+                    "cluster has free %s, something else holds the rest, e.g. a Serve app): going on with %d",
+                    len(pending), len(refs), grace_s, opts, _free(), len(ready))
+        print(f"[kvray] warning: only {len(ready)} of {len(refs)} model actors could be placed (free: {_free()}); "
+              f"going on with {len(ready)}", file=sys.stderr, flush=True)
+    return ready
+
+
+def _free() -> dict:
+    return {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")}
 
 
 def _schedule(pool: WorkerPool, items: Sequence[tuple[str, str, tuple]], on_done: Callable[[str, Any], None],
