@@ -184,7 +184,8 @@ def _wait_for_actors(refs: list, opts: dict, *, grace_s: float, timeout_s: float
 
 
 def _free() -> dict:
-    return {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")}
+    free = ray.available_resources()
+    return {"CPU": round(free.get("CPU", 0.0), 2), "GPU": round(free.get("GPU", 0.0), 2)}
 
 
 def _schedule(pool: WorkerPool, items: Sequence[tuple[str, str, tuple]], on_done: Callable[[str, Any], None],
