@@ -106,7 +106,7 @@ def cmd_serve(args) -> int:
 
     if not 1 <= args.port <= 65535:
         raise SystemExit(f"kvray serve: --port must be in 1..65535, got {args.port}")
-    return serve_locally(args.policies, args.model, args.host, args.port, detach=args.detach,
+    return serve_locally(args.policies, args.model, args.host, args.port, address=args.address, detach=args.detach,
                          max_replicas=args.max_replicas, cpus=args.cpus, num_gpus=args.gpus,
                          request_timeout_s=args.request_timeout)
 
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-replicas", type=int, default=None, help="autoscaling ceiling for model replicas (default 1)")
     s.add_argument("--request-timeout", type=float, default=None, metavar="S",
                    help="seconds of model work per request before a 504 (default 300)")
+    s.add_argument("--address", default="auto",
+                   help="Ray cluster: auto (the running one, else a private Ray; default), local (always a "
+                        "private Ray), or host:port")
     s.add_argument("--detach", action="store_true", help="deploy on the running cluster and return")
     s.set_defaults(fn=cmd_serve)
 

@@ -27,8 +27,9 @@ CONTENT = ["item_id", "config_id", "method", "params", "plan_id", "compression_r
            "kv_bytes_kept", "new_tokens"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pool(ray_session, tiny_dir):
+    """Two model actors for this module; their CPUs go back to the session's Ray after it."""
     from kvray.actors import start_workers
 
     p = start_workers(2, tiny_dir, cpus_per_worker=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 from collections import Counter
@@ -48,7 +49,7 @@ def served(ray_session, tiny_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("serve") / "policies"
     _policies(store)
     port = _free_port()
-    common = dict(port=port, threads=1)
+    common = dict(port=port, cpus=0.5)  # 3 model replicas fit the session's 4 CPUs with room to spare
     deploy(store, tiny_dir, name="open", route_prefix="/", **common)
     deploy(store, tiny_dir, name="tight", route_prefix="/tight", api_key="k", max_ongoing_requests=2,
            max_queued_requests=2, **common)
@@ -231,7 +232,11 @@ def test_calibrate_job_serve_deploys_then_hot_reloads(served, tiny_dir, tmp_path
     store = tmp_path / "policies"
     Policy(policy_id="run1", model="tiny-llama", method="knorm", compression_ratio=0.5).save(store)
     port = int(served.url.rsplit(":", 1)[1])  # Serve's proxy is already up: the app joins it
-    line = job.serve_policies({"model": tiny_dir}, store, ["run1"], "127.0.0.1", port)
+    os.environ["KVRAY_CPUS"] = "0.5"  # read by build_app, as serve_policies gives no CPUs
+    try:
+        line = job.serve_policies({"model": tiny_dir}, store, ["run1"], "127.0.0.1", port)
+    finally:
+        del os.environ["KVRAY_CPUS"]
     assert line.startswith(f"deployed app '{APP_NAME}'") and '"policy": "run1"' in line
     replicas = _replicas(APP_NAME)
     assert len(replicas) == 2
@@ -242,3 +247,46 @@ def test_calibrate_job_serve_deploys_then_hot_reloads(served, tiny_dir, tmp_path
         assert line.startswith("already serving") and "hot reload" in line
         assert http.post("/v1/generate", json=_gen(policy="run2")).json()["method"] == "snapkv"
     assert _replicas(APP_NAME) == replicas
+
+
+def test_kvray_serve_command(tiny_dir, tmp_path):
+    """`kvray serve` as a user runs it (its own private Ray here): prints where it is and a curl,
+    answers, and SIGTERM (as Ctrl-C) shuts everything it started and exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    store = tmp_path / "policies"
+    Policy(policy_id="cli-pol", model="tiny-llama", method="knorm", compression_ratio=0.5).save(store)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "kvray.cli", "serve", "--address", "local", "--port", str(port),
+                             "--policies", str(store), "--model", tiny_dir], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+            if "serving; Ctrl-C stops it" in line:
+                break
+        out = "".join(lines)
+        assert "serving; Ctrl-C stops it" in out, out[-3000:]
+        assert f"ready: http://127.0.0.1:{port}" in out and '"policy": "cli-pol"' in out  # the curl to try
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/v1/policies", timeout=30).json()["policies"][0]["policy_id"] == "cli-pol"
+        r = httpx.post(url + "/v1/generate", json=_gen(policy="cli-pol"), timeout=120)
+        assert r.status_code == 200 and r.json()["method"] == "knorm"
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, rest[-3000:]
+        assert "stopping" in rest
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

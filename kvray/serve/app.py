@@ -36,8 +36,10 @@ KVRAY_MAX_REPLICAS (model replicas, default 1), KVRAY_REQUEST_TIMEOUT_S.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -181,6 +183,14 @@ def deploy(policies_dir: str | os.PathLike, model: str | None = None, host: str 
     http = {"host": host, "port": int(port)}
     if request_timeout_s is not None:
         http["request_timeout_s"] = float(request_timeout_s) + 30.0
+    need = {"CPU": float(app_options.get("cpus") or os.environ.get("KVRAY_CPUS", 1)),
+            "GPU": float(app_options.get("num_gpus") or os.environ.get("KVRAY_NUM_GPUS", 0))}
+    free = ray.available_resources()
+    short = {k: v for k, v in need.items() if v > free.get(k, 0.0) + 1e-9}
+    if short:  # Serve waits for them without a word: say why it may take a while
+        print(f"[kvray serve] the model replica needs {need} and the cluster has free "
+              f"{ {k: round(free.get(k, 0.0), 2) for k in need} }: the app starts when they are free "
+              "(e.g. when a running job's model actors finish)", file=sys.stderr, flush=True)
     serve.start(http_options=http)
     return serve.run(build_app(policies_dir, model, api_key=api_key, request_timeout_s=request_timeout_s,
                                **app_options),
@@ -210,12 +220,14 @@ def _ray_is_running() -> bool:
 
 
 def serve_locally(policies_dir: str | os.PathLike | None = None, model: str | None = None, host: str = "127.0.0.1",
-                  port: int = 8000, *, detach: bool = False, name: str = APP_NAME, echo=print,
-                  **app_options) -> int:
+                  port: int = 8000, *, address: str | None = None, detach: bool = False, name: str = APP_NAME,
+                  echo=print, **app_options) -> int:
     """`kvray serve`: attach to the running Ray cluster (or start a private one), deploy the app
     on host:port, print where it is, the policies and a curl to try, then serve until Ctrl-C /
     SIGTERM (and remove what it started), or return at once with `detach` (needs a running
-    cluster: a private Ray ends with this process)."""
+    cluster: a private Ray ends with this process). `address`: None or "auto" = a running
+    cluster if there is one, else a private Ray; "local" = always a private Ray; else the
+    cluster at that address."""
     import signal
     import time
 
@@ -224,11 +236,15 @@ def serve_locally(policies_dir: str | os.PathLike | None = None, model: str | No
     from ..policy import PolicyStore
 
     store = Path(policies_dir or os.environ.get("KVRAY_POLICIES") or DEFAULT_STORE).expanduser().resolve()
-    attached = _ray_is_running()
+    if address in (None, "auto"):
+        attached = _ray_is_running()
+    else:
+        attached = address != "local"
     if detach and not attached:
         raise SystemExit("kvray serve --detach needs a running Ray cluster (e.g. `RAY_AUTH_MODE=token ray start "
                          "--head`, or the one `make calibrate` starts): a Ray started by this process stops with it")
-    ray.init(address="auto" if attached else None, log_to_driver=False, namespace="kvray-serve")
+    ray.init(address=(address if address not in (None, "auto") else "auto") if attached else "local",
+             log_to_driver=False, namespace="kvray-serve")
     echo(f"[kvray serve] {'attached to the running Ray cluster' if attached else 'started a private Ray'}; "
          f"deploying app {name!r} on http://{host}:{port} (model {model or 'embedded SmolLM2-135M-Instruct'}) ...")
     ids = PolicyStore(store).ids() if store.is_dir() else []
