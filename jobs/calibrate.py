@@ -248,9 +248,9 @@ def serve_policies(cfg, store: Path, policy_ids: list[str], host: str, port: int
     is deployed, or redeployed over this store. Returns one line for the summary."""
     import urllib.request
 
-    from kvray.serve.app import APP_NAME, deploy, example_curl
+    from kvray.serve.app import APP_NAME, deploy, example_curl, local_url
 
-    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    base = local_url(host, port)
     headers = {"x-api-key": os.environ["KVRAY_API_KEY"]} if os.environ.get("KVRAY_API_KEY") else {}
     try:
         with urllib.request.urlopen(urllib.request.Request(f"{base}/v1/policies", headers=headers), timeout=10) as r:

@@ -197,6 +197,11 @@ def deploy(policies_dir: str | os.PathLike, model: str | None = None, host: str 
                      name=name, route_prefix=route_prefix, blocking=blocking)
 
 
+def local_url(host: str, port: int) -> str:
+    """Where a client on this machine reaches the proxy (a wildcard bind is reached on 127.0.0.1)."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+
+
 def example_curl(base_url: str, policy_id: str | None, api_key_set: bool = False) -> str:
     """A copy-pasteable request to /v1/generate (the README's, printed by `kvray serve`)."""
     import json
@@ -249,7 +254,7 @@ def serve_locally(policies_dir: str | os.PathLike | None = None, model: str | No
          f"deploying app {name!r} on http://{host}:{port} (model {model or 'embedded SmolLM2-135M-Instruct'}) ...")
     ids = PolicyStore(store).ids() if store.is_dir() else []
     deploy(store, model, host, port, name=name, **app_options)
-    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    base = local_url(host, port)
     echo(f"[kvray serve] ready: {base}  (OpenAPI docs {base}/docs)")
     echo(f"[kvray serve] policy store {store}: " + (", ".join(ids) if ids else
          "no policies yet (run `make calibrate`; new files are served without a restart)"))
