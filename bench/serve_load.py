@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,11 +42,7 @@ def free_port() -> int:
 
 
 def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
-    return xs[k]
+    return float(np.percentile(xs, q, method="nearest")) if xs else float("nan")
 
 
 def make_request(args) -> dict:
@@ -182,12 +179,11 @@ def main() -> int:
         results["deploy_s"] = time.perf_counter() - t0
         print(f"[serve_load] app up at {url} in {results['deploy_s']:.1f}s", flush=True)
         lm = kvray.load_model(args.model)
-        press = None
-        if args.policy:
+        if args.policy:  # the in-process twin of the policy request
             from kvray.policy import PolicyStore
 
-            press = PolicyStore(Path(store)).get(args.policy).press()
-            body["query_aware"] = PolicyStore(Path(store)).get(args.policy).query_aware
+            policy = PolicyStore(Path(store)).get(args.policy)
+            press, body["query_aware"] = policy.press(), policy.query_aware
         else:
             press = kvray.make_press("snapkv", compression_ratio=0.5)
         blocks, per_block = (2, 3) if args.quick else (5, 4)

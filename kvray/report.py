@@ -317,12 +317,8 @@ def _plans(run: _Run, img: _Images) -> str:
         fig = Figure(figsize=(max(5.5, 2.5 + 0.4 * heads), min(9.0, max(3.5, 1.6 + 0.13 * layers))),
                      layout="constrained")
         ax = fig.subplots()
-        im = ax.imshow(keep, aspect="auto", cmap="viridis", interpolation="nearest")
-        fig.colorbar(im, ax=ax, label="fraction of KV entries kept")
-        ax.set_xlabel("KV head")
+        fig.colorbar(_keep_heatmap(ax, keep), ax=ax, label="fraction of KV entries kept")
         ax.set_ylabel("layer")
-        if heads <= 16:
-            ax.set_xticks(range(heads))
         ts, us = p.metrics.get("tune_score"), p.metrics.get("uniform_score")
         scores = (f"tune score {ts:.3f} vs uniform {us:.3f}" if isinstance(ts, (int, float))
                   and isinstance(us, (int, float)) else "no tune scores")
@@ -337,6 +333,15 @@ def _plans(run: _Run, img: _Images) -> str:
         body.append(_tune(run.tune, img))
         body.append(_top_allocations(run, img))
     return _section("budgets", "2. Tuned budgets", body)
+
+
+def _keep_heatmap(ax, keep: np.ndarray, **scale):
+    """Keep fractions [layer][KV head] as an image (layers down, heads across)."""
+    im = ax.imshow(keep, aspect="auto", cmap="viridis", interpolation="nearest", **scale)
+    ax.set_xlabel("KV head")
+    if keep.shape[1] <= 16:
+        ax.set_xticks(range(keep.shape[1]))
+    return im
 
 
 def _model_shape(run: _Run) -> tuple[int, int] | None:
@@ -383,11 +388,8 @@ def _top_allocations(run: _Run, img: _Images, k: int = 4) -> str:
         fig = Figure(figsize=(2.6 * len(panels) + 1.2, min(8.0, max(3.6, 1.8 + 0.12 * layers))), layout="constrained")
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, (keep, title) in zip(axes, panels):
-            im = ax.imshow(keep, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            im = _keep_heatmap(ax, keep, vmin=0.0, vmax=1.0)
             ax.set_title(title, fontsize=8)
-            ax.set_xlabel("KV head")
-            if heads <= 16:
-                ax.set_xticks(range(heads))
         axes[0].set_ylabel("layer")
         fig.colorbar(im, ax=list(axes), label="fraction of KV entries kept")
         fig.suptitle(f"{method}: the {len(panels)} best allocations of the search (best first)", fontsize=10)

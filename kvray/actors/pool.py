@@ -175,11 +175,9 @@ def _wait_for_actors(refs: list, opts: dict, *, grace_s: float, timeout_s: float
                            f"cluster has free {_free()}. Free resources (e.g. `serve shutdown`), ask for fewer "
                            "CPUs per worker, or raise KVRAY_ACTOR_START_TIMEOUT_S")
     if pending:
-        log.warning("%d of %d model actors could not be placed within %.0f s of the first (each asks for %s; the "
-                    "cluster has free %s, something else holds the rest, e.g. a Serve app): going on with %d",
-                    len(pending), len(refs), grace_s, opts, _free(), len(ready))
-        print(f"[kvray] warning: only {len(ready)} of {len(refs)} model actors could be placed (free: {_free()}); "
-              f"going on with {len(ready)}", file=sys.stderr, flush=True)
+        print(f"[kvray] warning: only {len(ready)} of {len(refs)} model actors could be placed within "
+              f"{grace_s:.0f} s of the first (each asks for {opts}; free: {_free()}: something else holds the "
+              f"rest, e.g. a Serve app); going on with {len(ready)}", file=sys.stderr, flush=True)
     return ready
 
 

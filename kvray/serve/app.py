@@ -112,6 +112,9 @@ class HandleBackend:
         return await self._call("context_nll", context)
 
 
+# The ingress reads the policy store from its node's disk: pinned to the head node, where
+# jobs/calibrate.py (a job driver) writes the policies (elsewhere: a shared file system).
+# num_cpus 0: it only awaits the model replicas, and cluster.yaml's head advertises no CPU.
 @serve.deployment(
     name=INGRESS_DEPLOYMENT,
     ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
@@ -135,6 +138,21 @@ class KVRayAPI:
                          request_timeout_s=self._timeout)
 
 
+def store_path(policies_dir: str | os.PathLike | None = None) -> Path:
+    """The policy directory: the argument, else env KVRAY_POLICIES, else runs/policies; absolute
+    (replicas may run in another directory)."""
+    return Path(policies_dir or os.environ.get("KVRAY_POLICIES") or DEFAULT_STORE).expanduser().resolve()
+
+
+def replica_resources(cpus: float | None = None, num_gpus: float | None = None) -> dict[str, float]:
+    """What one model replica asks Ray for: the arguments, else env KVRAY_CPUS (1) / KVRAY_NUM_GPUS (0)."""
+    need = {"CPU": float(cpus if cpus is not None else os.environ.get("KVRAY_CPUS", 1)),
+            "GPU": float(num_gpus if num_gpus is not None else os.environ.get("KVRAY_NUM_GPUS", 0))}
+    if not need["CPU"] > 0 or need["GPU"] < 0:
+        raise ValueError(f"a model replica needs cpus > 0 and num_gpus >= 0, got {need}")
+    return need
+
+
 def build_app(policies_dir: str | os.PathLike | None = None, model: str | None = None, *,
               api_key: str | None = None, num_gpus: float | None = None, max_replicas: int | None = None,
               cpus: float | None = None, threads: int | None = None, request_timeout_s: float | None = None,
@@ -146,30 +164,22 @@ def build_app(policies_dir: str | os.PathLike | None = None, model: str | None =
     if max_ongoing_requests < 1 or max_queued_requests < 0:
         raise ValueError(f"max_ongoing_requests must be >= 1 and max_queued_requests >= 0, got "
                          f"{max_ongoing_requests} and {max_queued_requests}")
-    store = Path(policies_dir or os.environ.get("KVRAY_POLICIES") or DEFAULT_STORE).expanduser().resolve()
+    store = store_path(policies_dir)
     model = model or os.environ.get("KVRAY_MODEL") or None
     if model is not None and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())  # replicas may run in another directory
-    gpus = float(num_gpus if num_gpus is not None else os.environ.get("KVRAY_NUM_GPUS", 0))
     replicas = int(max_replicas if max_replicas is not None else os.environ.get("KVRAY_MAX_REPLICAS", 1))
     if replicas < 1:
         raise ValueError(f"max_replicas must be >= 1 (min_replicas is 1: a cold start loads the model), got {replicas}")
     timeout = request_timeout_s if request_timeout_s is not None else os.environ.get("KVRAY_REQUEST_TIMEOUT_S")
-    cpus = float(cpus if cpus is not None else os.environ.get("KVRAY_CPUS", 1))
-    if not cpus > 0:
-        raise ValueError(f"cpus per model replica must be > 0, got {cpus}")
-    threads = threads or max(1, int(cpus))  # torch threads = the CPUs Ray reserved for the replica
+    need = replica_resources(cpus, num_gpus)
+    threads = threads or max(1, int(need["CPU"]))  # torch threads = the CPUs Ray reserved for the replica
     lm = CompressedLM.options(
-        ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
+        ray_actor_options={"num_cpus": need["CPU"], "num_gpus": need["GPU"]},
         autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": replicas,
                             "target_ongoing_requests": 2, "upscale_delay_s": 30, "downscale_delay_s": 600},
     ).bind(model, threads)
-    # The ingress reads the policy store from its node's disk: pin it to the head node, where
-    # jobs/calibrate.py (a job driver) writes the policies (elsewhere: a shared file system).
-    # num_cpus 0: it only awaits the model replicas, and cluster.yaml's head advertises no CPU.
-    ingress = KVRayAPI.options(
-        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
-        max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
+    ingress = KVRayAPI.options(max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
     return ingress.bind(lm, str(store), api_key, float(timeout) if timeout is not None else None)
 
 
@@ -183,8 +193,7 @@ def deploy(policies_dir: str | os.PathLike, model: str | None = None, host: str 
     http = {"host": host, "port": int(port)}
     if request_timeout_s is not None:
         http["request_timeout_s"] = float(request_timeout_s) + 30.0
-    need = {"CPU": float(app_options.get("cpus") or os.environ.get("KVRAY_CPUS", 1)),
-            "GPU": float(app_options.get("num_gpus") or os.environ.get("KVRAY_NUM_GPUS", 0))}
+    need = replica_resources(app_options.get("cpus"), app_options.get("num_gpus"))
     free = ray.available_resources()
     short = {k: v for k, v in need.items() if v > free.get(k, 0.0) + 1e-9}
     if short:  # Serve waits for them without a word: say why it may take a while
@@ -236,11 +245,9 @@ def serve_locally(policies_dir: str | os.PathLike | None = None, model: str | No
     import signal
     import time
 
-    import ray
-
     from ..policy import PolicyStore
 
-    store = Path(policies_dir or os.environ.get("KVRAY_POLICIES") or DEFAULT_STORE).expanduser().resolve()
+    store = store_path(policies_dir)
     if address in (None, "auto"):
         attached = _ray_is_running()
     else:
