@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install calibrate serve report eval test bench bench-ray bench-serve clean
+.PHONY: install calibrate serve report eval test bench bench-ray bench-serve bench-observation clean
 ARGS ?=
 
 install: $(VENV)/.installed
@@ -51,6 +51,9 @@ bench: install
 
 bench-ray: install
 	$(PY) bench/bench_ray.py
+
+bench-observation: install
+	$(PY) bench/bench_observation.py
 
 bench-serve: install
 	RAY_AUTH_MODE=token $(VENV)/bin/ray get-auth-token --generate >/dev/null

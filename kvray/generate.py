@@ -73,6 +73,8 @@ class Prefill:
 
     def state(self, query_aware: bool) -> PrefillState:
         n = self.n_aware if query_aware else self.n_context
+        n_q = len(self.prompt.question)
+        question = (self.n_context, self.n_context + n_q) if query_aware and n_q and self.n_aware > self.n_context else None
         layers = []
         for i, layer in enumerate(self.cache.layers):
             if query_aware:
@@ -81,7 +83,7 @@ class Prefill:
                 q, qpos = self.agnostic_queries[i]
             hidden = self.hidden[i][:, :n] if self.hidden is not None else None
             layers.append(LayerInputs(i, layer.keys[:, :, :n], layer.values[:, :, :n], q, qpos, self.modules[i],
-                                      hidden=hidden))
+                                      hidden=hidden, question=question))
         return PrefillState(layers, n)
 
     def rest(self, query_aware: bool) -> list[int]:
@@ -132,7 +134,8 @@ def _attention_inputs(modules: list, enabled: bool):
 def prefill(lm: LanguageModel, prompt: PromptTokens, capture_window: int = DEFAULT_CAPTURE_WINDOW,
             with_question: bool = True, capture_hidden: bool = False) -> Prefill:
     """Prefill once, with a full cache that also keeps each layer's last `capture_window`
-    post-RoPE queries: the context, then (`with_question`) the rest of the prompt.
+    post-RoPE queries: the context, then (`with_question`) the rest of the prompt (whose queries
+    are all kept, however long: the question's rows are an observation window too).
 
     Query-agnostic configs compress the context only and feed question + suffix afterwards;
     query-aware configs compress the whole prompt -- context, question, end of the user turn,
@@ -155,6 +158,8 @@ def prefill(lm: LanguageModel, prompt: PromptTokens, capture_window: int = DEFAU
         n_aware, aware_logits = n_ctx, None
         rest = prompt.question + prompt.suffix
         if with_question and rest:
+            for layer in cache.layers:  # every question row, for scorers that read the question (observation="question")
+                layer.capture_window = max(capture_window, len(rest))
             aware_logits = _forward(lm.model, [rest], cache, lm.device)[0]
             n_aware += len(rest)
         prefill_s = time.perf_counter() - t0

@@ -276,3 +276,58 @@ def test_adakv_selection_against_slow_reference():
         assert sorted(s[h, kept[h]].tolist(), reverse=True) == pytest.approx(expect)
         assert set(range(N - W, N)) <= set(kept[h].tolist())  # window kept in every head
     assert len(set(len(k) for k in kept)) > 1  # really head-adaptive here
+
+
+@pytest.mark.parametrize("pooling,gqa,kernel", [("max", "mean", 7), ("avg", "max", 3)])
+def test_snapkv_question_observation_against_slow_reference(pooling, gqa, kernel):
+    """observation="question": the question's rows are the window; everything from the question
+    on (question, template, answer prefix) is kept."""
+    torch.manual_seed(6)
+    H, G, N, d, captured, q0, q1 = 2, 3, 31, 8, 12, 19, 24  # question at [19, 24), 7 suffix tokens
+    keys, values = torch.randn(1, H, N, d), torch.randn(1, H, N, d)
+    qpos = torch.arange(N - captured, N)
+    queries = torch.randn(1, H * G, captured, d)
+    layer = LayerInputs(0, keys, values, queries, qpos, question=(q0, q1))
+    press = make_press("snapkv", compression_ratio=0.5, kernel_size=kernel, pooling=pooling, gqa_reduction=gqa,
+                       observation="question")
+    got = press.score(layer)[0]
+    rows = (qpos >= q0) & (qpos < q1)
+    want = slow_snapkv_scores(queries[0][:, rows], qpos[rows], keys[0], q1 - q0, kernel, pooling, gqa)
+    torch.testing.assert_close(got[:, :q0].double(), want[:, :q0], atol=1e-6, rtol=1e-5)
+    assert got[:, q0:].min() > got[:, :q0].max()
+    kept = press.select(PrefillState([layer], N))[0]
+    k = keep_count(N, 0.5)
+    for h in range(H):
+        assert len(kept[h]) == k and set(range(q0, N)) <= set(kept[h].tolist())
+        rest = [j for j in kept[h].tolist() if j < q0]
+        expect = torch.topk(want[h, :q0], k - (N - q0)).values
+        assert sorted(want[h, rest].tolist()) == pytest.approx(sorted(expect.tolist()))
+    # without a compressed question it is the last window_size rows, as observation="last"
+    plain = LayerInputs(0, keys, values, queries, qpos)
+    last = make_press("snapkv", compression_ratio=0.5, window_size=5, observation="last")
+    as_last = make_press("snapkv", compression_ratio=0.5, window_size=5, observation="question")
+    torch.testing.assert_close(as_last.score(plain), last.score(plain))
+
+
+def test_question_observation_reads_the_question_rows_of_the_prefill(tiny_llama):
+    """The question's rows of the whole-prompt prefill are those of a prefill that stops at the
+    question (causal attention), however small capture_window is; both protocols."""
+    p = prompt(n_q=9, n_suffix=6)
+    n_ctx, n_q = len(p.context), len(p.question)
+    pre = prefill(tiny_llama, p, capture_window=4)
+    aware, agnostic = pre.state(True), pre.state(False)
+    assert aware.layers[0].question == (n_ctx, n_ctx + n_q) and agnostic.layers[0].question is None
+    question = make_press("snapkv", compression_ratio=0.5, observation="question")
+    # reference: prefill only context + question; its last n_q rows are the question
+    upto = prefill(tiny_llama, PromptTokens(p.context, p.question, []), capture_window=n_q).state(True)
+    last = make_press("snapkv", compression_ratio=0.5, window_size=n_q)
+    for layer, ref in zip(aware.layers, upto.layers):
+        torch.testing.assert_close(question.score(layer)[..., :n_ctx], last.score(ref)[..., :n_ctx])
+    kept = question.select(aware)
+    assert all(set(range(n_ctx, aware.n_tokens)) <= set(k.tolist()) for heads in kept for k in heads)
+    # query-agnostic: no question among the compressed tokens, the last window_size rows
+    fallback = make_press("snapkv", compression_ratio=0.5, window_size=4)
+    for layer in agnostic.layers:
+        torch.testing.assert_close(question.score(layer), fallback.score(layer))
+    with pytest.raises(ValueError, match="observation must be one of.*'last'.*'question'"):
+        make_press("snapkv", observation="query")

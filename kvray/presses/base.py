@@ -39,6 +39,9 @@ class LayerInputs:
     query_positions: torch.Tensor | None = None
     module: torch.nn.Module | None = None
     hidden: torch.Tensor | None = None
+    #: [start, end) positions of the question inside the compressed tokens (query-aware protocol
+    #: with a non-empty question), else None
+    question: tuple[int, int] | None = None
 
     @property
     def n_tokens(self) -> int:

@@ -9,9 +9,11 @@ from .base import LayerInputs
 
 GQA_REDUCTIONS = ("mean", "max")
 POOLINGS = ("avg", "max", "none")
+OBSERVATIONS = ("last", "question")
 
 
-def check_window_params(method: str, *, window_size=None, kernel_size=None, pooling=None, gqa_reduction=None) -> None:
+def check_window_params(method: str, *, window_size=None, kernel_size=None, pooling=None, gqa_reduction=None,
+                        observation=None) -> None:
     """Validate the window-attention parameters a press has (those given), with errors that
     say what is allowed."""
     def is_int(v) -> bool:
@@ -25,17 +27,45 @@ def check_window_params(method: str, *, window_size=None, kernel_size=None, pool
         raise ValueError(f"{method}: pooling must be one of {POOLINGS}, got {pooling!r}")
     if gqa_reduction is not None and gqa_reduction not in GQA_REDUCTIONS:
         raise ValueError(f"{method}: gqa_reduction must be one of {GQA_REDUCTIONS}, got {gqa_reduction!r}")
+    if observation is not None and observation not in OBSERVATIONS:
+        raise ValueError(f"{method}: observation must be one of {OBSERVATIONS} ('last': the last window_size tokens; "
+                         f"'question': the question's tokens when it is compressed too), got {observation!r}")
 
 
-def window_attention(layer: LayerInputs, window_size: int) -> torch.Tensor:
-    """softmax(Q_win K^T / sqrt(d)) in fp32 for the last `window_size` captured queries.
+def window_rows(layer: LayerInputs, window_size: int, observation: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+    """The observation window's captured queries [B, Hq, W, d] and their positions [W].
 
-    Returns [B, Hq, W, N]; a query sees only keys at or before its own position (the causal
-    mask inside the window). W is min(window_size, captured queries)."""
+    observation="last": the last `window_size` captured queries (W = min(window_size, captured)).
+    observation="question": the question's rows when the question is among the compressed tokens
+    (query-aware protocol, `layer.question`), else the last `window_size` as above."""
     if layer.queries is None:
         raise ValueError("this method needs the window queries, but the prefill captured none")
-    q = layer.queries[:, :, -window_size:]
-    qpos = layer.query_positions[-window_size:]
+    if observation == "question" and layer.question is not None:
+        start, end = layer.question
+        pos = layer.query_positions
+        rows = ((pos >= start) & (pos < end)).nonzero().flatten()
+        if rows.numel() != end - start:
+            raise ValueError(f"the prefill captured {rows.numel()} of the question's {end - start} query rows; "
+                             "prefill with with_question=True captures them all")
+        return layer.queries[:, :, rows], pos[rows]
+    if observation not in OBSERVATIONS:
+        raise ValueError(f"unknown observation window {observation!r}; allowed: {', '.join(OBSERVATIONS)}")
+    return layer.queries[:, :, -window_size:], layer.query_positions[-window_size:]
+
+
+def window_start(layer: LayerInputs, rows: int, observation: str = "last") -> int:
+    """Position of the observation window's first row (`rows` = its length)."""
+    if observation == "question" and layer.question is not None:
+        return layer.question[0]
+    return layer.n_tokens - rows
+
+
+def window_attention(layer: LayerInputs, window_size: int, observation: str = "last") -> torch.Tensor:
+    """softmax(Q_win K^T / sqrt(d)) in fp32 for the observation window's queries (`window_rows`).
+
+    Returns [B, Hq, W, N]; a query sees only keys at or before its own position (the causal
+    mask inside the window)."""
+    q, qpos = window_rows(layer, window_size, observation)
     B, Hq, W, d = q.shape
     H, N = layer.keys.shape[1], layer.keys.shape[2]
     G = Hq // H

@@ -8,7 +8,7 @@ import torch
 
 from ..budget import pyramid_layer_counts
 from .base import LayerInputs, PrefillState, Press, protect
-from .scoring import check_window_params, pool, reduce_gqa, window_attention
+from .scoring import check_window_params, pool, reduce_gqa, window_attention, window_start
 
 
 @dataclass(frozen=True)
@@ -25,26 +25,34 @@ class SnapKVPress(Press):
     kvpress's (W=64, kernel 5, avg-pool): on SmolLM2-135M at ratio 0.5 the 32/7 setting kept a
     1k-token needle where 64/5 lost it. In the query-agnostic protocol the window is the last
     `window_size` context tokens.
+
+    observation="question" (an option, not in the paper's code): in the query-aware protocol the
+    observation window is the question's own tokens, whatever their number, rather than the
+    last `window_size` tokens of the prompt, which after a chat template end with the assistant
+    header and the answer prefix; everything from the question on is kept. The paper's premise
+    is that the window holds the question. Without a compressed question (query-agnostic
+    protocol, empty question) it is the last `window_size` tokens, as with "last".
     """
 
     window_size: int = 32
     kernel_size: int = 7
     pooling: str = "max"
     gqa_reduction: str = "mean"
+    observation: str = "last"
     name = "snapkv"
     needs_queries = True
 
     def __post_init__(self):
         super().__post_init__()
         check_window_params(self.name, window_size=self.window_size, kernel_size=self.kernel_size,
-                            pooling=self.pooling, gqa_reduction=self.gqa_reduction)
+                            pooling=self.pooling, gqa_reduction=self.gqa_reduction, observation=self.observation)
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
-        attn = window_attention(layer, self.window_size)  # [B, Hq, W, N]
-        W = attn.shape[2]
+        attn = window_attention(layer, self.window_size, self.observation)  # [B, Hq, W, N]
         scores = reduce_gqa(attn.mean(dim=2), layer.num_kv_heads, self.gqa_reduction)
         scores = pool(scores, self.kernel_size, self.pooling)
-        return protect(scores, last=W)
+        # the window and everything after it (the answer prefix, for observation="question") is kept
+        return protect(scores, last=layer.n_tokens - window_start(layer, attn.shape[2], self.observation))
 
 
 @dataclass(frozen=True)
