@@ -85,6 +85,28 @@ def load_config(args) -> dict:
     return config
 
 
+def tune_space(tu: dict, method: str):
+    """The search space of `method`: kvray's default plus the config's `tune.space.<method>` choices."""
+    from kvray.tune.space import SearchSpace
+
+    extra = (tu.get("space") or {}).get(method) or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"tune.space.{method} must map parameter names to lists of values, got {extra!r}")
+    return SearchSpace.default(method, float(tu["compression_ratio"]), **extra)
+
+
+def check_tune_spaces(cfg: dict) -> None:
+    """Build every tuned method's space before any work starts, so a bad `tune.space` costs nothing."""
+    tu = cfg["tune"]
+    if not isinstance(tu.get("space") or {}, dict):
+        raise SystemExit(f"tune.space must map method names to {{parameter: [values]}}, got {tu['space']!r}")
+    for method in tu["methods"]:
+        try:
+            tune_space(tu, method)
+        except ValueError as e:
+            raise SystemExit(f"tune.space / tune.methods: {e}") from None
+
+
 def resolve_out(out: str) -> Path:
     """Relative paths resolve against where the user launched the job. Under `ray job submit`
     the job runs in a temporary copy of the working dir, so a relative path would vanish with
@@ -171,7 +193,7 @@ def stage_calibration(cfg, pool, run_path, count_tokens):
 def stage_tune(cfg, run_id, run_path, count_tokens, cpus_per_trial):
     import pandas as pd
 
-    from kvray.tune import SearchSpace, search_budgets, trials_table
+    from kvray.tune import search_budgets, trials_table
 
     tu = cfg["tune"]
     out = run_path / "tune"
@@ -183,7 +205,7 @@ def stage_tune(cfg, run_id, run_path, count_tokens, cpus_per_trial):
         if path.is_file():
             results[method] = pd.read_parquet(path)
             continue
-        space = SearchSpace.default(method, float(tu["compression_ratio"]))
+        space = tune_space(tu, method)
         print(f"[tune] {method}: {len(space.grid())} allocations in the space, {tu['trials']} trials, "
               f"{len(samples)} calibration samples", flush=True)
         res = search_budgets(space, samples, model=cfg["model"], num_trials=int(tu["trials"]),
@@ -201,13 +223,12 @@ def stage_tune(cfg, run_id, run_path, count_tokens, cpus_per_trial):
 
 def make_policies(cfg, run_id, run_path, model_name, num_layers, num_kv_heads, tuned, calibrated):
     from kvray.policy import Policy, make_policy_id
-    from kvray.tune import SearchSpace
 
     tu = cfg["tune"]
     policies = []
     ratio = float(tu["compression_ratio"])
     for method in sorted(set(tuned) | set(calibrated)):
-        space = SearchSpace.default(method, ratio) if method in tuned else None
+        space = tune_space(tu, method) if method in tuned else None
         metrics, allocation = {}, {}
         if method in tuned:
             table = tuned[method]
@@ -315,6 +336,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     cfg = load_config(args)
+    check_tune_spaces(cfg)
     skip = {s for s in args.skip.split(",") if s}
     if skip - {"eval", "tune", "calibration"}:
         raise SystemExit(f"--skip takes eval, tune, calibration; got {sorted(skip)}")

@@ -381,8 +381,11 @@ def _top_allocations(run: _Run, img: _Images, k: int = 4) -> str:
             keep = (np.asarray(plan.keep, dtype=float) if plan is not None
                     else np.full((layers, heads), 1.0 - float(row["target_ratio"])))
             alpha = float(config.get("head_alpha", 1.0))
+            base = space.baseline()
+            own = ", ".join(f"{k} {v}" for k, v in sorted(space.method_config(config).items()) if base.get(k) != v)
             panels.append((keep, f"score {row['score']:.3f}" + (" (uniform)" if row.get("is_baseline") else "")
-                           + f"\nslope {float(config.get('layer_slope', 0.0)):+g}, head_alpha {alpha:g}"))
+                           + f"\nslope {float(config.get('layer_slope', 0.0)):+g}, head_alpha {alpha:g}"
+                           + (f"\n{own}" if own else "")))
         if not panels:
             continue
         fig = Figure(figsize=(2.6 * len(panels) + 1.2, min(8.0, max(3.6, 1.8 + 0.12 * layers))), layout="constrained")

@@ -72,6 +72,13 @@ def test_space_grid_baseline_and_errors():
         SearchSpace.default("pyramidkv", 0.5)
     with pytest.raises(ValueError, match="compression_ratio"):
         SearchSpace.default("knorm", 0.0)
+    # a bad value is refused when the space is built, not by a trial halfway through the search
+    with pytest.raises(ValueError, match="observation must be one of"):
+        SearchSpace.default("snapkv", 0.5, observation=["last", "first"])
+    with pytest.raises(ValueError, match="not a search parameter.*known: gqa_reduction"):
+        SearchSpace.default("snapkv", 0.5, plan=[None])
+    both = SearchSpace.default("snapkv", 0.5, observation=["question"])
+    assert both.choices["observation"] == ("question", "last") and both.baseline()["observation"] == "last"
 
 
 def test_space_baseline_press_equals_the_plain_uniform_press(tiny_llama):
@@ -155,3 +162,18 @@ def test_job_config_overrides():
         job.apply_set(cfg, "eval.samples")
     smoke = job.deep_update(cfg, job.SMOKE)
     assert smoke["eval"]["samples"] == 2 and smoke["eval"]["protocols"] == cfg["eval"]["protocols"]
+    # tune.space: the default config searches snapkv's observation window; bad spaces stop the job
+    # before any work, with the reason
+    cfg = yaml.safe_load((ROOT / "jobs" / "calibrate.yaml").read_text())
+    assert job.tune_space(cfg["tune"], "snapkv").choices["observation"] == ("last", "question")
+    assert "observation" not in job.tune_space(cfg["tune"], "knorm").choices
+    job.check_tune_spaces(cfg)
+    job.apply_set(cfg, "tune.space.snapkv.observation=[last, everything]")
+    with pytest.raises(SystemExit, match="observation must be one of"):
+        job.check_tune_spaces(cfg)
+    job.apply_set(cfg, "tune.space={knorm: {window_size: [8]}}")
+    with pytest.raises(SystemExit, match="'window_size' is not a search parameter of knorm"):
+        job.check_tune_spaces(cfg)
+    job.apply_set(cfg, "tune.space=[snapkv]")
+    with pytest.raises(SystemExit, match="tune.space must map method names"):
+        job.check_tune_spaces(cfg)

@@ -46,13 +46,16 @@ class SearchSpace:
         if not 0.0 < compression_ratio < 1.0:
             raise ValueError(f"compression_ratio must lie in (0, 1) for a budget search, got {compression_ratio}")
         choices = {**ALLOCATION_CHOICES, **METHOD_CHOICES.get(method, {})}
-        known = set(choices) | set(method_params(method))
+        known = (set(choices) | set(method_params(method))) - {"compression_ratio", "plan"}
         for name, values in overrides.items():
             if name not in known:
                 raise ValueError(f"{name!r} is not a search parameter of {method}; known: {', '.join(sorted(known))}")
             values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
             if not values:
                 raise ValueError(f"search parameter {name!r} needs at least one value")
+            if name not in ALLOCATION_CHOICES:
+                for value in values:  # a bad value fails here, not in a trial halfway through a search
+                    make_press(method, compression_ratio=compression_ratio, **{name: value})
             choices[name] = values
         space = cls(method, float(compression_ratio), choices)
         # the uniform baseline (method defaults) is always a point of the space
