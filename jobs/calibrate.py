@@ -414,8 +414,17 @@ def main(argv=None) -> int:
             lines += ["Calibrators (fit on some contexts, checked on held-out ones):",
                       pd.DataFrame(c_rows).to_string(index=False), ""]
             summary["calibration"] = c_rows
-    lines += ["Policies:"] + [f"  {p.policy_id}  ({p.method}, ratio {p.compression_ratio:.2f}"
+    def tuned_note(p) -> str:
+        m = p.metrics
+        if m.get("tune_score") is None or m.get("uniform_score") is None:
+            return ""
+        return f", tuned {m['tune_score']:.2f} vs uniform {m['uniform_score']:.2f}"
+
+    lines += ["Policies:"] + [f"  {p.policy_id}  ({p.method}, ratio {p.compression_ratio:.2f}{tuned_note(p)}"
                               f"{', calibrated' if p.calibrator else ''})" for p in policies]
+    # the curl names the policy whose search gained most over uniform (the first one on a tie)
+    shown = max(policies, key=lambda p: (p.metrics.get("tune_score") or 0.0) - (p.metrics.get("uniform_score") or 0.0),
+                default=None)
     from kvray.serve.app import example_curl
 
     store = out / "policies"
@@ -423,7 +432,7 @@ def main(argv=None) -> int:
         serving = serve_policies(cfg, store, [p.policy_id for p in policies], args.serve_host, args.serve_port)
     else:
         serving = ("serve them: `make serve` (or `kvray serve --policies " + str(store) + "`), then\n  " +
-                   example_curl("http://127.0.0.1:8000", policies[0].policy_id if policies else None))
+                   example_curl("http://127.0.0.1:8000", shown.policy_id if shown else None))
     lines += ["", "Serving: " + serving]
     report = run_path / "report.html"
     summary.update(policies=[p.policy_id for p in policies], report=str(report))

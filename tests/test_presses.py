@@ -281,15 +281,15 @@ def test_adakv_selection_against_slow_reference():
 @pytest.mark.parametrize("pooling,gqa,kernel", [("max", "mean", 7), ("avg", "max", 3)])
 def test_snapkv_question_observation_against_slow_reference(pooling, gqa, kernel):
     """observation="question": the question's rows are the window; everything from the question
-    on (question, template, answer prefix) is kept."""
+    on (question, template, answer prefix) is kept, and at least the last window_size tokens."""
     torch.manual_seed(6)
     H, G, N, d, captured, q0, q1 = 2, 3, 31, 8, 12, 19, 24  # question at [19, 24), 7 suffix tokens
     keys, values = torch.randn(1, H, N, d), torch.randn(1, H, N, d)
     qpos = torch.arange(N - captured, N)
     queries = torch.randn(1, H * G, captured, d)
     layer = LayerInputs(0, keys, values, queries, qpos, question=(q0, q1))
-    press = make_press("snapkv", compression_ratio=0.5, kernel_size=kernel, pooling=pooling, gqa_reduction=gqa,
-                       observation="question")
+    press = make_press("snapkv", compression_ratio=0.5, window_size=4, kernel_size=kernel, pooling=pooling,
+                       gqa_reduction=gqa, observation="question")
     got = press.score(layer)[0]
     rows = (qpos >= q0) & (qpos < q1)
     want = slow_snapkv_scores(queries[0][:, rows], qpos[rows], keys[0], q1 - q0, kernel, pooling, gqa)
@@ -302,6 +302,11 @@ def test_snapkv_question_observation_against_slow_reference(pooling, gqa, kernel
         rest = [j for j in kept[h].tolist() if j < q0]
         expect = torch.topk(want[h, :q0], k - (N - q0)).values
         assert sorted(want[h, rest].tolist()) == pytest.approx(sorted(expect.tolist()))
+    # a window_size longer than question + suffix keeps the last window_size tokens
+    wide = make_press("snapkv", compression_ratio=0.5, window_size=15, kernel_size=kernel, pooling=pooling,
+                      gqa_reduction=gqa, observation="question").score(layer)[0]
+    assert wide[:, N - 15:].min() > wide[:, : N - 15].max()
+    torch.testing.assert_close(wide[:, : N - 15].double(), want[:, : N - 15], atol=1e-6, rtol=1e-5)
     # without a compressed question it is the last window_size rows, as observation="last"
     plain = LayerInputs(0, keys, values, queries, qpos)
     last = make_press("snapkv", compression_ratio=0.5, window_size=5, observation="last")
@@ -317,7 +322,7 @@ def test_question_observation_reads_the_question_rows_of_the_prefill(tiny_llama)
     pre = prefill(tiny_llama, p, capture_window=4)
     aware, agnostic = pre.state(True), pre.state(False)
     assert aware.layers[0].question == (n_ctx, n_ctx + n_q) and agnostic.layers[0].question is None
-    question = make_press("snapkv", compression_ratio=0.5, observation="question")
+    question = make_press("snapkv", compression_ratio=0.5, window_size=4, observation="question")
     # reference: prefill only context + question; its last n_q rows are the question
     upto = prefill(tiny_llama, PromptTokens(p.context, p.question, []), capture_window=n_q).state(True)
     last = make_press("snapkv", compression_ratio=0.5, window_size=n_q)

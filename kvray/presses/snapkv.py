@@ -29,9 +29,11 @@ class SnapKVPress(Press):
     observation="question" (an option, not in the paper's code): in the query-aware protocol the
     observation window is the question's own tokens, whatever their number, rather than the
     last `window_size` tokens of the prompt, which after a chat template end with the assistant
-    header and the answer prefix; everything from the question on is kept. The paper's premise
-    is that the window holds the question. Without a compressed question (query-agnostic
-    protocol, empty question) it is the last `window_size` tokens, as with "last".
+    header and the answer prefix. Kept as the window: everything from the question on, and at
+    least the last `window_size` tokens (so a short prompt keeps its recent context as with
+    "last"). The paper's premise is that the window holds the question. Without a compressed
+    question (query-agnostic protocol, empty question) it is the last `window_size` tokens, as
+    with "last".
     """
 
     window_size: int = 32
@@ -51,8 +53,12 @@ class SnapKVPress(Press):
         attn = window_attention(layer, self.window_size, self.observation)  # [B, Hq, W, N]
         scores = reduce_gqa(attn.mean(dim=2), layer.num_kv_heads, self.gqa_reduction)
         scores = pool(scores, self.kernel_size, self.pooling)
-        # the window and everything after it (the answer prefix, for observation="question") is kept
-        return protect(scores, last=layer.n_tokens - window_start(layer, attn.shape[2], self.observation))
+        # the window and everything after it is kept; with the question's rows as the window, also
+        # at least the last window_size tokens
+        last = layer.n_tokens - window_start(layer, attn.shape[2], self.observation)
+        if self.observation == "question":
+            last = max(last, self.window_size)
+        return protect(scores, last=last)
 
 
 @dataclass(frozen=True)
