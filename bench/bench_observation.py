@@ -128,8 +128,9 @@ def main(argv=None) -> None:
         "",
         "`observation=\"last\"` (default; the authors' code): the window is the last `window_size=32` prompt "
         "tokens, which after the chat template are the end of the question, the assistant header and the "
-        "answer prefix. `observation=\"question\"`: the window is the question's own tokens, and everything "
-        "from the question on is kept. adakv's scorer is snapkv, so the option reaches it too.",
+        "answer prefix. `observation=\"question\"`: the window is the question's own tokens; everything "
+        "from the question on is kept, and at least the last `window_size` tokens. adakv's scorer is snapkv, "
+        "so the option reaches it too.",
         "",
         "| method | ratio | observation | " + " | ".join(table.columns) + " |",
         "|---|---|---|" + "---|" * len(table.columns),
