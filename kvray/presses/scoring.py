@@ -38,6 +38,8 @@ def window_rows(layer: LayerInputs, window_size: int, observation: str = "last")
     observation="last": the last `window_size` captured queries (W = min(window_size, captured)).
     observation="question": the question's rows when the question is among the compressed tokens
     (query-aware protocol, `layer.question`), else the last `window_size` as above."""
+    if observation not in OBSERVATIONS:
+        raise ValueError(f"unknown observation window {observation!r}; allowed: {', '.join(OBSERVATIONS)}")
     if layer.queries is None:
         raise ValueError("this method needs the window queries, but the prefill captured none")
     if observation == "question" and layer.question is not None:
@@ -48,16 +50,7 @@ def window_rows(layer: LayerInputs, window_size: int, observation: str = "last")
             raise ValueError(f"the prefill captured {rows.numel()} of the question's {end - start} query rows; "
                              "prefill with with_question=True captures them all")
         return layer.queries[:, :, rows], pos[rows]
-    if observation not in OBSERVATIONS:
-        raise ValueError(f"unknown observation window {observation!r}; allowed: {', '.join(OBSERVATIONS)}")
     return layer.queries[:, :, -window_size:], layer.query_positions[-window_size:]
-
-
-def window_start(layer: LayerInputs, rows: int, observation: str = "last") -> int:
-    """Position of the observation window's first row (`rows` = its length)."""
-    if observation == "question" and layer.question is not None:
-        return layer.question[0]
-    return layer.n_tokens - rows
 
 
 def window_attention(layer: LayerInputs, window_size: int, observation: str = "last") -> torch.Tensor:

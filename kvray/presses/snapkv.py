@@ -8,7 +8,7 @@ import torch
 
 from ..budget import pyramid_layer_counts
 from .base import LayerInputs, PrefillState, Press, protect
-from .scoring import check_window_params, pool, reduce_gqa, window_attention, window_start
+from .scoring import check_window_params, pool, reduce_gqa, window_attention
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,9 @@ class SnapKVPress(Press):
         scores = pool(scores, self.kernel_size, self.pooling)
         # the window and everything after it is kept; with the question's rows as the window, also
         # at least the last window_size tokens
-        last = layer.n_tokens - window_start(layer, attn.shape[2], self.observation)
-        if self.observation == "question":
-            last = max(last, self.window_size)
-        return protect(scores, last=last)
+        if self.observation == "question" and layer.question is not None:
+            return protect(scores, last=max(layer.n_tokens - layer.question[0], self.window_size))
+        return protect(scores, last=attn.shape[2])
 
 
 @dataclass(frozen=True)
