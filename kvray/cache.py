@@ -1,30 +1,58 @@
-"""The compressed KV cache (real memory) and the attention function that reads it.
+"""The compressed KV cache (real memory).
 
 Per layer the cache holds a **static ragged prefix** -- the kept context entries, packed per
-(batch, KV head) with their own lengths, never re-allocated -- and a **dense growing tail** for
+(row, KV head) with their own lengths, never re-allocated -- and a **dense growing tail** for
 tokens appended afterwards (question, generated tokens). Only kept entries are stored, so
 `nbytes()` is the memory really held, for uniform, per-layer and per-KV-head budgets alike.
 
+Rows of one cache may come from different prompts (the decoder's batch, `KVRayCache.merge`):
+each row then has its own original positions (`RowLayout.starts`: the positions its prefix
+covers) and its own tail length. The tail is one dense [B, H, T, d] tensor, **left-padded** per
+row (`RowLayout.pads`): every decode step appends one token to every row, so tails grow in
+lockstep and a row that joined later simply has more leading padding, masked in attention.
+
 Two seams of transformers 5.x make it work with any `model(...)` / `model.generate(...)`:
 `Cache.update(..., kwargs=attn_kwargs)` receives the very dict later splatted into the attention
-function, so each layer puts itself in it (`kvray_layer`); `kvray_attention`, registered under the
-attention implementation name ``"kvray"``, then attends over prefix + tail. Without a compressed
-prefix it is plain SDPA, so a model set to ``"kvray"`` behaves exactly as with ``"sdpa"``.
+function, so each layer puts itself in it (`kvray_layer`); the attention function registered
+under the name ``"kvray"`` (`kvray.runtime.attention`) then attends over prefix + tail. Without
+a compressed prefix it is plain SDPA, so a model set to ``"kvray"`` behaves exactly as with
+``"sdpa"``.
 
 Positions never move: `get_seq_length()` counts original positions (context length + tail), so
-the model gives new tokens their true RoPE positions although fewer entries are stored.
+the model gives new tokens their true RoPE positions although fewer entries are stored; a batch
+of rows from different prompts is fed with explicit `position_ids` (the decoder does that).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 ATTN_IMPLEMENTATION = "kvray"
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Per-row bookkeeping of a cache whose rows come from different prompts (shared by all its
+    layers: every layer has seen the same tokens).
+
+    starts: per row, the original positions its compressed prefix covers (its prompt's length
+        up to where compression happened);
+    pads: per row, the leading slots of the layers' dense tail that are not its own (the tail
+        is left-padded: row b's tail entries are the last T - pads[b] slots).
+    """
+
+    starts: tuple[int, ...]
+    pads: tuple[int, ...]
+
+    def tail_lengths(self, T: int) -> list[int]:
+        return [T - p for p in self.pads]
+
+    def next_positions(self, T: int) -> list[int]:
+        """The original position of each row's next token when the tail holds T slots."""
+        return [s + T - p for s, p in zip(self.starts, self.pads)]
 
 
 @dataclass
@@ -48,6 +76,31 @@ class RaggedKV:
         self.offsets = [0]
         for n in self.lengths:
             self.offsets.append(self.offsets[-1] + n)
+        self._head_ids: torch.Tensor | None = None
+        self._device_offsets: torch.Tensor | None = None
+
+    @property
+    def head_ids(self) -> torch.Tensor:
+        """[total] int16: the KV head (0..H-1) of every packed entry (built once, on demand)."""
+        if self._head_ids is None:
+            heads = torch.arange(self.heads, device=self.keys.device, dtype=torch.int16).repeat(self.batch)
+            counts = torch.tensor(self.lengths, device=self.keys.device, dtype=torch.long)
+            self._head_ids = torch.repeat_interleave(heads, counts)
+        return self._head_ids
+
+    @property
+    def cu_lengths(self) -> torch.Tensor:
+        """[B * H + 1] int32 start offsets on the device (cu_seqlens style, for kernels)."""
+        if self._device_offsets is None:
+            self._device_offsets = torch.tensor(self.offsets, device=self.keys.device, dtype=torch.int32)
+        return self._device_offsets
+
+    def row_span(self, b: int) -> tuple[int, int]:
+        """[start, end) of row b's entries (all its heads) in the packed tensors."""
+        return self.offsets[b * self.heads], self.offsets[(b + 1) * self.heads]
+
+    def row_lengths(self, b: int) -> tuple[int, ...]:
+        return self.lengths[b * self.heads:(b + 1) * self.heads]
 
     @property
     def uniform(self) -> bool:
@@ -66,10 +119,10 @@ class RaggedKV:
 
     def row(self, b: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """[H, n, d] views of batch row b when its heads hold the same count, else None."""
-        lens = self.lengths[b * self.heads:(b + 1) * self.heads]
+        lens = self.row_lengths(b)
         if len(set(lens)) != 1:
             return None
-        s, e = self.offsets[b * self.heads], self.offsets[(b + 1) * self.heads]
+        s, e = self.row_span(b)
         d = self.keys.shape[-1]
         return self.keys[s:e].view(self.heads, lens[0], d), self.values[s:e].view(self.heads, lens[0], d)
 
@@ -94,12 +147,17 @@ class KVRayLayer(DynamicLayer):
 
     The tail is `self.keys` / `self.values` of `DynamicLayer` ([B, H, T, d]); before compression
     the whole sequence lives there, so an uncompressed `KVRayCache` is a `DynamicCache`.
+    `rows` is set when the rows come from different prompts (see `RowLayout`); then
+    `prefix_tokens` is unused and each row has its own start and tail padding.
     """
 
-    def __init__(self, prefix: RaggedKV | None = None, prefix_tokens: int = 0, capture_window: int = 0):
+    def __init__(self, prefix: RaggedKV | None = None, prefix_tokens: int = 0, capture_window: int = 0,
+                 rows: RowLayout | None = None):
         super().__init__()
         self.prefix = prefix
         self.prefix_tokens = prefix_tokens
+        self.rows = rows
+        self.attn_impl = "auto"  # ragged attention implementation (kvray.runtime.attention.IMPLS)
         self.capture_window = capture_window
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=W, d] post-RoPE, last queries seen
         self.window_positions: torch.Tensor | None = None
@@ -114,7 +172,15 @@ class KVRayLayer(DynamicLayer):
         return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
 
     def get_seq_length(self) -> int:
+        if self.rows is not None:  # the furthest row (transformers only sizes masks with it)
+            return max(self.rows.next_positions(self.tail_length()))
         return self.prefix_tokens + self.tail_length()
+
+    def set_tail(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the dense tail ([B, H, T, d], T may be 0)."""
+        self.device = keys.device
+        self.keys, self.values = keys, values
+        self.is_initialized = True
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -129,6 +195,8 @@ class KVRayLayer(DynamicLayer):
         return (self.prefix.nbytes if self.prefix is not None else 0) + tail
 
     def _capture(self, query: torch.Tensor) -> None:
+        if self.rows is not None:
+            raise ValueError("query capture needs a single-prompt cache (rows of different prompts share no positions)")
         end = self.get_seq_length()
         q_len = query.shape[2]
         pos = torch.arange(end - q_len, end, device=query.device)
@@ -146,6 +214,8 @@ class KVRayLayer(DynamicLayer):
         i - n). The kept entries, in the given order and with their original positions, become
         the new prefix (copied, so the old tensors can be freed); the tail is emptied, so
         `get_seq_length()` -- the next token's position -- does not change."""
+        if self.rows is not None:
+            raise ValueError("keep() evicts in a single-prompt cache; decode rows that evict while decoding alone")
         T = self.tail_length()
         prefix = self.prefix
         if prefix is None:
@@ -195,22 +265,107 @@ class KVRayCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
     @classmethod
-    def stack(cls, caches: list["KVRayCache"]) -> "KVRayCache":
-        """One batched cache from compressed single-sequence caches of the same prompt (same
-        compressed length, empty tails): batch row i is caches[i]. Copies the kept entries."""
+    def merge(cls, caches: list["KVRayCache"]) -> "KVRayCache":
+        """One batch from compressed caches of possibly different prompts, lengths, budgets and
+        tail lengths (each may itself be a merged batch): its rows are the rows of `caches`, in
+        order. Copies the entries (prefixes packed one after the other, tails left-padded to the
+        longest); the sources can be dropped afterwards."""
+        if not caches:
+            raise ValueError("nothing to merge")
+        n_layers = {len(c.layers) for c in caches}
+        if len(n_layers) != 1:
+            raise ValueError(f"caches to merge have different layer counts: {sorted(n_layers)}")
+        layouts = [c.layout() for c in caches]
         layers = []
         for parts in zip(*(c.layers for c in caches)):
             prefixes = [p.prefix for p in parts]
-            if any(p is None for p in prefixes) or any(p.tail_length() for p in parts):
-                raise ValueError("only compressed caches with nothing decoded yet can be stacked")
-            if len({p.prefix_tokens for p in parts}) != 1 or len({x.heads for x in prefixes}) != 1:
-                raise ValueError("stacked caches must cover the same prompt with the same heads")
+            if any(x is None for x in prefixes):
+                raise ValueError("only compressed caches (with a prefix in every layer) can be merged")
+            if len({x.heads for x in prefixes}) != 1:
+                raise ValueError("caches to merge must have the same KV heads")
             ragged = RaggedKV(torch.cat([x.keys for x in prefixes]), torch.cat([x.values for x in prefixes]),
                               torch.cat([x.positions for x in prefixes]),
                               tuple(n for x in prefixes for n in x.lengths),
                               sum(x.batch for x in prefixes), prefixes[0].heads)
-            layers.append(KVRayLayer(prefix=ragged, prefix_tokens=parts[0].prefix_tokens))
+            layer = KVRayLayer(prefix=ragged)
+            T = max(p.tail_length() for p in parts)
+            if T:
+                tails_k, tails_v = [], []
+                for p, x in zip(parts, prefixes):
+                    t = p.tail_length()
+                    if t:
+                        k, v = p.keys, p.values
+                    else:
+                        d = x.keys.shape[-1]
+                        k = v = x.keys.new_zeros((x.batch, x.heads, 0, d))
+                    if t < T:  # left-pad: the row's own entries stay at the end
+                        k = torch.nn.functional.pad(k, (0, 0, T - t, 0))
+                        v = torch.nn.functional.pad(v, (0, 0, T - t, 0))
+                    tails_k.append(k)
+                    tails_v.append(v)
+                layer.set_tail(torch.cat(tails_k), torch.cat(tails_v))
+            layers.append(layer)
+        T = layers[0].tail_length()
+        starts, pads = [], []
+        for c, (s, p) in zip(caches, layouts):
+            t = c.layers[0].tail_length()
+            starts += s
+            pads += [x + T - t for x in p]
+        return cls._with_rows(layers, RowLayout(tuple(starts), tuple(pads)))
+
+    def select_rows(self, keep: list[int]) -> "KVRayCache":
+        """A new batch of the rows `keep` (in that order), copied; leading tail slots that no
+        kept row uses are dropped."""
+        starts, pads = self.layout()
+        if not keep:
+            raise ValueError("select_rows needs at least one row")
+        T = self.layers[0].tail_length()
+        trim = min(pads[b] for b in keep) if T else 0
+        layers = []
+        for old in self.layers:
+            x = old.prefix
+            if x is None:
+                raise ValueError("select_rows needs a compressed cache")
+            H = x.heads
+            spans = [torch.arange(*x.row_span(b), device=x.keys.device) for b in keep]
+            idx = torch.cat(spans) if spans else torch.empty(0, dtype=torch.long, device=x.keys.device)
+            ragged = RaggedKV(x.keys.index_select(0, idx), x.values.index_select(0, idx),
+                              x.positions.index_select(0, idx), tuple(n for b in keep for n in x.row_lengths(b)),
+                              len(keep), H)
+            layer = KVRayLayer(prefix=ragged)
+            if T:
+                rows = torch.tensor(keep, device=old.keys.device)
+                layer.set_tail(old.keys.index_select(0, rows)[:, :, trim:], old.values.index_select(0, rows)[:, :, trim:])
+            layers.append(layer)
+        return self._with_rows(layers, RowLayout(tuple(starts[b] for b in keep), tuple(pads[b] - trim for b in keep)))
+
+    @classmethod
+    def _with_rows(cls, layers: list[KVRayLayer], rows: RowLayout) -> "KVRayCache":
+        if len(set(rows.starts)) == 1 and not any(rows.pads):  # one prompt's layout: the plain form
+            for layer in layers:
+                layer.prefix_tokens = rows.starts[0]
+        else:
+            for layer in layers:
+                layer.rows = rows
         return cls(layers)
+
+    def layout(self) -> tuple[list[int], list[int]]:
+        """(starts, pads) per row (see `RowLayout`), also for a single-prompt cache."""
+        first = self.layers[0]
+        if first.rows is not None:
+            return list(first.rows.starts), list(first.rows.pads)
+        B = first.prefix.batch if first.prefix is not None else (first.keys.shape[0] if first.tail_length() else 1)
+        return [first.prefix_tokens] * B, [0] * B
+
+    def next_positions(self) -> list[int]:
+        """Per row, the original position of its next token."""
+        starts, pads = self.layout()
+        T = self.layers[0].tail_length()
+        return [s + T - p for s, p in zip(starts, pads)]
+
+    @property
+    def batch(self) -> int:
+        return len(self.layout()[0])
 
     def prefix_nbytes(self) -> int:
         return sum(layer.prefix.nbytes for layer in self.layers if layer.prefix is not None)
@@ -219,103 +374,3 @@ class KVRayCache(Cache):
         return sum(sum(layer.prefix.lengths) for layer in self.layers if layer.prefix is not None)
 
 
-# ----------------------------------------------------------------------------- attention
-
-
-def _causal_tail_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
-    """Bottom-right aligned causal mask [q_len, kv_len]: query i sees key j iff j <= kv_len - q_len + i."""
-    i = torch.arange(q_len, device=device)[:, None]
-    j = torch.arange(kv_len, device=device)[None, :]
-    return j <= (kv_len - q_len) + i
-
-
-def _dense_attention(query, key, value, attention_mask, scaling):
-    q_len, kv_len = query.shape[2], key.shape[2]
-    kwargs = {}
-    if query.shape[1] != key.shape[1]:
-        kwargs["enable_gqa"] = True
-    if attention_mask is not None and attention_mask.dim() == 4:
-        mask = attention_mask[..., :kv_len]
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, **kwargs)
-    elif q_len == kv_len:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scaling, **kwargs)
-    elif q_len == 1:
-        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, **kwargs)
-    else:
-        mask = _causal_tail_mask(q_len, kv_len, query.device)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, **kwargs)
-    return out.transpose(1, 2).contiguous()
-
-
-def _two_block_attention(qg, pk, pv, tk, tv, tail_mask, scaling):
-    """Softmax attention of grouped queries qg [..., R, d] over prefix (pk, pv) [..., n, d] and
-    tail (tk, tv) [..., T, d] at once, without concatenating the (large) prefix."""
-    sp = torch.matmul(qg, pk.transpose(-1, -2)).float() * scaling
-    st = torch.matmul(qg, tk.transpose(-1, -2)).float() * scaling
-    st = st.masked_fill(~tail_mask, float("-inf"))
-    probs = torch.softmax(torch.cat([sp, st], dim=-1), dim=-1).to(qg.dtype)
-    n = pk.shape[-2]
-    return torch.matmul(probs[..., :n], pv) + torch.matmul(probs[..., n:], tv)
-
-
-def ragged_attention(query: torch.Tensor, layer: KVRayLayer, scaling: float) -> torch.Tensor:
-    """Attention of `query` [B, Hq, q, d] over a layer's ragged prefix + dense tail.
-
-    The tail already holds the q new tokens (appended by `update`); the prefix is fully visible,
-    the tail causally. Returns [B, q, Hq, d]. Reference twin of the Triton varlen kernel.
-    """
-    prefix = layer.prefix
-    B, Hq, q_len, d = query.shape
-    H = prefix.heads
-    G = Hq // H
-    tk, tv = layer.keys, layer.values  # [B, H, T, d]
-    T = tk.shape[2]
-    # rows are (g, i) pairs; row r = g * q_len + i is query position i
-    row_pos = torch.arange(q_len, device=query.device).repeat(G)
-    tail_mask = torch.arange(T, device=query.device)[None, :] <= (T - q_len) + row_pos[:, None]
-    qg = query.reshape(B, H, G * q_len, d)
-    if prefix.uniform:
-        pk, pv = prefix.dense()
-        out = _two_block_attention(qg, pk, pv, tk, tv, tail_mask, scaling)
-    else:
-        out = torch.empty_like(qg)
-        for b in range(B):
-            row = prefix.row(b)
-            if row is not None:  # e.g. one config of a stacked batch with uniform heads
-                out[b] = _two_block_attention(qg[b], row[0], row[1], tk[b], tv[b], tail_mask, scaling)
-                continue
-            for h in range(H):
-                pk, pv = prefix.head(b * H + h)
-                out[b, h] = _two_block_attention(qg[b, h], pk, pv, tk[b, h], tv[b, h], tail_mask, scaling)
-    return out.view(B, H, G, q_len, d).reshape(B, Hq, q_len, d).transpose(1, 2).contiguous()
-
-
-def kvray_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: SDPA, or ragged attention when the layer has a prefix."""
-    layer = kwargs.get("kvray_layer")
-    if scaling is None:
-        scaling = 1.0 / math.sqrt(query.shape[-1])
-    if isinstance(layer, KVRayLayer):
-        if layer.capture_window > 0:
-            layer._capture(query)
-        if layer.prefix is not None:
-            if query.shape[0] != layer.prefix.batch:
-                raise ValueError("batch size changed after compression")
-            return ragged_attention(query, layer, scaling), None
-    return _dense_attention(query, key, value, attention_mask, scaling), None
-
-
-def register_kvray_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTN_IMPLEMENTATION, kvray_attention)
-
-
-def enable_kvray_attention(model) -> None:
-    """Route `model`'s attention through `kvray_attention` (plain SDPA for ordinary caches).
-
-    Custom attention names get no mask from transformers: kvray_attention builds the causal
-    mask itself, so inputs must not be left-padded (kvray evaluates one sample at a time).
-    """
-    register_kvray_attention()
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .generate import Prefill, PromptTokens, build_prompt, capture_window_for, hidden_needed_for, prefill
+from .runtime import Prefill, PromptTokens, build_prompt, capture_window_for, forward, hidden_needed_for, prefill
 from .models import LanguageModel
 from .presses import Press, make_press
 
@@ -202,35 +202,13 @@ def nll_from_hidden(lm: LanguageModel, hidden: torch.Tensor, targets: Sequence[i
     return total / targets.numel()
 
 
-def template_prefix_length(tokenizer, prompt: PromptTokens, context: str, question: str = "") -> int:
-    """How many leading tokens of `prompt.context` belong to the chat template (system prompt,
-    user header) rather than to the context text (0 without a chat template). Uses the common
-    prefix with the template text tokenised alone, so a token straddling the boundary counts as
-    context."""
-    if not getattr(tokenizer, "chat_template", None):
-        return 0
-    sep = "" if not question or question[:1].isspace() else "\n\n"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": context + sep + question}],
-                                         add_generation_prompt=True, tokenize=False)
-    start = text.find(context + sep + question)
-    if start <= 0:
-        return 0
-    pre = tokenizer(text[:start], add_special_tokens=False).input_ids
-    n = 0
-    for a, b in zip(pre, prompt.context):
-        if a != b:
-            break
-        n += 1
-    return min(n, len(prompt.context) - 1)
-
-
 @torch.inference_mode()
 def prefill_with_context_nll(lm: LanguageModel, prompt: PromptTokens, *, skip: int = 0,
                              capture_window: int | None = None, with_question: bool = False,
                              chunk_size: int = 512, capture_hidden_states: bool = False) -> tuple[Prefill, float]:
     """`kvray.generate.prefill` plus NLL(c), the context's own token-averaged NLL, taken from
     the same forward: mean over i in [max(skip, 1), n) of -log p(context[i] | context[:i]), where
-    `skip` is the template prefix length (`template_prefix_length`)."""
+    `skip` is the template prefix length (`PromptTokens.template_prefix`)."""
     n = len(prompt.context)
     start = max(int(skip), 1)
     if start >= n:
@@ -251,7 +229,7 @@ def context_nll(lm: LanguageModel, context: str, question: str = "", answer_pref
     """NLL(c) of a context as the calibrator sees it (one prefill of the context, no other
     forward). Use `prefill_with_context_nll` to get it alongside a prefill you go on using."""
     prompt = build_prompt(lm.tokenizer, context, question, answer_prefix)
-    skip = template_prefix_length(lm.tokenizer, prompt, context, question) if skip_template else 0
+    skip = prompt.template_prefix if skip_template else 0
     return prefill_with_context_nll(lm, prompt, skip=skip, chunk_size=chunk_size)[1]
 
 
@@ -270,18 +248,15 @@ def _answer_nll(lm: LanguageModel, cache, rest: list[int], answer: list[int],
     """Token-averaged NLL of `answer` by teacher forcing on `cache` (which it extends): feed
     `rest + answer[:-1]` and score the last len(answer) positions. With nothing to feed first,
     the first answer token is scored from `first_logits` (the query-aware protocol)."""
-    model, device = lm.model, lm.device
-    target = torch.tensor(answer, device=device)
+    target = torch.tensor(answer, device=lm.device)
     if rest:
-        x = torch.tensor([rest + answer[:-1]], device=device)
-        logits = model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=len(answer)).logits[0]
+        logits = forward(lm, [rest + answer[:-1]], cache, logits_to_keep=len(answer)).reshape(len(answer), -1)
     else:
         if first_logits is None:
             raise ValueError("nothing to feed and no first-token logits")
         parts = [first_logits.reshape(1, -1)]
         if len(answer) > 1:
-            x = torch.tensor([answer[:-1]], device=device)
-            parts.append(model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=len(answer) - 1).logits[0])
+            parts.append(forward(lm, [answer[:-1]], cache, logits_to_keep=len(answer) - 1).reshape(len(answer) - 1, -1))
         logits = torch.cat([p.float() for p in parts])
     return float(F.cross_entropy(logits.float(), target, reduction="mean"))
 
@@ -327,7 +302,7 @@ def measure_curves(lm: LanguageModel, sample, methods: dict[str, dict], retentio
     answer = lm.tokenizer(answer_text(sample), add_special_tokens=False).input_ids
     if not answer:
         raise ValueError(f"sample {sample.sample_id}: the answer tokenises to nothing")
-    skip = template_prefix_length(lm.tokenizer, prompt, sample.context, sample.question)
+    skip = prompt.template_prefix
     every = [p for ps in presses.values() for p in ps if p is not None]
     pre, c_nll = prefill_with_context_nll(lm, prompt, skip=skip, with_question=query_aware,
                                           capture_window=capture_window_for(every),
@@ -636,7 +611,7 @@ def compare_with_fixed(cal: Calibrator, heldout_rows: Iterable[dict], at_predict
 
 
 __all__ = [
-    "compare_with_fixed", "measure_curves", "retention_curve", "min_retention", "capture_hidden", "nll_from_hidden", "template_prefix_length",
+    "compare_with_fixed", "measure_curves", "retention_curve", "min_retention", "capture_hidden", "nll_from_hidden",
     "prefill_with_context_nll", "context_nll", "answer_text", "measure_curve", "Calibrator",
     "fit_calibrator", "safe_compression_ratio", "validate_calibrator", "CALIBRATOR_KIND", "CALIBRATOR_VERSION",
 ]

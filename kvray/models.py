@@ -154,7 +154,7 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .cache import enable_kvray_attention
+    from .runtime.attention import enable_kvray_attention
 
     device = torch.device(device) if device is not None else default_device()
     if isinstance(dtype, str):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvray
-from kvray.cache import enable_kvray_attention
+from kvray.runtime import enable_kvray_attention
 
 torch.set_num_threads(2)
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from kvray.cache import KVRayCache, KVRayLayer, RaggedKV, ragged_attention
+from kvray.cache import KVRayCache, KVRayLayer, RaggedKV
+from kvray.runtime import ragged_attention
 
 
 def dense_masked_reference(query, keys, values, keep, tail_k, tail_v):

@@ -12,9 +12,9 @@ import torch
 
 from kvray.calibration import (
     Calibrator, answer_text, context_nll, fit_calibrator, measure_curve, min_retention, retention_curve,
-    safe_compression_ratio, template_prefix_length, validate_calibrator,
+    safe_compression_ratio, validate_calibrator,
 )
-from kvray.cache import enable_kvray_attention
+from kvray.runtime import enable_kvray_attention
 from kvray.eval.tasks import make_samples
 from kvray.generate import build_prompt
 
@@ -258,10 +258,22 @@ def _reference(lm, sample):
     logp = torch.log_softmax(logits, dim=-1)
     n = len(ids) - len(answer)
     nll_answer = -logp[torch.arange(n - 1, len(ids) - 1), torch.tensor(answer)].mean()
-    skip = template_prefix_length(lm.tokenizer, prompt, sample.context, sample.question)
+    skip = _template_prefix(lm.tokenizer, prompt, sample.context, sample.question)
     nc = len(prompt.context)
     nll_context = -logp[torch.arange(skip - 1, nc - 1), torch.tensor(prompt.context[skip:])].mean()
     return float(nll_answer), float(nll_context), skip, prompt
+
+
+def _template_prefix(tokenizer, prompt, context, question):
+    """Oracle: tokens shared by the prompt's context part and the template text before the
+    context, tokenised alone."""
+    sep = "" if not question or question[:1].isspace() else "\n\n"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": context + sep + question}],
+                                         add_generation_prompt=True, tokenize=False)
+    pre = tokenizer(text[:text.find(context + sep + question)], add_special_tokens=False).input_ids
+    n = next((i for i, (a, b) in enumerate(zip(pre, prompt.context)) if a != b), min(len(pre), len(prompt.context)))
+    assert n == prompt.template_prefix and n > 0
+    return n
 
 
 def test_measure_curve_matches_plain_forward(tiny_llama):

@@ -42,13 +42,15 @@ def test_generate_errors(tiny_llama):
         kvray.generate(tiny_llama, CONTEXT, "q", max_new_tokens=0)
     with pytest.raises(ValueError, match="unknown method"):
         kvray.generate(tiny_llama, CONTEXT, "q", press="snap")
+    with pytest.raises(ValueError, match="without compression_ratio would compress nothing"):
+        kvray.generate(tiny_llama, CONTEXT, "q", press="snapkv")
     with pytest.raises(ValueError, match="supports at most"):
         kvray.generate(tiny_llama, "word " * 5000, "q")
 
 
 def test_press_by_name(tiny_llama):
-    out = kvray.generate(tiny_llama, CONTEXT, "q", press="knorm", max_new_tokens=2)
-    assert out.stats.compression_ratio == 0.0  # a name alone means its default ratio (0)
+    out = kvray.generate(tiny_llama, CONTEXT, "q", press="knorm", compression_ratio=0.5, max_new_tokens=2)
+    assert out.stats.compression_ratio == pytest.approx(0.5, abs=0.01)  # a name goes with its ratio
 
 
 def test_batched_decoding_equals_one_config_at_a_time(tiny_lm):
@@ -67,7 +69,7 @@ def test_batched_decoding_equals_one_config_at_a_time(tiny_lm):
     with torch.inference_mode():
         alone = [tiny_lm.model(input_ids=torch.tensor([rest]), cache=pr.compress(pre.state(False))).logits[0]
                  for pr in presses]
-        stacked = KVRayCache.stack([pr.compress(pre.state(False)) for pr in presses])
+        stacked = KVRayCache.merge([pr.compress(pre.state(False)) for pr in presses])
         together = tiny_lm.model(input_ids=torch.tensor([rest] * 3), cache=stacked).logits
         step = tiny_lm.model(input_ids=torch.tensor([[5], [6], [7]]), cache=stacked).logits
     for i in range(3):
@@ -83,8 +85,8 @@ def test_run_configs_batched_matches_sequential(tiny_llama):
     presses = [kvray.make_press("full"), kvray.make_press("snapkv", compression_ratio=0.5),
                kvray.make_press("streaming_llm", compression_ratio=0.5)]
     for aware in (False, True):
-        batched = run_configs(tiny_llama, pre, presses, aware, 6, decode_batch=3)
-        single = run_configs(tiny_llama, pre, presses, aware, 6, decode_batch=1)
+        batched = run_configs(tiny_llama, pre, presses, aware, 6)
+        single = run_configs(tiny_llama, pre, presses, aware, 6, kv_budget=1)  # one row at a time
         assert [o.token_ids for o in batched] == [o.token_ids for o in single]
         assert [o.stats.kv_bytes_kept for o in batched] == [o.stats.kv_bytes_kept for o in single]
 

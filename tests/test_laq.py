@@ -122,7 +122,7 @@ def varied_llama():
 
     import kvray
     from conftest import tiny_config, tokenizer
-    from kvray.cache import enable_kvray_attention
+    from kvray.runtime import enable_kvray_attention
 
     tok = tokenizer()
     cfg = tiny_config("llama", len(tok))
@@ -221,7 +221,7 @@ def test_compress_prefill_budgets_and_untouched_prefill(tiny_llama, query_aware,
 def test_stop_token_ends_the_lookahead(monkeypatch):
     """A stop token ends the lookahead (not fed); a stop as the very first pseudo token leaves the
     stage-1 cache."""
-    gen = importlib.import_module("kvray.generate")  # the package's `generate` is the function
+    dec = importlib.import_module("kvray.runtime.decoder")
 
     lm = varied_llama()
     pre = prefill(lm, prompt())
@@ -232,10 +232,10 @@ def test_stop_token_ends_the_lookahead(monkeypatch):
     if not fresh:
         pytest.skip(f"the tiny model repeats one token {tokens}: no stop point to test")
     i = fresh[0]
-    monkeypatch.setattr(gen, "stop_token_ids", lambda tok: {tokens[i]})
+    monkeypatch.setattr(dec, "stop_token_ids", lambda tok: {tokens[i]})
     short, queries = press.pseudo_decode(lm, press.stage1().compress(state), [], pre.first_logits(True))
     assert short == tokens[:i] and all(q.shape[2] == i for q, _ in queries)
-    monkeypatch.setattr(gen, "stop_token_ids", lambda tok: {tokens[0]})
+    monkeypatch.setattr(dec, "stop_token_ids", lambda tok: {tokens[0]})
     cache = press.compress_prefill(lm, pre, True)
     stage1 = press.stage1().compress(state)
     for a, b in zip(cache.layers, stage1.layers):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kvray.budget import keep_count
-from kvray.cache import KVRayCache, enable_kvray_attention
+from kvray.cache import KVRayCache
+from kvray.runtime import enable_kvray_attention
 from kvray.eval import make_samples, score_sample, string_match_all
 from kvray.eval import tasks as tasks_mod
 from kvray.eval.longgen import (cache_size, compare_long_generation, continuation_nll, continuation_nll_on_prefill,

@@ -53,7 +53,7 @@ class ModelWorker:
     threads: torch intra-op threads (the actor's CPU share; 0 leaves torch's default)."""
 
     def __init__(self, model: str | None = None, *, device: str | None = None, dtype: str | None = None,
-                 threads: int = 0, decode_batch: int = 16, label: str = ""):
+                 threads: int = 0, kv_budget: int | None = None, label: str = ""):
         import torch
 
         if threads:
@@ -61,7 +61,7 @@ class ModelWorker:
         self.label = label
         t0 = time.perf_counter()
         self.host = ModelHost.load(model, device=device, dtype=dtype)
-        self.host.decode_batch = decode_batch
+        self.host.kv_budget = kv_budget
         self.load_s = time.perf_counter() - t0
 
     def info(self) -> dict:
@@ -118,7 +118,7 @@ class WorkerPool:
 
 
 def start_workers(num_workers: int, model: str | None = None, *, cpus_per_worker: float = 1, use_gpu: bool | None = None,
-                  device: str | None = None, dtype: str | None = None, decode_batch: int = 16,
+                  device: str | None = None, dtype: str | None = None, kv_budget: int | None = None,
                   run: str = "") -> WorkerPool:
     """Start `num_workers` model actors and wait until each has loaded its model.
 
@@ -136,7 +136,7 @@ def start_workers(num_workers: int, model: str | None = None, *, cpus_per_worker
         opts = {"num_cpus": cpus_per_worker}
         threads = max(1, int(cpus_per_worker))
     actors = [remote_cls.options(**opts).remote(model, device=device, dtype=dtype, threads=threads,
-                                                 decode_batch=decode_batch, label=str(i))
+                                                 kv_budget=kv_budget, label=str(i))
               for i in range(num_workers)]
     refs = [a.info.remote() for a in actors]
     try:

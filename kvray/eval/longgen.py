@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..cache import KVRayCache
-from ..generate import (Prefill, PromptTokens, build_prompt, capture_window_for, hidden_needed_for, prefill,
-                        run_configs)
+from ..generate import run_configs
+from ..runtime import (Decoder, Prefill, PromptTokens, build_prompt, capture_window_for, hidden_needed_for,
+                       prefill)
 from ..models import LanguageModel
 from ..presses import Press, list_methods, make_press
 from . import haystack as hs
@@ -68,14 +69,9 @@ def _as_press(press: Press | str | None) -> Press:
 
 
 def decode_hook(press: Press) -> Callable[[KVRayCache, int], None] | None:
-    """The per-step hook `kvray.generate.run_configs` gives `greedy_decode_batch` for `press`:
+    """The per-step hook the decoder gets for `press` (as in `kvray.generate.run_configs`):
     `press.after_step` for presses that evict while decoding, None for the others."""
-    if not getattr(press, "evicts_during_decoding", False):
-        return None
-    hook = getattr(press, "after_step", None)
-    if not callable(hook):
-        raise TypeError(f"{type(press).__name__} sets evicts_during_decoding but has no after_step(cache, step)")
-    return hook
+    return press.after_step if press.evicts_during_decoding else None
 
 
 def cache_size(cache: KVRayCache) -> tuple[int, int]:
@@ -89,12 +85,6 @@ def cache_size(cache: KVRayCache) -> tuple[int, int]:
         if tail:
             entries += tail * layer.keys.shape[0] * layer.keys.shape[1]
     return entries, cache.nbytes()
-
-
-def _feed(lm: LanguageModel, cache: KVRayCache, ids: list[int]) -> torch.Tensor:
-    """Feed `ids` (one row) on `cache`; logits of the last position, [vocab] fp32."""
-    x = torch.tensor([ids], device=lm.device)
-    return lm.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()
 
 
 # ----------------------------------------------------------------------------- (a) continuation NLL
@@ -132,30 +122,27 @@ def continuation_nll_on_prefill(lm: LanguageModel, pre: Prefill, continuation: S
     compressed_entries, compressed_bytes = cache_size(cache)
     del state
 
-    t0 = time.perf_counter()
-    forwards = 0
-    if rest:
-        logits = _feed(lm, cache, rest)
-        if hook is not None:
-            hook(cache, forwards)
-        forwards += 1
-    else:
-        logits = first.float()
     token_logp: list[torch.Tensor] = []
     token_top1: list[torch.Tensor] = []
     sizes: list[tuple[int, int, int]] = []  # (entries, bytes, sequence length) after each segment
-    for j, tok in enumerate(cont):
-        token_logp.append(torch.log_softmax(logits, dim=-1)[tok])
-        token_top1.append(logits.argmax() == tok)
+
+    def observe(row, logits):  # the logits that predict continuation token j, on the cache as it is now
+        j = len(token_logp)
+        logits = logits.float()
+        token_logp.append(torch.log_softmax(logits, dim=-1)[cont[j]])
+        token_top1.append(logits.argmax() == cont[j])
         if (j + 1) % segment == 0 or j == len(cont) - 1:
             # the cache that predicted token j: after the forward of token j - 1 and its eviction
             sizes.append((*cache_size(cache), cache.layers[0].get_seq_length()))
-        if j == len(cont) - 1:
-            break
-        logits = _feed(lm, cache, [tok])
-        if hook is not None:
-            hook(cache, forwards)
-        forwards += 1
+
+    t0 = time.perf_counter()
+    dec = Decoder(lm)
+    row = dec.add(cache, feed=rest, first_logits=None if rest else first.float(), max_new_tokens=len(cont),
+                  teacher=cont, after_step=hook, on_logits=observe)[0]
+    dec.run()
+    if row.error is not None:
+        raise row.error
+    forwards = row.forwards
     decode_s = time.perf_counter() - t0
 
     nll = [-x for x in torch.stack(token_logp).tolist()]
@@ -202,7 +189,7 @@ def continuation_nll(lm: LanguageModel, context: str | Sequence[int] | PromptTok
     The prompt is prefilled (full cache) and compressed as for generation; the continuation is
     then fed ONE token at a time on the compressed cache, recording log p(next reference token),
     and a press that evicts while decoding runs its `after_step` hook after every forward pass,
-    as in `kvray.generate.greedy_decode_batch`. So a decode-time method is scored on the cache
+    as in `kvray.generate.run_configs`. So a decode-time method is scored on the cache
     it would really hold, while a prefill-time method gets the same numbers as one forward of
     the whole continuation on its compressed cache.
 

@@ -12,7 +12,8 @@ from typing import Iterable, Sequence
 import torch
 
 from .. import __version__
-from ..generate import Prefill, build_prompt, capture_window_for, hidden_needed_for, prefill, run_configs
+from ..generate import run_configs
+from ..runtime import Prefill, build_prompt, capture_window_for, hidden_needed_for, prefill
 from ..models import LanguageModel, load_model
 from ..presses import Press, make_press
 from ..results import (SCHEMA_VERSION, config_id, new_run_id, now_utc, read_results, run_dir, shard_exists,
@@ -51,7 +52,7 @@ class ModelHost:
     in `kvray.actors` wrap this class)."""
 
     lm: LanguageModel
-    decode_batch: int = 16  # compressed caches decoded together (see generate.run_configs)
+    kv_budget: int | None = None  # KV bytes decoded together (None: generate.default_kv_budget)
 
     @classmethod
     def load(cls, name: str | None = None, device=None, dtype=None) -> "ModelHost":
@@ -65,11 +66,11 @@ class ModelHost:
         pre: Prefill = prefill(lm, prompt, capture_window=capture_window_for(list(presses)),
                                capture_hidden=hidden_needed_for(list(presses)),
                                with_question=any(protocols))
-        rows = []
-        for query_aware in protocols:
-            outs = run_configs(lm, pre, list(presses), query_aware, sample.max_new_tokens, self.decode_batch)
-            rows += [self._row(run_id, sample, press, query_aware, out) for press, out in zip(presses, outs)]
-        return rows
+        # every (protocol, press) of the sample on one decoder: rows leave as they finish
+        configs = [(press, q) for q in protocols for press in presses]
+        outs = run_configs(lm, pre, [p for p, _ in configs], [q for _, q in configs], sample.max_new_tokens,
+                           self.kv_budget, release_prefill=True)
+        return [self._row(run_id, sample, press, q, out) for (press, q), out in zip(configs, outs)]
 
     def _row(self, run_id, sample, press, query_aware, out) -> dict:
         s = out.stats

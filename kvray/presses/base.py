@@ -26,53 +26,7 @@ import torch
 
 from ..budget import BudgetPlan, uniform_counts
 from ..cache import KVRayCache, KVRayLayer, RaggedKV
-
-
-@dataclass(frozen=True)
-class LayerInputs:
-    """What scorers see of one layer after the prefill (views, never modified)."""
-
-    layer_idx: int
-    keys: torch.Tensor
-    values: torch.Tensor
-    queries: torch.Tensor | None = None
-    query_positions: torch.Tensor | None = None
-    module: torch.nn.Module | None = None
-    hidden: torch.Tensor | None = None
-    #: [start, end) positions of the question inside the compressed tokens (query-aware protocol
-    #: with a non-empty question), else None
-    question: tuple[int, int] | None = None
-
-    @property
-    def n_tokens(self) -> int:
-        return self.keys.shape[2]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.keys.shape[1]
-
-
-@dataclass
-class PrefillState:
-    """The full prefill cache of the compressed region, shared by every config of a sample."""
-
-    layers: list[LayerInputs]
-    n_tokens: int
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.layers[0].num_kv_heads
-
-    @property
-    def batch(self) -> int:
-        return self.layers[0].keys.shape[0]
-
-    def kv_bytes(self) -> int:
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+from ..runtime.prefill import LayerInputs, PrefillState
 
 
 def protect(scores: torch.Tensor, first: int = 0, last: int = 0) -> torch.Tensor:
@@ -127,6 +81,9 @@ class Press:
     needs_model: ClassVar[bool] = False
     #: reads `LayerInputs.hidden` (prefill must be run with capture_hidden=True)
     needs_hidden: ClassVar[bool] = False
+    #: changes the cache while decoding: the decoder calls `after_step(cache, step)` after every
+    #: forward and decodes it in a lane of its own
+    evicts_during_decoding: ClassVar[bool] = False
 
     def __post_init__(self):
         r = self.compression_ratio
@@ -190,8 +147,11 @@ class Press:
         counts = self.allocate(state, scores)
         return [select_indices(s, c) for s, c in zip(scores, counts)]
 
+    def after_step(self, cache: KVRayCache, step: int) -> None:
+        """Decode-time hook of presses with `evicts_during_decoding` (nothing otherwise)."""
+
     def compress_prefill(self, lm, pre, query_aware: bool) -> KVRayCache:
-        """Compress the prefill `pre` (a `kvray.generate.Prefill`) for one protocol with the model
+        """Compress the prefill `pre` (a `kvray.runtime.Prefill`) for one protocol with the model
         `lm` at hand; presses with `needs_model` override this, the rest use `compress`."""
         return self.compress(pre.state(query_aware))
 

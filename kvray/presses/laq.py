@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import KVRayCache, KVRayLayer
+from ..runtime.decoder import Decoder
+from ..runtime.prefill import ensure_kvray_attention, forward
 from .base import LayerInputs, PrefillState, Press, protect
 from .scoring import check_window_params, pool, reduce_gqa, window_attention
 from .snapkv import SnapKVPress
@@ -132,41 +134,34 @@ class LAQPress(Press):
         """Greedy pseudo tokens on `cache` (their entries are appended to its tail) and, per
         layer, their post-RoPE queries [B, Hq, n, d] with positions [n]. Feeds `feed` first, or
         starts from `first_logits` when it is empty; stops at a stop token or `lookahead`."""
-        from ..generate import _forward, stop_token_ids  # generate imports the press registry
-
-        if feed:
-            logits = _forward(lm.model, [feed], cache, lm.device)[0]
-        elif first_logits is not None:
-            logits = first_logits.reshape(-1)
-        else:
+        if not feed and first_logits is None:
             raise ValueError(f"{self.name}: nothing to start the lookahead from (no tokens to feed, no logits)")
-        stops = stop_token_ids(lm.tokenizer)
-        tokens: list[int] = []
+        if feed:
+            first_logits = forward(lm, [feed], cache)[0]
         for layer in cache.layers:  # capture only the pseudo tokens, not `feed`
             layer.capture_window = self.lookahead
         try:
-            for _ in range(self.lookahead):
-                tok = int(logits.argmax(-1))
-                if tok in stops:
-                    break
-                tokens.append(tok)
-                logits = _forward(lm.model, [[tok]], cache, lm.device)[0]
+            # every pseudo token is fed too (feed_final): its queries are what stage 2 reads
+            dec = Decoder(lm)
+            row = dec.add(cache, first_logits=first_logits, max_new_tokens=self.lookahead, feed_final=True)[0]
+            dec.run()
+            if row.error is not None:
+                raise row.error
         finally:
             for layer in cache.layers:
                 layer.capture_window = 0
+        tokens = row.tokens
         queries = [(layer.window_queries, layer.window_positions) for layer in cache.layers] if tokens else []
         return tokens, queries
 
     @torch.inference_mode()
     def compress_prefill(self, lm, pre, query_aware: bool) -> KVRayCache:
-        from ..generate import _check_ready
-
         state = pre.state(query_aware)
         if self.target_ratio == 0.0 and self.plan is None:
             return self.compress(state)
         if state.batch != 1:
             raise ValueError(f"{self.name}: the lookahead decodes one sequence; got a batch of {state.batch}")
-        _check_ready(lm)
+        ensure_kvray_attention(lm)
         provisional = self.stage1().compress(state)
         feed = self.lookahead_feed(pre, query_aware)
         first = pre.first_logits(query_aware) if not feed else None

@@ -185,7 +185,7 @@ class MorphKVPress(Press):
             raise ValueError(f"{self.name}: after_step needs a cache built by {type(self).__name__}.compress")
         if first.tail_length() and int(first.window_positions[-1]) != first.get_seq_length() - 1:
             raise ValueError(f"{self.name}: the decoding queries were not captured; the model must run "
-                             "kvray's attention (kvray.cache.enable_kvray_attention)")
+                             "kvray's attention (kvray.runtime.enable_kvray_attention)")
         for layer in cache.layers:
             self.evict(layer)
 

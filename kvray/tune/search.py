@@ -35,7 +35,8 @@ def _trainable_cls():
     from ray import tune
 
     from ..actors.metrics import record
-    from ..generate import build_prompt, capture_window_for, prefill, run_configs
+    from ..generate import run_configs
+    from ..runtime import build_prompt, capture_window_for, prefill
     from ..models import load_model
 
     class BudgetTrainable(tune.Trainable):

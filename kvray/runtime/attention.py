@@ -1,0 +1,194 @@
+"""The attention dispatch: the function transformers calls for attention implementation
+``"kvray"``, and ragged attention over a compressed layer (prefix + tail) with
+``impl="auto" | "torch" | "triton"``.
+
+`ragged_attention_torch` is the runtime's CPU path and the oracle a Triton kernel must match.
+Layout it reads (see `kvray.cache`): per layer, the kept entries packed over (row, KV head),
+b-major ([total, d], lengths per (row, head)), and a dense tail [B, H, T, d] left-padded per row.
+It loops over nothing when every (row, head) holds the same count (one batched pair of matmuls),
+and otherwise over rows only: a row's heads are scored in one matmul of all its packed entries
+against all its query heads, with the entries of other heads masked out. On a CPU decode step
+this reads every key once, like the dense path (the extra dot products cost nothing next to the
+memory traffic); there is no Python loop over heads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..cache import ATTN_IMPLEMENTATION, KVRayLayer, RaggedKV
+
+log = logging.getLogger(__name__)
+
+IMPLS = ("auto", "torch", "triton")
+_explained: set[str] = set()
+
+
+def triton_unavailable(device: torch.device) -> list[str]:
+    """Why the Triton path cannot run on `device` (empty when it can)."""
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"the tensors are on {device.type}, Triton kernels run on CUDA")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        reasons.append("triton is not installed (pip install 'kvray[triton]')")
+    reasons.append("kvray.kernels has no ragged attention kernel yet")
+    return reasons
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation that runs for `impl` on `device`: `auto` falls back to torch and says
+    why once; an explicit `triton` that cannot run raises with the reasons."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    reasons = triton_unavailable(device)
+    if not reasons:
+        return "triton"
+    if impl == "triton":
+        raise RuntimeError("impl='triton' cannot run: " + "; ".join(reasons))
+    key = "; ".join(reasons)
+    if key not in _explained:
+        _explained.add(key)
+        log.info("ragged attention: using the torch path (%s)", key)
+    return "torch"
+
+
+# ----------------------------------------------------------------------------- dense (no prefix)
+
+
+def _causal_tail_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Bottom-right aligned causal mask [q_len, kv_len]: query i sees key j iff j <= kv_len - q_len + i."""
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(kv_len, device=device)[None, :]
+    return j <= (kv_len - q_len) + i
+
+
+def dense_attention(query, key, value, attention_mask, scaling):
+    q_len, kv_len = query.shape[2], key.shape[2]
+    kwargs = {}
+    if query.shape[1] != key.shape[1]:
+        kwargs["enable_gqa"] = True
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask[..., :kv_len]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, **kwargs)
+    elif q_len == kv_len:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scaling, **kwargs)
+    elif q_len == 1:
+        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, **kwargs)
+    else:
+        mask = _causal_tail_mask(q_len, kv_len, query.device)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, **kwargs)
+    return out.transpose(1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------- ragged (torch twin)
+
+
+def _two_block(qg, pk, pv, tk, tv, tail_mask, scaling):
+    """Softmax attention of grouped queries qg [..., R, d] over prefix (pk, pv) [..., n, d] and
+    tail (tk, tv) [..., T, d] at once, without concatenating the (large) prefix."""
+    sp = torch.matmul(qg, pk.transpose(-1, -2)).float() * scaling
+    st = torch.matmul(qg, tk.transpose(-1, -2)).float() * scaling
+    st = st.masked_fill(~tail_mask, float("-inf"))
+    probs = torch.softmax(torch.cat([sp, st], dim=-1), dim=-1).to(qg.dtype)
+    n = pk.shape[-2]
+    return torch.matmul(probs[..., :n], pv) + torch.matmul(probs[..., n:], tv)
+
+
+def _packed_row(qg, keys, values, heads, tk, tv, tail_mask, scaling):
+    """One row whose KV heads hold different counts: qg [H, R, d] over its packed entries
+    keys/values [E, d] (`heads` [E]: each entry's KV head) and its tail tk/tv [H, T, d]."""
+    H, R, d = qg.shape
+    E = keys.shape[0]
+    qf = qg.reshape(H * R, d)
+    sp = torch.matmul(qf, keys.t()).float() * scaling  # [H*R, E]: every query head x every entry
+    col_head = torch.arange(H, device=qg.device, dtype=heads.dtype).repeat_interleave(R)
+    sp = sp.masked_fill(col_head[:, None] != heads[None, :], float("-inf"))
+    st = torch.matmul(qg, tk.transpose(-1, -2)).float() * scaling
+    st = st.masked_fill(~tail_mask, float("-inf")).reshape(H * R, -1)
+    probs = torch.softmax(torch.cat([sp, st], dim=-1), dim=-1).to(qg.dtype)
+    out = torch.matmul(probs[:, :E], values).view(H, R, d)
+    return out + torch.matmul(probs[:, E:].view(H, R, -1), tv)
+
+
+def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor,
+                           scaling: float, pads: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Attention of `query` [B, Hq, q, d] over a ragged prefix (fully visible) and a dense tail
+    [B, H, T, d] that already holds the q new tokens as its last slots (seen causally); row b
+    ignores its first `pads[b]` tail slots. Returns [B, q, Hq, d]."""
+    B, Hq, q_len, d = query.shape
+    H = prefix.heads
+    G = Hq // H
+    T = tail_k.shape[2]
+    dev = query.device
+    # rows are (g, i) pairs; row r = g * q_len + i is query position i
+    row_pos = torch.arange(q_len, device=dev).repeat(G)
+    j = torch.arange(T, device=dev)
+    mask = (j[None, :] <= (T - q_len) + row_pos[:, None])[None, None]  # [1, 1, G*q, T]
+    if pads is not None and any(pads):
+        own = j[None, :] >= torch.tensor(pads, device=dev)[:, None]  # [B, T]
+        mask = mask & own[:, None, None, :]
+    qg = query.reshape(B, H, G * q_len, d)
+    if prefix.uniform:
+        pk, pv = prefix.dense()
+        out = _two_block(qg, pk, pv, tail_k, tail_v, mask, scaling)
+    else:
+        out = torch.empty_like(qg)
+        heads = prefix.head_ids
+        for b in range(B):
+            m = mask[b if mask.shape[0] > 1 else 0]
+            row = prefix.row(b)
+            if row is not None:  # this row's heads hold the same count: dense per head
+                out[b] = _two_block(qg[b], row[0], row[1], tail_k[b], tail_v[b], m, scaling)
+            else:
+                s, e = prefix.row_span(b)
+                out[b] = _packed_row(qg[b], prefix.keys[s:e], prefix.values[s:e], heads[s:e],
+                                     tail_k[b], tail_v[b], m, scaling)
+    return out.view(B, H, G, q_len, d).reshape(B, Hq, q_len, d).transpose(1, 2).contiguous()
+
+
+def ragged_attention(query: torch.Tensor, layer: KVRayLayer, scaling: float, impl: str = "auto") -> torch.Tensor:
+    """Attention of `query` [B, Hq, q, d] over a layer's ragged prefix + dense tail (the tail
+    already holds the q new tokens, appended by `update`). Returns [B, q, Hq, d]."""
+    resolve_impl(impl, query.device)  # "triton" raises until kvray.kernels has the kernel
+    pads = layer.rows.pads if layer.rows is not None else None
+    return ragged_attention_torch(query, layer.prefix, layer.keys, layer.values, scaling, pads)
+
+
+def kvray_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: SDPA, or ragged attention when the layer has a prefix."""
+    layer = kwargs.get("kvray_layer")
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(query.shape[-1])
+    if isinstance(layer, KVRayLayer):
+        if layer.capture_window > 0:
+            layer._capture(query)
+        if layer.prefix is not None:
+            if query.shape[0] != layer.prefix.batch:
+                raise ValueError(f"the cache holds {layer.prefix.batch} rows, the input {query.shape[0]}")
+            return ragged_attention(query, layer, scaling, layer.attn_impl), None
+    return dense_attention(query, key, value, attention_mask, scaling), None
+
+
+def register_kvray_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kvray_attention)
+
+
+def enable_kvray_attention(model) -> None:
+    """Route `model`'s attention through `kvray_attention` (plain SDPA for ordinary caches).
+
+    Custom attention names get no mask from transformers: kvray_attention builds the causal
+    mask itself, so inputs must not be left-padded (rows of different prompts are batched only
+    after compression, through `KVRayCache.merge`, whose padding the cache itself tracks).
+    """
+    register_kvray_attention()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)

@@ -1,0 +1,201 @@
+"""The runtime's decoder and ragged attention: rows of different prompts, lengths, methods,
+per-head budgets and protocols decoded together give each row the tokens it gets alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvray
+from kvray.cache import KVRayCache, KVRayLayer, RaggedKV, RowLayout
+from kvray.generate import compress
+from kvray.runtime import Decoder, build_prompt, capture_window_for, hidden_needed_for, prefill
+from kvray.runtime.attention import ragged_attention_torch, resolve_impl
+
+WORDS = ("The river was quiet that morning. Ships waited at the dock while the clerk counted crates. "
+         "A tall man asked for the key to room seven, and nobody answered him. ")
+
+
+def reference_attention(query, prefix: RaggedKV, tk, tv, scaling, pads):
+    """Slow and obvious: per (row, query head), its KV head's kept entries + its own tail slots,
+    causal over the tail, softmax in float64."""
+    B, Hq, q, d = query.shape
+    H = prefix.heads
+    G = Hq // H
+    T = tk.shape[2]
+    out = torch.zeros(B, q, Hq, d, dtype=torch.float64)
+    for b in range(B):
+        for hq in range(Hq):
+            h = hq // G
+            pk, pv = prefix.head(b * H + h)
+            for i in range(q):
+                visible = list(range(pads[b], T - q + i + 1))
+                keys = torch.cat([pk, tk[b, h, visible]]).double()
+                vals = torch.cat([pv, tv[b, h, visible]]).double()
+                w = torch.softmax(keys @ query[b, hq, i].double() * scaling, dim=0)
+                out[b, i, hq] = w @ vals
+    return out
+
+
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("layout", ["uniform", "skewed", "empty_head"])
+def test_ragged_attention_matches_reference(G, q_len, layout):
+    torch.manual_seed(0)
+    B, H, d, T = 3, 2, 16, 6
+    if layout == "uniform":
+        lengths = [5] * (B * H)
+    elif layout == "skewed":
+        lengths = [1, 9, 4, 4, 7, 2]
+    else:
+        lengths = [0, 6, 3, 3, 5, 1]
+    total = sum(lengths)
+    prefix = RaggedKV(torch.randn(total, d), torch.randn(total, d), torch.arange(total), tuple(lengths), B, H)
+    pads = (0, 2, T - q_len)  # the last row joined just now: its tail is only the new tokens
+    query = torch.randn(B, H * G, q_len, d)
+    tk, tv = torch.randn(B, H, T, d), torch.randn(B, H, T, d)
+    got = ragged_attention_torch(query, prefix, tk, tv, 1 / math.sqrt(d), pads)
+    want = reference_attention(query, prefix, tk, tv, 1 / math.sqrt(d), pads)
+    err = (got.double() - want).abs().max().item()
+    print(f"worst mismatch {err:.2e}")
+    assert err < 1e-5
+
+
+def test_impl_dispatch_explains_itself():
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
+    assert resolve_impl("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(RuntimeError, match="impl='triton' cannot run: .*CUDA"):
+        resolve_impl("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_impl("cuda", torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- batched = sequential
+
+REQUESTS = [  # (context repeats, question, method, params, protocol, max_new_tokens)
+    (3, "Who asked for the key?", "snapkv", dict(compression_ratio=0.5), False, 7),
+    (6, "What did the clerk count?", "adakv", dict(compression_ratio=0.75), True, 5),   # per-head budgets
+    (2, "Where were the ships?", "full", {}, False, 9),
+    (5, "Which room?", "knorm", dict(compression_ratio=0.25), True, 6),
+    (4, "Was the river loud?", "pyramidkv", dict(compression_ratio=0.5), False, 8),
+    (3, "Who answered?", "morphkv", dict(compression_ratio=0.5, window_size=8), False, 6),  # evicts while decoding
+    (7, "What was quiet?", "streaming_llm", dict(compression_ratio=0.6), True, 4),
+]
+
+
+def _press(method, params):
+    return kvray.make_press(method, **params)
+
+
+def _row_inputs(lm, n, question, method, params, aware):
+    press = _press(method, params)
+    prompt = build_prompt(lm.tokenizer, WORDS * n, question)
+    pre = prefill(lm, prompt, capture_window=capture_window_for([press]), with_question=aware,
+                  capture_hidden=hidden_needed_for([press]))
+    return press, pre, compress(lm, pre, press, aware)
+
+
+def test_mixed_batch_equals_each_request_alone(tiny_lm):
+    """Different contexts, lengths, methods, per-head budgets and both protocols, joining the
+    batch at different steps and leaving at different steps: every row gets the tokens
+    `kvray.generate` gives it alone. A mismatch is allowed only where the batched row's top two
+    logits are within 1e-4 (reported)."""
+    lm = tiny_lm
+    alone = [kvray.generate(lm, WORDS * n, q, press=_press(m, p), max_new_tokens=k, query_aware=aware).token_ids
+             for n, q, m, p, aware, k in REQUESTS]
+    dec = Decoder(lm)
+    logits: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(REQUESTS))}
+    rows = {}
+
+    def join(i):
+        n, q, m, p, aware, k = REQUESTS[i]
+        press, pre, cache = _row_inputs(lm, n, q, m, p, aware)
+        rows[i] = dec.add(cache, feed=pre.rest(aware), first_logits=pre.first_logits(aware), max_new_tokens=k, key=i,
+                          after_step=press.after_step if press.evicts_during_decoding else None,
+                          on_logits=lambda row, lg: logits[row.key].append(lg.clone()))[0]
+
+    for i in range(3):
+        join(i)
+    dec.step()
+    dec.step()
+    for i in range(3, 6):  # these join a batch that is already decoding
+        join(i)
+    dec.step()
+    join(6)
+    dec.run()
+    mismatches = []
+    for i, row in rows.items():
+        assert row.error is None and row.done
+        got, want = row.tokens, alone[i]
+        if got != want:
+            j = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            top2 = logits[i][j].float().topk(2).values
+            mismatches.append((REQUESTS[i][2], j, float(top2[0] - top2[1])))
+    print("mismatches (method, step, top-2 gap):", mismatches)
+    assert all(gap < 1e-4 for _, _, gap in mismatches), mismatches
+
+
+def test_rows_leave_when_done_and_bytes_are_freed(tiny_llama):
+    lm = tiny_llama
+    dec = Decoder(lm)
+    lens = (2, 6)
+    rows = []
+    for k in lens:
+        press, pre, cache = _row_inputs(lm, 3, "Who asked?", "snapkv", dict(compression_ratio=0.5), False)
+        rows += dec.add(cache, feed=pre.rest(False), max_new_tokens=k, ignore_stop_tokens=True)
+    dec.step()
+    both = dec.kv_bytes()
+    finished = dec.step()
+    assert finished == [rows[0]] and rows[0].finish_reason == "length" and len(rows[0].tokens) == 2
+    dec.step()  # the batch is re-packed without the finished row
+    assert dec.active == 1 and dec.kv_bytes() < 0.6 * both
+    dec.run()
+    assert rows[1].finish_reason == "length" and len(rows[1].tokens) == 6
+
+
+def test_a_failing_row_fails_alone(tiny_llama):
+    """A row whose decode-time hook raises fails with that error; its neighbours finish."""
+    lm = tiny_llama
+    dec = Decoder(lm)
+    press, pre, good = _row_inputs(lm, 3, "Who asked?", "knorm", dict(compression_ratio=0.5), False)
+    _, _, bad = _row_inputs(lm, 4, "Which room?", "knorm", dict(compression_ratio=0.5), False)
+
+    def broken(cache, step):
+        if step == 2:
+            raise RuntimeError("press failed mid-batch")
+
+    ok = dec.add(good, feed=pre.rest(False), max_new_tokens=6, ignore_stop_tokens=True)[0]
+    ko = dec.add(bad, feed=pre.rest(False), max_new_tokens=6, ignore_stop_tokens=True, after_step=broken)[0]
+    dec.run()
+    assert ko.finish_reason == "error" and "mid-batch" in str(ko.error)
+    assert ok.finish_reason == "length" and len(ok.tokens) == 6
+
+
+def test_cancel_frees_the_row(tiny_llama):
+    lm = tiny_llama
+    dec = Decoder(lm)
+    rows = []
+    for n in (3, 5):
+        press, pre, cache = _row_inputs(lm, n, "Who asked?", "snapkv", dict(compression_ratio=0.5), False)
+        rows += dec.add(cache, feed=pre.rest(False), max_new_tokens=20, ignore_stop_tokens=True)
+    dec.step()
+    dec.step()
+    before = dec.kv_bytes()
+    rows[1].cancel()
+    assert rows[1] in dec.step()
+    dec.step()
+    assert rows[1].finish_reason == "cancelled" and dec.active == 1 and dec.kv_bytes() < before
+
+
+def test_merge_keeps_each_rows_positions(tiny_llama):
+    press, pre_a, a = _row_inputs(tiny_llama, 2, "q", "snapkv", dict(compression_ratio=0.5), False)
+    _, pre_b, b = _row_inputs(tiny_llama, 5, "q", "adakv", dict(compression_ratio=0.75), False)
+    merged = KVRayCache.merge([a, b])
+    assert merged.next_positions() == [pre_a.n_context, pre_b.n_context]
+    assert merged.nbytes() == a.nbytes() + b.nbytes()
+    assert isinstance(merged.layers[0], KVRayLayer) and merged.layers[0].rows == RowLayout(
+        (pre_a.n_context, pre_b.n_context), (0, 0))
+    back = merged.select_rows([1])
+    assert back.next_positions() == [pre_b.n_context] and back.nbytes() == b.nbytes()
