@@ -27,7 +27,7 @@ from kvray.serve.api import (MAX_CONTEXT_CHARS, GenerateJob, GenerateResult, Mod
 
 CAL = Calibrator(method="knorm", alpha=0.8, beta=-3.0, tau=0.95)
 PATHS = {"/v1/generate", "/v1/calibrate", "/v1/chat/completions", "/v1/policies", "/v1/policies/{policy_id}",
-         "/healthz"}
+         "/healthz", "/metrics"}
 
 
 class FakeBackend:
@@ -51,6 +51,12 @@ class FakeBackend:
                               new_tokens=min(3, job.max_new_tokens), kv_tokens_full=100, kv_tokens_kept=kept,
                               kv_bytes_full=4000, kv_bytes_kept=int(40 * kept), achieved_ratio=job.compression_ratio,
                               prefill_s=0.1, compress_s=0.01, decode_s=0.2, total_s=0.31)
+
+    async def generate_stream(self, job: GenerateJob):
+        r = await self.generate(job)
+        for word in r.answer.split(" "):  # the answer in pieces, as an engine would decode it
+            yield word + " "
+        yield r
 
     async def context_nll(self, context: str) -> float:
         self.contexts.append(context)
@@ -209,6 +215,51 @@ def test_chat_completions(client, fake):
     assert r.json()["kv_policy"] is None and r.json()["compression_ratio"] == 0.25
 
 
+def _sse_events(text: str) -> list:
+    out = []
+    for block in text.strip().split("\n\n"):
+        assert block.startswith("data: "), block
+        data = block[len("data: "):]
+        out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_chat_accepts_a_single_user_message(client, fake):
+    """OpenAI clients send one user message: it is the context, compressed whole, query-aware."""
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "The doc. What is it?"}]})
+    assert r.status_code == 200, r.text
+    job = fake.jobs[-1]
+    assert job.context == "The doc. What is it?" and job.question == "" and job.query_aware is True
+    r = client.post("/v1/chat/completions", json={"query_aware": False,
+                                                 "messages": [{"role": "user", "content": "The doc."}]})
+    assert r.status_code == 200 and fake.jobs[-1].query_aware is False
+
+
+def test_chat_streams_openai_chunks(client, fake):
+    r = client.post("/v1/chat/completions", json=_chat(stream=True))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.strip() == "answer to 'Question?'"
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] == "stop" and last["usage"]["completion_tokens"] == 3
+    assert last["kv"]["bytes_kept"] == 2000
+
+
+def test_generate_streams_deltas_then_the_response(client, fake):
+    r = client.post("/v1/generate", json=_gen(stream=True))
+    assert r.status_code == 200
+    events = _sse_events(r.text)
+    assert events[-1] == "[DONE]" and "".join(e["delta"] for e in events[:-2]).strip() == events[-2]["answer"]
+    assert events[-2]["kv"]["bytes_full"] == 4000
+    r = client.post("/v1/generate", json=_gen(stream=True, context="TOO_LONG"))  # refused before the stream starts
+    assert r.status_code == 413 and "supports at most 4096" in _detail(r)
+
+
 def test_openapi_schema_has_every_path(client):
     r = client.get("/openapi.json")
     assert r.status_code == 200
@@ -310,7 +361,6 @@ def _chat(**kw):
 
 
 BAD_CHAT = [
-    (_chat(stream=True), 422, "stream=true is not supported"),
     (_chat(n=2), 422, "n must be 1"),
     (_chat(stop=["\n"]), 422, "stop sequences are not supported"),
     (_chat(max_tokens=1000), 422, "max_tokens: Input should be less than or equal to 512"),
@@ -318,7 +368,7 @@ BAD_CHAT = [
     (_chat(kv_policy="nope"), 404, "unknown policy 'nope'; known:"),
     (_chat(functions=[]), 422, "functions: unknown field"),
     ({"messages": []}, 422, "messages: List should have at least 1 item"),
-    ({"messages": [{"role": "user", "content": "only a question"}]}, 422, "no context: put the document"),
+    ({"messages": [{"role": "system", "content": " "}, {"role": "user", "content": "  "}]}, 422, "no context: send"),
     ({"messages": [{"role": "user", "content": "doc"}, {"role": "assistant", "content": "hi"}]}, 422,
      "the last message must be the user's question, got role 'assistant'"),
     ({"messages": [{"role": "tool", "content": "doc"}, {"role": "user", "content": "q"}]}, 422, "messages.0.role"),

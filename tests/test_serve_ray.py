@@ -3,9 +3,9 @@ every endpoint, the API key, policy hot reload without a redeploy, overload answ
 deadline, request timeouts (504 from the app, 408 from the proxy), and a bounded schemathesis
 fuzz of the OpenAPI schema (>= 500 requests, no 5xx).
 
-Three apps share one Serve proxy: `open` (defaults, no key: endpoints, hot reload, fuzz),
-`tight` (key "k", 2 ongoing + 2 queued requests: API key, overload) and `hurry` (0.1 s of model
-work per request: the 504)."""
+Four apps share one Serve proxy: `open` (defaults, no key: endpoints, streaming, hot reload, fuzz),
+`tight` (key "k", 2 ongoing + 2 queued requests: API key, overload), `hurry` (0.1 s of model
+work per request: the 504) and `crash` (its model replica is killed while it holds a batch)."""
 
 from __future__ import annotations
 
@@ -49,11 +49,12 @@ def served(ray_session, tiny_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("serve") / "policies"
     _policies(store)
     port = _free_port()
-    common = dict(port=port, cpus=0.5)  # 3 model replicas fit the session's 4 CPUs with room to spare
+    common = dict(port=port, cpus=0.5)  # 4 model replicas fit the session's 4 CPUs with room to spare
     deploy(store, tiny_dir, name="open", route_prefix="/", **common)
     deploy(store, tiny_dir, name="tight", route_prefix="/tight", api_key="k", max_ongoing_requests=2,
            max_queued_requests=2, **common)
     deploy(store, tiny_dir, name="hurry", route_prefix="/hurry", request_timeout_s=0.1, **common)
+    deploy(store, tiny_dir, name="crash", route_prefix="/crash", request_timeout_s=60, **common)
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", store=store)
     serve.shutdown()
 
@@ -69,7 +70,9 @@ def _gen(**kw) -> dict:
 
 
 def test_every_endpoint(http):
-    assert http.get("/healthz").json() == {"status": "ok"}
+    health = http.get("/healthz").json()
+    assert health["status"] == "ok" and health["engine"]["model"] == "tiny-llama"
+    assert health["engine"]["kv_budget_bytes"] > 0 and health["engine"]["active_rows"] == 0
     assert set(http.get("/openapi.json").json()["paths"]) == PATHS
     listed = http.get("/v1/policies").json()
     assert {p["policy_id"] for p in listed["policies"]} >= {"snap-a", "knorm-cal", "snap-plan"}
@@ -181,6 +184,89 @@ def test_timeouts(served, http):
                   headers={"x-request-timeout-seconds": "0.05"})
     assert r.status_code == 408, r.text
     assert http.get("/healthz").status_code == 200  # and the app is still fine
+
+
+def test_streaming_with_the_openai_client(served, http):
+    """The `openai` client's streaming against the server, a single user message as it sends
+    it: the chunks add up to the non-streamed answer; the last one carries usage and kv."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": CONTEXT + " What is the vault code?"}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content and len(chunks) >= 2
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].model_extra["kv"]["bytes_kept"] == plain.model_extra["kv"]["bytes_kept"]
+    with http.stream("POST", "/v1/generate", json=_gen(stream=True, max_new_tokens=5)) as r:
+        assert r.status_code == 200
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    events = [json.loads(d) for d in data[:-1]]
+    assert "".join(e["delta"] for e in events[:-1]) == events[-1]["answer"]
+
+
+def _engine(http) -> dict:
+    return http.get("/healthz").json()["engine"]
+
+
+def test_a_client_that_disconnects_frees_its_row(served, http):
+    before = _engine(http)["requests_cancelled"]
+    with http.stream("POST", "/v1/generate", json=_gen(stream=True, method="full", max_new_tokens=500,
+                                                      context=CONTEXT * 3)) as r:
+        lines = r.iter_lines()  # kept open: closing the iterator hangs up
+        next(line for line in lines if line.startswith("data: "))  # one piece, then hang up
+        during = _engine(http)
+        assert during["active_rows"] >= 1 and during["kv_bytes_held"] > 0, during
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        engine = _engine(http)
+        if engine["requests_cancelled"] > before and engine["active_rows"] == 0:
+            break
+        time.sleep(0.1)
+    assert engine["requests_cancelled"] == before + 1 and engine["active_rows"] == 0, engine
+    assert engine["kv_bytes_held"] == 0 and engine["kv_bytes_reserved"] == 0
+    metrics = http.get("/metrics").text
+    assert "kvray_engine_active_rows 0" in metrics and "# TYPE kvray_engine_kv_budget_bytes gauge" in metrics
+
+
+def test_a_killed_replica_fails_its_requests_and_is_replaced(served):
+    """The model replica dies while it holds a batch: its in-flight requests get an error well
+    within their timeout, Serve starts a new replica, and later requests succeed."""
+    import ray
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = served.url + "/crash"
+    body = _gen(method="full", max_new_tokens=500, context=CONTEXT * 3)
+
+    def one():
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/generate", json=body, timeout=120)
+        return r.status_code, time.perf_counter() - t0
+
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith("SERVE_REPLICA::crash#CompressedLM"))
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(one) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and httpx.get(url + "/healthz", timeout=30).json().get(
+                "engine", {}).get("active_rows", 0) < 1:
+            time.sleep(0.05)
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        results = [f.result(timeout=90) for f in futures]
+    assert all(code >= 500 for code, _ in results if code != 200), results
+    assert any(code >= 500 for code, _ in results), results
+    assert max(t for _, t in results) < 60  # an error, not a hang until the timeout
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        r = httpx.post(url + "/v1/generate", json=_gen(max_new_tokens=3), timeout=60)
+        if r.status_code == 200:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text
+    assert replica["name"] not in {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
 
 
 def test_openapi_fuzz_no_server_errors(served):

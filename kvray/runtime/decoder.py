@@ -235,7 +235,6 @@ class Decoder:
                 groups.setdefault(feed, []).append((cache, rows))
             else:
                 joining.append((cache, rows))
-        self._joining = []
         for feed, group in groups.items():  # rows joining with the same tokens to feed: one forward
             cache = self._feed(group, feed)
             joining.append((cache, [r for _, rs in group for r in rs]))
@@ -251,14 +250,17 @@ class Decoder:
             sel = [b for b, f in enumerate(fed) if f]
             parts.append(cache if len(sel) == len(rows) else cache.select_rows(sel))
             new_rows += [rows[b] for b in sel]
-        self._batch = None
         if parts:
             cache = parts[0] if len(parts) == 1 else KVRayCache.merge(parts)
             for layer in cache.layers:
                 layer.attn_impl = self.impl
-            lane = _Lane(cache, new_rows, shared=True)
+            self._batch = lane = _Lane(cache, new_rows, shared=True)  # visible to rows/kv_bytes meanwhile
+            self._joining = []
             self._run(lane, [r._next for r in new_rows])
-            self._batch = lane if any(not r.done for r in lane.rows) else None
+            if not any(not r.done for r in lane.rows):
+                self._batch = None
+        else:
+            self._batch, self._joining = None, []
         # lanes of their own: finished rows stay, fed a filler, until the whole lane is done
         for lane in list(self._solo):
             fed = [self._choose(r) for r in lane.rows]

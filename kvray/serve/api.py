@@ -38,6 +38,7 @@ has no cancellation; the replica's concurrency limit bounds what piles up).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import secrets
@@ -45,16 +46,17 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, AsyncIterator, Callable, Literal, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..policy import Policy, PolicyStore, policy_summary
 from ..presses import Press, list_methods, make_press
+from .engine import DEFAULT_MAX_ROWS
 
 DEFAULT_STORE = "runs/policies"          # where jobs/calibrate.py writes policies (out: runs)
 DEFAULT_METHOD = "snapkv"                # without a policy and without a method
@@ -123,34 +125,60 @@ class GenerateResult:
     compress_s: float
     decode_s: float
     total_s: float
+    finish_reason: str = "stop"  # "stop" (a stop token) or "length" (max_new_tokens)
+    ttft_s: float = 0.0  # time to the first generated token
 
 
 class Backend(Protocol):
     async def generate(self, job: GenerateJob) -> GenerateResult: ...
+
+    def generate_stream(self, job: GenerateJob) -> AsyncIterator[str | GenerateResult]:
+        """Text deltas (str) as they are decoded, then the GenerateResult."""
 
     async def context_nll(self, context: str) -> float: ...
 
 
 class ModelBackend:
     """The model work for one `LanguageModel`, usable without Ray (and wrapped by the Serve
-    deployment `CompressedLM`): each call runs in a worker thread, at most `max_concurrency` at
-    a time on the model (1: on a CPU concurrent forwards only contend; the others wait on the
-    event loop, not in threads)."""
+    deployment `CompressedLM`).
 
-    def __init__(self, lm, max_concurrency: int = 1):
+    With `batching` (the default) requests are decoded together by a `BatchingEngine`
+    (continuous batching: each request is prefilled and compressed with its own press between
+    decode steps, then joins the running batch; admission by `kv_budget` bytes, at most
+    `max_rows` rows). Without it, each request runs `kvray.generate` alone in a worker thread,
+    at most `max_concurrency` at a time (the path before the engine, kept for comparison)."""
+
+    def __init__(self, lm, max_concurrency: int = 1, *, batching: bool = True, kv_budget: int | None = None,
+                 max_rows: int | None = None):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.lm = lm
+        self.batching = batching
+        self._engine_args = {"kv_budget": kv_budget, "max_rows": max_rows or DEFAULT_MAX_ROWS}
+        self._engine = None
         self._slots = asyncio.Semaphore(max_concurrency)
         self.broken: str | None = None  # set when the device is in a state requests cannot recover from
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from .engine import BatchingEngine
+
+            self._engine = BatchingEngine(self.lm, **self._engine_args)
+        return self._engine
 
     @property
     def model_name(self) -> str:
         return self.lm.name
 
     def check_health(self) -> None:
-        if self.broken:
-            raise RuntimeError(f"model backend is unhealthy: {self.broken}")
+        broken = self.broken or (self._engine.broken if self._engine is not None else None)
+        if broken:
+            raise RuntimeError(f"model backend is unhealthy: {broken}")
+
+    def stats(self) -> dict:
+        """Engine gauges and counters (empty without batching)."""
+        return self.engine.stats() if self.batching else {}
 
     def _check_length(self, n_prompt: int, max_new_tokens: int = 0) -> None:
         limit = self.lm.max_context
@@ -159,10 +187,10 @@ class ModelBackend:
             raise RequestError(f"prompt is {n_prompt} tokens{extra} = {n_prompt + max_new_tokens}; model "
                                f"{self.lm.name} supports at most {limit} tokens: shorten the context", 413)
 
-    def generate_sync(self, job: GenerateJob) -> GenerateResult:
-        from ..generate import build_prompt, generate
+    def prepare(self, job: GenerateJob):
+        """(press, prompt tokens) of a job, or a RequestError saying what is wrong with it."""
+        from ..runtime import build_prompt
 
-        t0 = time.perf_counter()
         try:
             press = job.press()
         except ValueError as exc:
@@ -177,27 +205,79 @@ class ModelBackend:
             prompt = build_prompt(self.lm.tokenizer, job.context, job.question, job.answer_prefix)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
-        n_prompt = len(prompt.context) + len(prompt.question) + len(prompt.suffix)
-        self._check_length(n_prompt, job.max_new_tokens)
+        self._check_length(len(prompt), job.max_new_tokens)
+        return press, prompt
+
+    def generate_sync(self, job: GenerateJob) -> GenerateResult:
+        """One request alone (`kvray.generate`), without the engine."""
+        from ..generate import generate
+
+        t0 = time.perf_counter()
+        press, prompt = self.prepare(job)
         out = self._guard(lambda: generate(self.lm, job.context, job.question, press=press,
                                            answer_prefix=job.answer_prefix, max_new_tokens=job.max_new_tokens,
                                            query_aware=job.query_aware))
         s = out.stats
+        total = time.perf_counter() - t0
         return GenerateResult(
-            answer=out.text, model=self.lm.name, prompt_tokens=n_prompt, new_tokens=s.new_tokens,
+            answer=out.text, model=self.lm.name, prompt_tokens=len(prompt), new_tokens=s.new_tokens,
             kv_tokens_full=s.kv_tokens_full, kv_tokens_kept=float(s.kv_tokens_kept), kv_bytes_full=s.kv_bytes_full,
             kv_bytes_kept=s.kv_bytes_kept, achieved_ratio=float(s.compression_ratio), prefill_s=s.prefill_s,
-            compress_s=s.compress_s, decode_s=s.decode_s, total_s=time.perf_counter() - t0)
+            compress_s=s.compress_s, decode_s=s.decode_s, total_s=total,
+            finish_reason="length" if s.new_tokens >= job.max_new_tokens else "stop", ttft_s=total)
+
+    async def generate_stream(self, job: GenerateJob) -> AsyncIterator[str | GenerateResult]:
+        """Text deltas as the engine decodes them, then the GenerateResult (the whole answer at
+        once without batching). Closing the stream early cancels the request's row."""
+        if not self.batching:
+            r = await self._in_thread(self.generate_sync, job)
+            if r.answer:
+                yield r.answer
+            yield r
+            return
+        t0 = time.perf_counter()
+        press, prompt = await asyncio.to_thread(self.prepare, job)
+        tok = self.lm.tokenizer
+        tokens: list[int] = []
+        shown, ttft = "", 0.0
+        async for kind, value in self.engine.stream(job, press, prompt):
+            if kind == "token":
+                if not tokens:
+                    ttft = time.perf_counter() - t0
+                tokens.append(value)
+                text = tok.decode(tokens, skip_special_tokens=True)
+                if not text.endswith("\ufffd") and len(text) > len(shown):  # hold a split multi-byte char
+                    yield text[len(shown):]
+                    shown = text
+                continue
+            req, row = value, value.row
+            text = tok.decode(row.tokens, skip_special_tokens=True)
+            if len(text) > len(shown):
+                yield text[len(shown):]
+            kv = req.kv
+            yield GenerateResult(
+                answer=text, model=self.lm.name, prompt_tokens=len(prompt), new_tokens=len(row.tokens),
+                kv_tokens_full=kv["tokens_full"], kv_tokens_kept=float(kv["tokens_kept"]),
+                kv_bytes_full=kv["bytes_full"], kv_bytes_kept=kv["bytes_kept"], achieved_ratio=kv["achieved_ratio"],
+                prefill_s=req.prefill_s, compress_s=req.compress_s, decode_s=row.decode_s,
+                total_s=time.perf_counter() - t0, finish_reason=row.finish_reason, ttft_s=ttft or time.perf_counter() - t0)
+
+    async def generate(self, job: GenerateJob) -> GenerateResult:
+        result = None
+        async for event in self.generate_stream(job):
+            if isinstance(event, GenerateResult):
+                result = event
+        return result
 
     def context_nll_sync(self, context: str) -> float:
         from ..calibration import context_nll
-        from ..generate import build_prompt
+        from ..runtime import build_prompt
 
         try:
             prompt = build_prompt(self.lm.tokenizer, context, "")
         except ValueError as exc:
             raise RequestError(str(exc)) from None
-        self._check_length(len(prompt.context) + len(prompt.question) + len(prompt.suffix))
+        self._check_length(len(prompt))
         return float(self._guard(lambda: context_nll(self.lm, context)))
 
     def _guard(self, work: Callable):
@@ -227,10 +307,9 @@ class ModelBackend:
         fut.add_done_callback(done)
         return await asyncio.shield(fut)
 
-    async def generate(self, job: GenerateJob) -> GenerateResult:
-        return await self._in_thread(self.generate_sync, job)
-
     async def context_nll(self, context: str) -> float:
+        if self.batching:  # in the engine's thread, between two decode steps
+            return await self.engine.call(self.context_nll_sync, context)
         return await self._in_thread(self.context_nll_sync, context)
 
 
@@ -279,6 +358,8 @@ class GenerateRequest(_Strict):
     query_aware: bool | None = Field(None, description="compress with the question seen "
                                                        "(default: the policy's, else false)")
     answer_prefix: str = Field("", max_length=MAX_PREFIX_CHARS, description="text the answer starts with")
+    stream: bool = Field(False, description="server-sent events: {\"delta\": text} as tokens are decoded, then "
+                                            "the whole response object, then [DONE]")
 
     @field_validator("method")
     @classmethod
@@ -371,33 +452,40 @@ class ChatCompletionRequest(_Strict):
     seed: int | None = Field(None, description="accepted; decoding is greedy and deterministic")
     user: str | None = Field(None, max_length=256)
     n: int | None = Field(None, description="only 1")
-    stream: bool | None = Field(None, description="only false (no streaming)")
+    stream: bool | None = Field(None, description="server-sent events in OpenAI's chat.completion.chunk format; "
+                                                  "the last chunk carries usage and the kv stats")
     stop: str | list[str] | None = Field(None, description="not supported (must be omitted)")
 
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":
         if self.n not in (None, 1):
             raise ValueError(f"n={self.n}: this server returns exactly one choice (n must be 1)")
-        if self.stream:
-            raise ValueError("stream=true is not supported: send stream=false or omit it")
         if self.stop not in (None, [], ""):
             raise ValueError("stop sequences are not supported: omit `stop` (generation ends at the "
                              "end-of-turn token or max_tokens)")
         if self.messages[-1].role != "user":
             raise ValueError(f"the last message must be the user's question, got role {self.messages[-1].role!r}")
-        if not self.context():
-            raise ValueError("no context: put the document to compress in a system message or an earlier "
-                             "user message; the last user message is the question")
+        if not self.context().strip():
+            raise ValueError("no context: send the text to compress (a system message, earlier messages, or "
+                             "the user message itself)")
         total = sum(len(m.text()) for m in self.messages)
         if total > MAX_CONTEXT_CHARS + MAX_QUESTION_CHARS:
             raise ValueError(f"messages hold {total} characters; at most {MAX_CONTEXT_CHARS + MAX_QUESTION_CHARS}")
         return self
 
+    @property
+    def single(self) -> bool:
+        """Only one message with text (e.g. one user message, as OpenAI clients send): it is the
+        context, there is no separate question, and the whole prompt is compressed query-aware."""
+        return not any(m.text().strip() for m in self.messages[:-1])
+
     def context(self) -> str:
+        if self.single:
+            return self.messages[-1].text()
         return "\n\n".join(t for t in (m.text() for m in self.messages[:-1]) if t.strip())
 
     def question(self) -> str:
-        return self.messages[-1].text()
+        return "" if self.single else self.messages[-1].text()
 
     def new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_NEW_TOKENS
@@ -441,6 +529,8 @@ class PolicyList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
+    engine: dict[str, Any] | None = Field(None, description="the model replica's batching engine: active rows, "
+                                                            "queued requests, KV bytes held / reserved vs budget")
 
 
 # ----------------------------------------------------------------------------- the app
@@ -558,10 +648,35 @@ def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None
     def timing(r: GenerateResult) -> Timing:
         return Timing(prefill_s=r.prefill_s, compress_s=r.compress_s, decode_s=r.decode_s, total_s=r.total_s)
 
-    @app.get("/healthz", response_model=Health, tags=["ops"])
-    async def healthz() -> Health:
-        """Liveness of the HTTP layer (no API key needed); model replicas have their own health checks."""
-        return Health(status="ok")
+    async def engine_stats(request: Request) -> dict | None:
+        provider = request.app.state.backend_provider
+        backend = provider() if provider is not None else None
+        stats = getattr(backend, "stats", None)
+        if stats is None:
+            return None
+        try:
+            out = stats()
+            out = await out if asyncio.iscoroutine(out) else out
+            return out or None
+        except Exception:  # noqa: BLE001 -- a replica that cannot answer yet: liveness of the HTTP layer only
+            return None
+
+    @app.get("/healthz", response_model=Health, response_model_exclude_none=True, tags=["ops"])
+    async def healthz(request: Request) -> Health:
+        """Liveness of the HTTP layer (no API key needed), with the batching engine's gauges when
+        a model replica answers; model replicas have their own health checks."""
+        return Health(status="ok", engine=await engine_stats(request))
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def metrics(request: Request) -> PlainTextResponse:
+        """Prometheus text format: the batching engine's gauges and counters (no API key needed)."""
+        stats = await engine_stats(request) or {}
+        lines = []
+        for name, value in sorted(stats.items()):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                kind = "counter" if name.startswith("requests_") or name == "steps" else "gauge"
+                lines += [f"# TYPE kvray_engine_{name} {kind}", f"kvray_engine_{name} {value}"]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/policies", response_model=PolicyList, dependencies=guarded, tags=["policies"])
     async def list_policies() -> PolicyList:
@@ -579,16 +694,63 @@ def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None
         """The full policy JSON (method, parameters, budget plan, calibrator, metrics, provenance)."""
         return load_policy(policy_id).model_dump(mode="json")
 
-    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=guarded, tags=["generate"])
-    async def generate(req: GenerateRequest, backend: Backend = Depends(get_backend)) -> GenerateResponse:
-        """Answer `question` about `context` with the context's KV cache compressed by `policy`
-        (or `method` at `compression_ratio`)."""
-        job = resolve(req.policy, req.method, req.compression_ratio, req.query_aware, context=req.context,
-                      question=req.question, max_new_tokens=req.max_new_tokens, answer_prefix=req.answer_prefix)
-        r = await run(backend.generate(job), "generation")
+    def generate_response(job: GenerateJob, r: GenerateResult) -> GenerateResponse:
         return GenerateResponse(answer=r.answer, policy=job.policy_id, method=job.method,
                                 compression_ratio=job.compression_ratio, query_aware=job.query_aware, model=r.model,
                                 new_tokens=r.new_tokens, kv=kv_stats(r), timing=timing(r))
+
+    async def open_stream(backend: Backend, job: GenerateJob):
+        """The backend's event stream with its first event already there, so that bad input and
+        overload are answered with their status code before a 200 stream starts."""
+        events = backend.generate_stream(job).__aiter__()
+        try:
+            first = await run(events.__anext__(), "generation")
+        except BaseException:
+            await events.aclose()
+            raise
+        return first, events
+
+    def sse(events, first, deadline: float, chunk: Callable, final: Callable):
+        async def body():
+            try:
+                event = first
+                while True:
+                    if isinstance(event, GenerateResult):
+                        for obj in final(event):
+                            yield f"data: {json.dumps(obj)}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
+                    yield f"data: {json.dumps(chunk(event))}\n\n"
+                    left = deadline - time.monotonic()
+                    try:
+                        event = await asyncio.wait_for(events.__anext__(), max(left, 1e-3))
+                    except asyncio.TimeoutError:
+                        yield f"data: {json.dumps({'error': {'message': f'generation did not finish within {timeout:g} s', 'code': 504}})}\n\n"
+                        return
+                    except RequestError as exc:
+                        exc = _unwrap(exc)
+                        yield f"data: {json.dumps({'error': {'message': exc.detail, 'code': exc.status_code}})}\n\n"
+                        return
+                    except StopAsyncIteration:
+                        return
+            finally:
+                await events.aclose()  # a client that leaves takes its row out of the batch
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=guarded, tags=["generate"])
+    async def generate(req: GenerateRequest, backend: Backend = Depends(get_backend)):
+        """Answer `question` about `context` with the context's KV cache compressed by `policy`
+        (or `method` at `compression_ratio`); `stream: true` sends the answer as it is decoded."""
+        job = resolve(req.policy, req.method, req.compression_ratio, req.query_aware, context=req.context,
+                      question=req.question, max_new_tokens=req.max_new_tokens, answer_prefix=req.answer_prefix)
+        if not req.stream:
+            return generate_response(job, await run(backend.generate(job), "generation"))
+        deadline = time.monotonic() + timeout
+        first, events = await open_stream(backend, job)
+        return sse(events, first, deadline, chunk=lambda text: {"delta": text},
+                   final=lambda r: [generate_response(job, r).model_dump(mode="json")])
 
     @app.post("/v1/calibrate", response_model=CalibrateResponse, dependencies=guarded, tags=["generate"])
     async def calibrate(req: CalibrateRequest, backend: Backend = Depends(get_backend)) -> CalibrateResponse:
@@ -621,21 +783,52 @@ def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None
                                  predicted_quality=float(retention_curve(1.0 - ratio, b)), curve_b=b)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=guarded, tags=["openai"])
-    async def chat(req: ChatCompletionRequest, backend: Backend = Depends(get_backend)) -> ChatCompletionResponse:
+    async def chat(req: ChatCompletionRequest, backend: Backend = Depends(get_backend)):
         """OpenAI-compatible chat: the last user message is the question, the earlier messages the
-        compressed context; `kv_policy` (extension) picks the policy."""
+        compressed context; a single message is the context itself, compressed whole (query-aware
+        unless the request says otherwise). `kv_policy` (extension) picks the policy;
+        `stream: true` sends chat.completion.chunk events."""
         n_new = req.new_tokens()
-        job = resolve(req.kv_policy, None, req.compression_ratio, req.query_aware, context=req.context(),
+        aware = True if req.single and req.query_aware is None else req.query_aware
+        job = resolve(req.kv_policy, None, req.compression_ratio, aware, context=req.context(),
                       question=req.question(), max_new_tokens=n_new)
-        r = await run(backend.generate(job), "generation")
-        return ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=r.model,
-            choices=[ChatChoice(index=0, message=ChatChoiceMessage(content=r.answer),
-                                finish_reason="length" if r.new_tokens >= n_new else "stop")],
-            usage=Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.new_tokens,
-                        total_tokens=r.prompt_tokens + r.new_tokens),
-            kv=kv_stats(r), kv_policy=job.policy_id, kv_method=job.method,
-            compression_ratio=job.compression_ratio, timing=timing(r))
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage(r: GenerateResult) -> Usage:
+            return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.new_tokens,
+                         total_tokens=r.prompt_tokens + r.new_tokens)
+
+        def finish(r: GenerateResult) -> str:
+            return "length" if r.finish_reason == "length" or r.new_tokens >= n_new else "stop"
+
+        if not req.stream:
+            r = await run(backend.generate(job), "generation")
+            return ChatCompletionResponse(
+                id=cid, created=created, model=r.model,
+                choices=[ChatChoice(index=0, message=ChatChoiceMessage(content=r.answer), finish_reason=finish(r))],
+                usage=usage(r), kv=kv_stats(r), kv_policy=job.policy_id, kv_method=job.method,
+                compression_ratio=job.compression_ratio, timing=timing(r))
+        deadline = time.monotonic() + timeout
+        first, events = await open_stream(backend, job)
+        model = getattr(backend, "model_name", None) or "kvray"
+        started = []
+
+        def chunk_of(delta: dict, finish_reason=None, **extra) -> dict:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+
+        def chunk(text: str) -> dict:
+            delta = {"content": text} if started else {"role": "assistant", "content": text}
+            started.append(True)
+            return chunk_of(delta)
+
+        def final(r: GenerateResult) -> list[dict]:
+            out = [] if started else [chunk_of({"role": "assistant", "content": ""})]
+            return out + [chunk_of({}, finish(r), usage=usage(r).model_dump(), kv=kv_stats(r).model_dump(),
+                                   kv_policy=job.policy_id, kv_method=job.method,
+                                   compression_ratio=job.compression_ratio, timing=timing(r).model_dump())]
+
+        return sse(events, first, deadline, chunk=chunk, final=final)
 
     return app
 

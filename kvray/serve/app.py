@@ -3,23 +3,22 @@
 * `CompressedLM` hosts one base model per replica (`load_model` once, in the constructor) and
   serves every policy on it: the policy travels with each job (the ingress reads it from the
   store on every request), so tuned policies are multiplexed by id over one model and new policy
-  files are served without a restart or a redeploy. The torch work runs in a worker thread
-  (`ModelBackend`), one request on the model at a time per replica; `check_health` fails after
-  an unrecoverable device error so Serve replaces the replica.
+  files are served without a restart or a redeploy. The replica runs a `BatchingEngine`
+  (continuous batching, `kvray.serve.engine`): each request is prefilled and compressed with its
+  own press between decode steps and joins the running batch; admission is by KV bytes
+  (KVRAY_KV_BUDGET_BYTES, default from the device's memory), so a policy that keeps a quarter
+  of the cache admits about four times the concurrent requests of the full cache.
+  `check_health` fails after an unrecoverable device error so Serve replaces the replica.
 * `KVRayAPI` is the FastAPI ingress (`build_api`, built on the replica by
   `__serve_build_asgi_app__`), with `max_ongoing_requests` / `max_queued_requests` so that
   overload is answered 503 ("Request dropped due to backpressure") instead of queueing without
   bound; it must be set on the ingress (RAY.md: on the inner deployment the router's queue
-  absorbs the load).
+  absorbs the load). Streaming responses go through the handle as generators
+  (`handle.options(stream=True)`); a client that disconnects cancels its row.
 
-No `@serve.batch`: each request brings its own context (different lengths, so a batched
-prefill would pad or need ragged attention) and its own press (its own budgets per layer and
-head), and `kvray.generate` prefills one prompt at a time; `run_configs` batches the decoding of
-several presses on *one* prefill, not several contexts. Batching across requests would pay for
-the decode phase of a small model (bound by reading the weights), but needs a batched prefill over
-different contexts and the stacking of compressed caches of different lengths -- not supported
-by kvray.generate today. Requests are therefore served one at a time per replica and scaled out
-with replicas (autoscaling on ongoing requests).
+No `@serve.batch`: the engine batches at the granularity that matters for decoding (one token of
+every active request per step, requests joining and leaving between steps), which a
+request-level batch cannot do.
 
 Run it:
 
@@ -30,7 +29,8 @@ Environment read by the module-level `app`: KVRAY_POLICIES (policy directory, de
 runs/policies, made absolute), KVRAY_MODEL (default: the embedded SmolLM2-135M), KVRAY_API_KEY
 (read by the ingress replica from its own environment), KVRAY_NUM_GPUS (per model replica,
 default 0), KVRAY_CPUS (per model replica, default 1; also its torch threads),
-KVRAY_MAX_REPLICAS (model replicas, default 1), KVRAY_REQUEST_TIMEOUT_S.
+KVRAY_MAX_REPLICAS (model replicas, default 1), KVRAY_REQUEST_TIMEOUT_S, KVRAY_KV_BUDGET_BYTES (KV
+bytes one replica's batch may hold), KVRAY_MAX_ROWS (rows decoded together, default 64).
 """
 
 from __future__ import annotations
@@ -50,13 +50,13 @@ INGRESS_DEPLOYMENT = "KVRayAPI"
 APP_NAME = "kvray"
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 
-# The ingress only awaits the model replicas: a few dozen requests in flight are cheap there;
-# beyond ongoing + queued the proxy answers 503 at once.
-INGRESS_MAX_ONGOING = 16
-INGRESS_MAX_QUEUED = 16
-# One request on the model at a time (ModelBackend's slot); a few wait inside the replica so the
-# next one starts without a round trip.
-MODEL_MAX_ONGOING = 4
+# The ingress only awaits the model replicas: requests in flight are cheap there; beyond ongoing +
+# queued the proxy answers 503 at once.
+INGRESS_MAX_ONGOING = 64
+INGRESS_MAX_QUEUED = 64
+# Requests inside one model replica: the engine's rows (KVRAY_MAX_ROWS, 64) plus those waiting for
+# KV budget; the engine admits them, Serve only forwards.
+MODEL_MAX_ONGOING = 128
 
 
 @serve.deployment(
@@ -72,17 +72,26 @@ MODEL_MAX_ONGOING = 4
 class CompressedLM:
     """One base model per replica; any policy per request."""
 
-    def __init__(self, model: str | None = None, threads: int | None = None):
+    def __init__(self, model: str | None = None, threads: int | None = None, kv_budget: int | None = None,
+                 max_rows: int | None = None):
         import torch
 
         from ..models import load_model
 
         if threads:
             torch.set_num_threads(int(threads))
-        self.backend = ModelBackend(load_model(model))
+        self.backend = ModelBackend(load_model(model), kv_budget=kv_budget, max_rows=max_rows)
+        self.backend.engine  # noqa: B018 -- start the engine thread now, not on the first request
 
     async def generate(self, job: GenerateJob) -> GenerateResult:
         return await self.backend.generate(job)
+
+    async def generate_stream(self, job: GenerateJob):
+        async for event in self.backend.generate_stream(job):
+            yield event
+
+    def stats(self) -> dict:
+        return {**self.backend.stats(), "model": self.backend.model_name}
 
     async def context_nll(self, context: str) -> float:
         return await self.backend.context_nll(context)
@@ -108,8 +117,22 @@ class HandleBackend:
     async def generate(self, job: GenerateJob) -> GenerateResult:
         return await self._call("generate", job)
 
+    async def generate_stream(self, job: GenerateJob):
+        events = self.handle.options(stream=True).generate_stream.remote(job)
+        try:
+            async for event in events:
+                yield event
+        except RequestError as exc:
+            cause = getattr(exc, "cause", exc)
+            raise (cause if isinstance(cause, RequestError) else RequestError(str(exc))) from None
+        finally:
+            events.cancel()  # the consumer left early (client gone, timeout): cancel the replica's row
+
     async def context_nll(self, context: str) -> float:
         return await self._call("context_nll", context)
+
+    async def stats(self) -> dict:
+        return await self._call("stats")
 
 
 # The ingress reads the policy store from its node's disk: pinned to the head node, where
@@ -138,6 +161,20 @@ class KVRayAPI:
                          request_timeout_s=self._timeout)
 
 
+def _env_int(value: int | None, env: str) -> int | None:
+    if value is None and os.environ.get(env):
+        value = os.environ[env]
+    if value is None:
+        return None
+    try:
+        out = int(float(value))
+    except ValueError:
+        raise ValueError(f"{env} must be a positive integer, got {value!r}") from None
+    if out < 1:
+        raise ValueError(f"{env} must be a positive integer, got {value!r}")
+    return out
+
+
 def store_path(policies_dir: str | os.PathLike | None = None) -> Path:
     """The policy directory: the argument, else env KVRAY_POLICIES, else runs/policies; absolute
     (replicas may run in another directory)."""
@@ -156,11 +193,14 @@ def replica_resources(cpus: float | None = None, num_gpus: float | None = None) 
 def build_app(policies_dir: str | os.PathLike | None = None, model: str | None = None, *,
               api_key: str | None = None, num_gpus: float | None = None, max_replicas: int | None = None,
               cpus: float | None = None, threads: int | None = None, request_timeout_s: float | None = None,
-              max_ongoing_requests: int = INGRESS_MAX_ONGOING, max_queued_requests: int = INGRESS_MAX_QUEUED):
+              max_ongoing_requests: int = INGRESS_MAX_ONGOING, max_queued_requests: int = INGRESS_MAX_QUEUED,
+              kv_budget: int | None = None, max_rows: int | None = None):
     """The bound application. Defaults come from the environment (see the module docstring).
     `api_key=None` lets the ingress replica read KVRAY_API_KEY from its own environment (an
     explicit key becomes part of the deployment's arguments, visible on the Ray dashboard).
-    `max_ongoing_requests` / `max_queued_requests`: the ingress's limits (beyond their sum, 503)."""
+    `max_ongoing_requests` / `max_queued_requests`: the ingress's limits (beyond their sum, 503);
+    `kv_budget` (bytes) / `max_rows`: one model replica's batching engine (env KVRAY_KV_BUDGET_BYTES /
+    KVRAY_MAX_ROWS, else from the device's memory / 64)."""
     if max_ongoing_requests < 1 or max_queued_requests < 0:
         raise ValueError(f"max_ongoing_requests must be >= 1 and max_queued_requests >= 0, got "
                          f"{max_ongoing_requests} and {max_queued_requests}")
@@ -178,7 +218,7 @@ def build_app(policies_dir: str | os.PathLike | None = None, model: str | None =
         ray_actor_options={"num_cpus": need["CPU"], "num_gpus": need["GPU"]},
         autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": replicas,
                             "target_ongoing_requests": 2, "upscale_delay_s": 30, "downscale_delay_s": 600},
-    ).bind(model, threads)
+    ).bind(model, threads, _env_int(kv_budget, "KVRAY_KV_BUDGET_BYTES"), _env_int(max_rows, "KVRAY_MAX_ROWS"))
     ingress = KVRayAPI.options(max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
     return ingress.bind(lm, str(store), api_key, float(timeout) if timeout is not None else None)
 
