@@ -36,6 +36,7 @@ def _lengths(text: str) -> list[int]:
 
 DEFAULT_METHODS = "full,random,streaming_llm,knorm,snapkv,pyramidkv,adakv"
 DEFAULT_TASKS = "niah_single,niah_multikey,vt"
+DEFAULT_SAMPLES = 5
 
 
 def _json_object(text: str | None, flag: str, example: str) -> dict:
@@ -59,7 +60,7 @@ def cmd_methods(args) -> int:
     for name, doc in describe_methods():
         line = doc if len(doc) <= 110 else doc[:107] + "..."
         print(f"{name:<{width}}  {line}")
-        if args.verbose:
+        if args.verbose or args.methods_verbose:
             print(f"{'':<{width}}  params: {', '.join(method_params(name))}")
     return 0
 
@@ -78,7 +79,7 @@ def cmd_eval(args) -> int:
     set_threads(args.threads)
     host = ModelHost.load(args.model, device=args.device)
     if args.dataset:
-        samples = load_samples(args.dataset, limit=args.samples)
+        samples = load_samples(args.dataset, limit=args.samples)  # None: the whole dataset
     else:
         tasks = _csv(args.tasks)
         bad = [t for t in tasks if t not in TASKS]
@@ -90,7 +91,8 @@ def cmd_eval(args) -> int:
             raise SystemExit(f"kvray eval: --task-options names tasks not evaluated: {sorted(unknown)}")
         count = lambda s: len(host.lm.tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
         samples = [s for n in args.length for t in tasks
-                   for s in make_samples(t, args.samples, n, seed=args.seed, count_tokens=count, **options.get(t, {}))]
+                   for s in make_samples(t, args.samples or DEFAULT_SAMPLES, n, seed=args.seed, count_tokens=count,
+                                         **options.get(t, {}))]
     protocols = [False, True] if args.both_protocols else [bool(args.query_aware)]
     print(f"kvray eval: {host.lm.name} on {host.lm.device}, {len(samples)} samples x {len(presses)} configs x "
           f"{len(protocols)} protocol(s), one prefill per sample", file=sys.stderr)
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("methods", help="list the compression methods")
+    m.add_argument("-v", "--verbose", action="store_true", dest="methods_verbose", help="each method's parameters")
     m.set_defaults(fn=cmd_methods)
 
     e = sub.add_parser("eval", help="evaluate methods x ratios on the task suite; rows to Parquet")
@@ -132,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated task names (default {DEFAULT_TASKS})")
     e.add_argument("--length", type=_lengths, default=[1000],
                    help="context length(s) in tokens, comma-separated (default 1000)")
-    e.add_argument("--samples", type=int, default=5, help="samples per task (default 5)")
+    e.add_argument("--samples", type=int, default=None,
+                   help=f"samples per task (default {DEFAULT_SAMPLES}); with --dataset, the first N rows (default: all)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--task-options", default=None,
                    help='JSON per task, e.g. \'{"niah_single": {"value_kind": "uuid"}}\'')

@@ -132,13 +132,34 @@ def load_tokenizer(name: str | None = None):
     return _from_pretrained(AutoTokenizer, name, source)
 
 
-def _from_pretrained(cls, name, source, **kwargs):
+def _hub_unreachable() -> bool:
+    """Offline by the environment (read now, not at import), or the hub's endpoint refuses a
+    connection within 3 s: then only the local Hugging Face cache is searched, at once, instead
+    of retrying the network until it times out."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
     try:
-        return cls.from_pretrained(source, **kwargs)
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        return True
+    return False
+
+
+def _from_pretrained(cls, name, source, **kwargs):
+    offline = _hub_unreachable()
+    try:
+        return cls.from_pretrained(source, local_files_only=offline, **kwargs)
     except OSError as exc:
+        where = "the local Hugging Face cache (the hub is unreachable)" if offline else "the Hugging Face hub"
         raise ModelNotFoundError(
             f"could not load model {name!r}: tried a local directory {str(Path(source).expanduser())!r} (not found) "
-            f"and the Hugging Face hub id {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            f"and the hub id {source!r} in {where} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
             "Offline? Pass a local directory or a .gguf path, or omit the name for the embedded default."
         ) from exc
 
@@ -195,7 +216,12 @@ def _save_converted(model, tokenizer, target: Path) -> None:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)  # atomic: a reader sees no cache or a whole one
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # another process (a second model actor) cached the same weights first: keep theirs
     except (OSError, ValueError) as exc:
         log.warning("could not cache converted weights in %s: %s", target, exc)
     finally:

@@ -47,3 +47,19 @@ def test_import_kvray_does_not_import_ray_or_triton():
     code = "import sys, kvray; print('ray' in sys.modules, 'triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_converted_weights_are_cached_atomically_once(tiny_llama, tmp_path, caplog):
+    """Two model actors converting the same GGUF at once: the second finds the first's cache
+    and keeps it, without a warning and without leaving its temporary directory."""
+    import logging
+
+    from kvray.models import _save_converted
+
+    target = tmp_path / "converted" / "model-abc"
+    _save_converted(tiny_llama.model, tiny_llama.tokenizer, target)
+    assert (target / "config.json").is_file()
+    with caplog.at_level(logging.WARNING, logger="kvray.models"):
+        _save_converted(tiny_llama.model, tiny_llama.tokenizer, target)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model-abc"]

@@ -73,15 +73,16 @@ class CompressedLM:
     """One base model per replica; any policy per request."""
 
     def __init__(self, model: str | None = None, threads: int | None = None, kv_budget: int | None = None,
-                 max_rows: int | None = None):
+                 max_rows: int | None = None, batching: bool = True):
         import torch
 
         from ..models import load_model
 
         if threads:
             torch.set_num_threads(int(threads))
-        self.backend = ModelBackend(load_model(model), kv_budget=kv_budget, max_rows=max_rows)
-        self.backend.engine  # noqa: B018 -- start the engine thread now, not on the first request
+        self.backend = ModelBackend(load_model(model), kv_budget=kv_budget, max_rows=max_rows, batching=batching)
+        if batching:
+            self.backend.engine  # noqa: B018 -- start the engine thread now, not on the first request
 
     async def generate(self, job: GenerateJob) -> GenerateResult:
         return await self.backend.generate(job)
@@ -91,7 +92,7 @@ class CompressedLM:
             yield event
 
     def stats(self) -> dict:
-        return {**self.backend.stats(), "model": self.backend.model_name}
+        return {**self.backend.stats(), "model": self.backend.model_name, "batching": self.backend.batching}
 
     async def context_nll(self, context: str) -> float:
         return await self.backend.context_nll(context)
@@ -194,13 +195,14 @@ def build_app(policies_dir: str | os.PathLike | None = None, model: str | None =
               api_key: str | None = None, num_gpus: float | None = None, max_replicas: int | None = None,
               cpus: float | None = None, threads: int | None = None, request_timeout_s: float | None = None,
               max_ongoing_requests: int = INGRESS_MAX_ONGOING, max_queued_requests: int = INGRESS_MAX_QUEUED,
-              kv_budget: int | None = None, max_rows: int | None = None):
+              kv_budget: int | None = None, max_rows: int | None = None, batching: bool = True):
     """The bound application. Defaults come from the environment (see the module docstring).
     `api_key=None` lets the ingress replica read KVRAY_API_KEY from its own environment (an
     explicit key becomes part of the deployment's arguments, visible on the Ray dashboard).
     `max_ongoing_requests` / `max_queued_requests`: the ingress's limits (beyond their sum, 503);
     `kv_budget` (bytes) / `max_rows`: one model replica's batching engine (env KVRAY_KV_BUDGET_BYTES /
-    KVRAY_MAX_ROWS, else from the device's memory / 64)."""
+    KVRAY_MAX_ROWS, else from the device's memory / 64); `batching=False`: one request at a time
+    per replica (the path before the engine, for comparison)."""
     if max_ongoing_requests < 1 or max_queued_requests < 0:
         raise ValueError(f"max_ongoing_requests must be >= 1 and max_queued_requests >= 0, got "
                          f"{max_ongoing_requests} and {max_queued_requests}")
@@ -218,7 +220,8 @@ def build_app(policies_dir: str | os.PathLike | None = None, model: str | None =
         ray_actor_options={"num_cpus": need["CPU"], "num_gpus": need["GPU"]},
         autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": replicas,
                             "target_ongoing_requests": 2, "upscale_delay_s": 30, "downscale_delay_s": 600},
-    ).bind(model, threads, _env_int(kv_budget, "KVRAY_KV_BUDGET_BYTES"), _env_int(max_rows, "KVRAY_MAX_ROWS"))
+    ).bind(model, threads, _env_int(kv_budget, "KVRAY_KV_BUDGET_BYTES"), _env_int(max_rows, "KVRAY_MAX_ROWS"),
+           bool(batching))
     ingress = KVRayAPI.options(max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
     return ingress.bind(lm, str(store), api_key, float(timeout) if timeout is not None else None)
 
