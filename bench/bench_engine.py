@@ -124,8 +124,8 @@ def part_a(args, tok, out: dict) -> None:
                         total = max(2 * c, 4) if not args.quick else max(c, 2)
                         if kind == "one-at-a-time":
                             total = max(c, 4) if not args.quick else 2
-                        reqs = [{**b, "method": method, "compression_ratio": ratio, "max_new_tokens": new}
-                                for b in bodies]
+                        reqs = [{**b, "method": method, "compression_ratio": ratio, "max_new_tokens": new,
+                                 "ignore_eos": True} for b in bodies]  # every request decodes its full length
                         asyncio.run(closed_loop(url + path, reqs[:1], 1, 1))  # warm
                         r = asyncio.run(closed_loop(url + path, reqs, c, total))
                         r.update(workload=workload, policy=label, path=kind)
@@ -313,7 +313,8 @@ def write_page(res: dict, page: Path, quick: bool) -> None:
     if "serve" in res:
         lines += ["## (a) Serve, closed loop, one model replica", "",
                   "Each client streams its next request when the previous one is answered. Decode-heavy: ~200-token "
-                  "contexts, 64 new tokens; prompt-heavy: ~1k-token contexts, 16 new tokens (niah_single prompts). "
+                  "contexts, 64 new tokens; prompt-heavy: ~1k-token contexts, 16 new tokens (niah_single prompts; "
+                  "`ignore_eos`, so every request decodes exactly that many tokens whatever the policy). "
                   "`engine`: continuous batching; `one-at-a-time`: today's path (one request on the model at a "
                   "time), same replica resources, same Serve instance, measured in turn.", "",
                   "| workload | policy | path | concurrency | requests | req/s | output tok/s | TTFT p50 | p50 | p99 |",

@@ -107,7 +107,7 @@ def compress(lm: LanguageModel, pre: Prefill, press: Press, query_aware: bool) -
 
 def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_aware: bool | list[bool],
                 max_new_tokens: int, kv_budget: int | None = None, release_prefill: bool = False,
-                impl: str = "auto") -> list[GenerationOutput]:
+                impl: str = "auto", ignore_eos: bool = False) -> list[GenerationOutput]:
     """Compress a copy of the prefill cache with each press and decode them all on one
     `Decoder`: the compressed caches join the running batch as they are made, while the KV
     bytes the decoder holds stay within `kv_budget` (default `default_kv_budget`); a row leaves
@@ -119,7 +119,7 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
     `query_aware`: one protocol for all presses, or one per press (both protocols of a sample
     then share the decoder). Outputs keep the order of `presses`. With `release_prefill` the
     full cache is dropped once the last config is compressed (real memory savings when nothing
-    else shares the prefill)."""
+    else shares the prefill). `ignore_eos`: decode exactly `max_new_tokens` tokens."""
     budget = default_kv_budget(lm.device) if kv_budget is None else int(kv_budget)
     if budget < 1:
         raise ValueError(f"kv_budget must be >= 1 byte, got {kv_budget}")
@@ -145,7 +145,7 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
         while dec.active and dec.kv_bytes() + need > budget:
             dec.step()
         rows = dec.add(cache, feed=rest, first_logits=first, max_new_tokens=max_new_tokens,
-                       after_step=press.after_step if press.evicts_during_decoding else None)
+                       ignore_stop_tokens=ignore_eos, after_step=press.after_step if press.evicts_during_decoding else None)
         made.append((rows[0], aware, compress_s, cache.prefix_entries(), cache.prefix_nbytes()))
         del cache
     dec.run()
@@ -166,9 +166,10 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
 
 
 def run_config(lm: LanguageModel, pre: Prefill, press: Press, query_aware: bool,
-               max_new_tokens: int, release_prefill: bool = False) -> GenerationOutput:
+               max_new_tokens: int, release_prefill: bool = False, ignore_eos: bool = False) -> GenerationOutput:
     """One press on the prefill cache (see `run_configs`)."""
-    return run_configs(lm, pre, [press], query_aware, max_new_tokens, release_prefill=release_prefill)[0]
+    return run_configs(lm, pre, [press], query_aware, max_new_tokens, release_prefill=release_prefill,
+                       ignore_eos=ignore_eos)[0]
 
 
 def resolve_press(press: Press | str | None, compression_ratio: float | None = None) -> Press:
@@ -193,16 +194,17 @@ def resolve_press(press: Press | str | None, compression_ratio: float | None = N
 
 def generate(lm: LanguageModel, context: str, question: str = "", *, press: Press | str | None = None,
              compression_ratio: float | None = None, answer_prefix: str = "", max_new_tokens: int = 32,
-             query_aware: bool = False) -> GenerationOutput:
+             query_aware: bool = False, ignore_eos: bool = False) -> GenerationOutput:
     """Greedy answer to `question` about `context` with the context's KV cache compressed by
     `press` (a Press; a method name with `compression_ratio`; or None for the full cache).
 
     query_aware=False (kvpress's default): the context is compressed before the question is
-    seen; True: the question is part of the compressed prompt (as in the SnapKV paper)."""
+    seen; True: the question is part of the compressed prompt (as in the SnapKV paper).
+    `ignore_eos`: decode exactly `max_new_tokens` tokens, past the end-of-turn token."""
     press = resolve_press(press, compression_ratio)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompt = build_prompt(lm.tokenizer, context, question, answer_prefix)
     pre = prefill(lm, prompt, capture_window=capture_window_for([press]), with_question=query_aware,
                   capture_hidden=hidden_needed_for([press]))
-    return run_config(lm, pre, press, query_aware, max_new_tokens, release_prefill=True)
+    return run_config(lm, pre, press, query_aware, max_new_tokens, release_prefill=True, ignore_eos=ignore_eos)

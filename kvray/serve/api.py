@@ -102,6 +102,7 @@ class GenerateJob:
     answer_prefix: str = ""
     policy_id: str | None = None
     policy: dict | None = None
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
 
     def press(self) -> Press:
         """The press to run; ValueError (with what is allowed) when it cannot be built."""
@@ -216,7 +217,7 @@ class ModelBackend:
         press, prompt = self.prepare(job)
         out = self._guard(lambda: generate(self.lm, job.context, job.question, press=press,
                                            answer_prefix=job.answer_prefix, max_new_tokens=job.max_new_tokens,
-                                           query_aware=job.query_aware))
+                                           query_aware=job.query_aware, ignore_eos=job.ignore_eos))
         s = out.stats
         total = time.perf_counter() - t0
         return GenerateResult(
@@ -355,6 +356,8 @@ class GenerateRequest(_Strict):
     method: str | None = Field(None, description=f"without a policy: a compression method (default {DEFAULT_METHOD})")
     compression_ratio: float | None = Field(None, ge=0.0, lt=1.0, allow_inf_nan=False, description=_RATIO_DOC)
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
+    ignore_eos: bool = Field(False, description="decode exactly max_new_tokens, past the end-of-turn token "
+                                                "(as vLLM's ignore_eos; for benchmarks)")
     query_aware: bool | None = Field(None, description="compress with the question seen "
                                                        "(default: the policy's, else false)")
     answer_prefix: str = Field("", max_length=MAX_PREFIX_CHARS, description="text the answer starts with")
@@ -744,7 +747,8 @@ def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None
         """Answer `question` about `context` with the context's KV cache compressed by `policy`
         (or `method` at `compression_ratio`); `stream: true` sends the answer as it is decoded."""
         job = resolve(req.policy, req.method, req.compression_ratio, req.query_aware, context=req.context,
-                      question=req.question, max_new_tokens=req.max_new_tokens, answer_prefix=req.answer_prefix)
+                      question=req.question, max_new_tokens=req.max_new_tokens, answer_prefix=req.answer_prefix,
+                      ignore_eos=req.ignore_eos)
         if not req.stream:
             return generate_response(job, await run(backend.generate(job), "generation"))
         deadline = time.monotonic() + timeout

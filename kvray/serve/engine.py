@@ -235,7 +235,8 @@ class BatchingEngine:
                           "bytes_kept": cache.prefix_nbytes(), "achieved_ratio": 1.0 - kept / (n_tokens * heads)}
                 actual = int(cache.nbytes() + self.bytes_per_token * (len(rest) + job.max_new_tokens))
                 row = self.decoder.add(cache, feed=rest, first_logits=first, max_new_tokens=job.max_new_tokens,
-                                       key=req, after_step=press.after_step if press.evicts_during_decoding else None,
+                                       key=req, ignore_stop_tokens=job.ignore_eos,
+                                       after_step=press.after_step if press.evicts_during_decoding else None,
                                        on_token=lambda row, tok: req.emit("token", tok))[0]
             with self._cond:  # the reservation becomes what the row really needs
                 self._reserved += actual - req.reserve
