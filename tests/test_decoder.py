@@ -39,21 +39,26 @@ def reference_attention(query, prefix: RaggedKV, tk, tv, scaling, pads):
     return out
 
 
+LAYOUTS = {  # per (row, head) lengths, H = 2
+    "uniform": [5] * 6,
+    "skewed": [1, 9, 4, 4, 7, 2],
+    "empty_head": [0, 6, 3, 3, 5, 1],
+    # rows of similar length are attended together, padded (and a long row alone)
+    "grouped": [4, 6, 5, 5, 3, 6, 0, 6, 30, 2, 6, 4],
+}
+
+
 @pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("q_len", [1, 3])
-@pytest.mark.parametrize("layout", ["uniform", "skewed", "empty_head"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_ragged_attention_matches_reference(G, q_len, layout):
     torch.manual_seed(0)
-    B, H, d, T = 3, 2, 16, 6
-    if layout == "uniform":
-        lengths = [5] * (B * H)
-    elif layout == "skewed":
-        lengths = [1, 9, 4, 4, 7, 2]
-    else:
-        lengths = [0, 6, 3, 3, 5, 1]
+    H, d, T = 2, 16, 6
+    lengths = LAYOUTS[layout]
+    B = len(lengths) // H
     total = sum(lengths)
     prefix = RaggedKV(torch.randn(total, d), torch.randn(total, d), torch.arange(total), tuple(lengths), B, H)
-    pads = (0, 2, T - q_len)  # the last row joined just now: its tail is only the new tokens
+    pads = (0, 2, T - q_len, 1, 0, 3)[:B]  # row 2 joined just now: its tail is only the new tokens
     query = torch.randn(B, H * G, q_len, d)
     tk, tv = torch.randn(B, H, T, d), torch.randn(B, H, T, d)
     got = ragged_attention_torch(query, prefix, tk, tv, 1 / math.sqrt(d), pads)

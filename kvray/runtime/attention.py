@@ -5,11 +5,13 @@
 `ragged_attention_torch` is the runtime's CPU path and the oracle a Triton kernel must match.
 Layout it reads (see `kvray.cache`): per layer, the kept entries packed over (row, KV head),
 b-major ([total, d], lengths per (row, head)), and a dense tail [B, H, T, d] left-padded per row.
-It loops over nothing when every (row, head) holds the same count (one batched pair of matmuls),
-and otherwise over rows only: a row's heads are scored in one matmul of all its packed entries
-against all its query heads, with the entries of other heads masked out. On a CPU decode step
-this reads every key once, like the dense path (the extra dot products cost nothing next to the
-memory traffic); there is no Python loop over heads.
+It loops over nothing when every (row, head) holds the same count (one batched pair of matmuls).
+Otherwise rows of similar length (`GROUP_SPREAD`) are gathered into one padded block per step and
+attended together with a mask (a copy of their entries, cheaper on a CPU than one small matmul per
+row: op overhead dominates there), and a row left alone is attended on its own: dense per head
+when its heads hold the same count, else in one matmul of all its packed entries against all its
+query heads with the entries of other heads masked out (H times the dot products, one op instead
+of H). There is no Python loop over heads.
 """
 
 from __future__ import annotations
@@ -91,10 +93,13 @@ def dense_attention(query, key, value, attention_mask, scaling):
 # ----------------------------------------------------------------------------- ragged (torch twin)
 
 
-def _two_block(qg, pk, pv, tk, tv, tail_mask, scaling):
+def _two_block(qg, pk, pv, tk, tv, tail_mask, scaling, prefix_mask=None):
     """Softmax attention of grouped queries qg [..., R, d] over prefix (pk, pv) [..., n, d] and
-    tail (tk, tv) [..., T, d] at once, without concatenating the (large) prefix."""
+    tail (tk, tv) [..., T, d] at once, without concatenating the (large) prefix; `prefix_mask`
+    [..., 1, n] (True = attend) hides padding of a padded prefix."""
     sp = torch.matmul(qg, pk.transpose(-1, -2)).float() * scaling
+    if prefix_mask is not None:
+        sp = sp.masked_fill(~prefix_mask, float("-inf"))
     st = torch.matmul(qg, tk.transpose(-1, -2)).float() * scaling
     st = st.masked_fill(~tail_mask, float("-inf"))
     probs = torch.softmax(torch.cat([sp, st], dim=-1), dim=-1).to(qg.dtype)
@@ -116,6 +121,48 @@ def _packed_row(qg, keys, values, heads, tk, tv, tail_mask, scaling):
     probs = torch.softmax(torch.cat([sp, st], dim=-1), dim=-1).to(qg.dtype)
     out = torch.matmul(probs[:, :E], values).view(H, R, d)
     return out + torch.matmul(probs[:, E:].view(H, R, -1), tv)
+
+
+#: rows whose longest head holds at most this many times the entries of the group's shortest are
+#: padded to one length and attended in one batched pair of matmuls (a gather per step); the
+#: others, one row at a time
+GROUP_SPREAD = 1.5
+
+
+def row_groups(prefix: RaggedKV) -> list[tuple[list[int], torch.Tensor | None, torch.Tensor | None]]:
+    """Rows of a non-uniform prefix in groups of similar length (`GROUP_SPREAD`), shortest first:
+    (rows, gather index [n * H * P] into the packed entries, valid mask [n, H, 1, P]) for groups
+    of two rows or more, (rows, None, None) for a row alone. Computed once per prefix (it never
+    changes while the batch does not)."""
+    cached = getattr(prefix, "_groups", None)
+    if cached is not None:
+        return cached
+    H = prefix.heads
+    longest = [max(prefix.row_lengths(b)) for b in range(prefix.batch)]
+    order = sorted(range(prefix.batch), key=lambda b: longest[b])
+    groups, cur = [], []
+    for b in order:
+        if cur and longest[b] > GROUP_SPREAD * max(longest[cur[0]], 1):
+            groups.append(cur)
+            cur = []
+        cur.append(b)
+    if cur:
+        groups.append(cur)
+    out = []
+    dev = prefix.keys.device
+    for rows in groups:
+        if len(rows) == 1:
+            out.append((rows, None, None))
+            continue
+        P = max(longest[b] for b in rows)
+        lens = torch.tensor([[prefix.lengths[b * H + h] for h in range(H)] for b in rows], device=dev)
+        starts = torch.tensor([[prefix.offsets[b * H + h] for h in range(H)] for b in rows], device=dev)
+        j = torch.arange(P, device=dev)
+        valid = j[None, None, :] < lens[:, :, None]  # [n, H, P]
+        idx = torch.where(valid, starts[:, :, None] + j, 0).to(torch.int32).reshape(-1)
+        out.append((rows, idx, valid[:, :, None, :]))
+    prefix._groups = out
+    return out
 
 
 def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor,
@@ -142,7 +189,17 @@ def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.
     else:
         out = torch.empty_like(qg)
         heads = prefix.head_ids
-        for b in range(B):
+        for rows, idx, valid in row_groups(prefix):
+            if idx is not None:  # rows of similar length: padded to one length, one batched pair of matmuls
+                n, P = len(rows), valid.shape[-1]
+                sel = torch.tensor(rows, device=dev)
+                pk = prefix.keys.index_select(0, idx).view(n, H, P, d)
+                pv = prefix.values.index_select(0, idx).view(n, H, P, d)
+                m = mask.index_select(0, sel) if mask.shape[0] > 1 else mask
+                out[sel] = _two_block(qg.index_select(0, sel), pk, pv, tail_k.index_select(0, sel),
+                                      tail_v.index_select(0, sel), m, scaling, prefix_mask=valid)
+                continue
+            b = rows[0]
             m = mask[b if mask.shape[0] > 1 else 0]
             row = prefix.row(b)
             if row is not None:  # this row's heads hold the same count: dense per head
