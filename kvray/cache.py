@@ -3,7 +3,8 @@
 Per layer the cache holds a **static ragged prefix** -- the kept context entries, packed per
 (row, KV head) with their own lengths, never re-allocated -- and a **dense growing tail** for
 tokens appended afterwards (question, generated tokens). Only kept entries are stored, so
-`nbytes()` is the memory really held, for uniform, per-layer and per-KV-head budgets alike.
+`nbytes()` is the memory really held by keys and values, for uniform, per-layer and per-KV-head
+budgets alike (the int64 index of original positions, one per kept entry, is not counted).
 
 Rows of one cache may come from different prompts (the decoder's batch, `KVRayCache.merge`):
 each row then has its own original positions (`RowLayout.starts`: the positions its prefix

@@ -2,7 +2,7 @@
 
 Follows the context-calibrated compression section of Chari & Van Durme, "Calibrated
 Query-Agnostic KV Cache Compression with Approximate Leverage Scores" (arXiv 2507.08143, v2);
-see METHODS.md 2.4. The quality proxy is the token-averaged NLL of a target continuation `t`
+see docs/methods.md, section 2.4. The quality proxy is the token-averaged NLL of a target continuation `t`
 (the ground-truth answer) given question `q` and context `c`; the measured quantity is the ratio
 
     g(r, q, c) = NLL(t | q, c) / NLL(t | q, c~_r)        (c~_r keeps a fraction r of the entries)
@@ -22,7 +22,7 @@ Pieces, all usable without Ray (plain torch):
 * `fit_calibrator` -> `Calibrator` (JSON-serialisable), `safe_compression_ratio`,
   `validate_calibrator`.
 
-Deviations and choices (the paper's fitting code is not released; METHODS.md 2.4 [N]):
+Deviations and choices (the paper's fitting code is not released; docs/methods.md, section 2.4):
 
 * NLL(c) averages -log p(x_i | x_<i) over the context's own tokens, skipping the chat-template
   prefix (system prompt, role header) that precedes the context in the prompt; the question is
@@ -281,7 +281,7 @@ def measure_curve(lm: LanguageModel, sample, method: str, retentions: Sequence[f
 
     One prefill (which also gives NLL(c)); the target is the reference answer (`answer_text`),
     scored by teacher forcing `rest + answer` on a copy of the full cache (`make_press("full")`)
-    and on `make_press(method, compression_ratio=1 - r, **method_params).compress(state)` per
+    and on `make_press(method, compression_ratio=1 - r, **method_params).compress_prefill(...)` per
     retention; the prefill cache itself is never extended. Retention 1 is the full cache itself
     (nll_ratio exactly 1). Rows: sample_id, task, method, retention, compression_ratio,
     context_tokens, context_nll, nll_full, nll_compressed, nll_ratio (= nll_full /

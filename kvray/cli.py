@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("serve", help="serve the policies over HTTP with Ray Serve (127.0.0.1:8000)",
-                       description="Deploy the kvray HTTP API (ARCHITECTURE.md section 7) on Ray Serve: attaches to "
+                       description="Deploy the kvray HTTP API (docs/architecture.md, section 7) on Ray Serve: attaches to "
                                    "the running Ray cluster (e.g. the head `make calibrate` started) or starts a "
                                    "private one, and serves until Ctrl-C. Env: KVRAY_API_KEY (require x-api-key).")
     s.add_argument("--policies", default=None, help="policy directory (default env KVRAY_POLICIES, else runs/policies)")

@@ -9,9 +9,10 @@ from kvray.cache import KVRayCache, KVRayLayer, RaggedKV
 from kvray.runtime import ragged_attention
 
 
-def dense_masked_reference(query, keys, values, keep, tail_k, tail_v):
+def dense_masked_reference(query, keys, values, keep, tail_k, tail_v, pads=None):
     """Plain attention over [all prefix entries | tail] with evicted prefix entries masked out
-    and a causal mask on the tail. query [B, Hq, q, d]; keys [B, H, N, d]; keep [B, H, N] bool."""
+    and a causal mask on the tail. query [B, Hq, q, d]; keys [B, H, N, d]; keep [B, H, N] bool;
+    row b does not see its first pads[b] tail slots."""
     B, Hq, q, d = query.shape
     H = keys.shape[1]
     G = Hq // H
@@ -23,7 +24,8 @@ def dense_masked_reference(query, keys, values, keep, tail_k, tail_v):
             K = torch.cat([keys[b, h], tail_k[b, h]]).double()
             V = torch.cat([values[b, h], tail_v[b, h]]).double()
             for i in range(q):
-                visible = torch.cat([keep[b, h], torch.arange(T) <= T - q + i])
+                tail = (torch.arange(T) <= T - q + i) & (torch.arange(T) >= (pads[b] if pads else 0))
+                visible = torch.cat([keep[b, h], tail])
                 logits = (K @ query[b, hq, i].double()) / math.sqrt(d)
                 logits[~visible] = -math.inf
                 out[b, i, hq] = torch.softmax(logits, 0) @ V

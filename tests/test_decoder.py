@@ -13,30 +13,10 @@ from kvray.cache import KVRayCache, KVRayLayer, RaggedKV, RowLayout
 from kvray.generate import compress
 from kvray.runtime import Decoder, build_prompt, capture_window_for, hidden_needed_for, prefill
 from kvray.runtime.attention import ragged_attention_torch, resolve_impl
+from test_cache import dense_masked_reference
 
 WORDS = ("The river was quiet that morning. Ships waited at the dock while the clerk counted crates. "
          "A tall man asked for the key to room seven, and nobody answered him. ")
-
-
-def reference_attention(query, prefix: RaggedKV, tk, tv, scaling, pads):
-    """Slow and obvious: per (row, query head), its KV head's kept entries + its own tail slots,
-    causal over the tail, softmax in float64."""
-    B, Hq, q, d = query.shape
-    H = prefix.heads
-    G = Hq // H
-    T = tk.shape[2]
-    out = torch.zeros(B, q, Hq, d, dtype=torch.float64)
-    for b in range(B):
-        for hq in range(Hq):
-            h = hq // G
-            pk, pv = prefix.head(b * H + h)
-            for i in range(q):
-                visible = list(range(pads[b], T - q + i + 1))
-                keys = torch.cat([pk, tk[b, h, visible]]).double()
-                vals = torch.cat([pv, tv[b, h, visible]]).double()
-                w = torch.softmax(keys @ query[b, hq, i].double() * scaling, dim=0)
-                out[b, i, hq] = w @ vals
-    return out
 
 
 LAYOUTS = {  # per (row, head) lengths, H = 2
@@ -62,7 +42,14 @@ def test_ragged_attention_matches_reference(G, q_len, layout):
     query = torch.randn(B, H * G, q_len, d)
     tk, tv = torch.randn(B, H, T, d), torch.randn(B, H, T, d)
     got = ragged_attention_torch(query, prefix, tk, tv, 1 / math.sqrt(d), pads)
-    want = reference_attention(query, prefix, tk, tv, 1 / math.sqrt(d), pads)
+    # the oracle sees the same entries laid out dense, the missing ones masked
+    N = max(lengths)
+    keys, values = torch.zeros(B, H, N, d), torch.zeros(B, H, N, d)
+    keep = torch.zeros(B, H, N, dtype=torch.bool)
+    for bh, n in enumerate(lengths):
+        k, v = prefix.head(bh)
+        keys[bh // H, bh % H, :n], values[bh // H, bh % H, :n], keep[bh // H, bh % H, :n] = k, v, True
+    want = dense_masked_reference(query, keys, values, keep, tk, tv, pads)
     err = (got.double() - want).abs().max().item()
     print(f"worst mismatch {err:.2e}")
     assert err < 1e-5

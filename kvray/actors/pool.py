@@ -1,6 +1,6 @@
 """Model actors and the driver loops that spread work over them.
 
-The unit of work is one sample with every config (RAY.md: the prefill dominates, so all
+The unit of work is one sample with every config (docs/architecture.md, section 6: the prefill dominates, so all
 (method, ratio, plan) variants of a sample run inside one actor task on one prefill). The
 driver writes each sample's rows as one atomic shard as soon as its task returns, so a crash
 of the driver or of an actor loses nothing already written, and a rerun of the run id skips

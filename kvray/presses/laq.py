@@ -42,7 +42,7 @@ class LAQPress(Press):
       `repeat_kv` before caching (G times the memory, scores per query head);
     - the mask is by position (a query at position p sees keys at positions <= p), not the
       reference's lower-triangular block on the last `stage2_window + lookahead` keys, which
-      hides the last prompt keys from the pseudo queries (METHODS.md section 3, pitfalls);
+      hides the last prompt keys from the pseudo queries (docs/methods.md, section 3);
     - mean over query rows instead of sum (same ranking), pooling over all N columns as kvray's
       SnapKV does (the reference pools the unprotected columns only);
     - query-agnostic protocol (the reference only has query-aware prompts): by default the

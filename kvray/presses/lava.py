@@ -93,7 +93,7 @@ class LAVaPress(Press):
         the LAVa score; the paper's ablation). A static `plan` also replaces the entropy split
         (its per-layer totals are kept, heads stay adaptive).
 
-    Deviations from the reference code (pitfalls of METHODS.md section 6 avoided):
+    Deviations from the reference code (pitfalls listed in docs/methods.md, section 6, avoided):
     - floor: the reference sets misspelled attributes (`floor_capactiy`), so its floor stays
       `int(base_capacity * alpha)` of the initial uniform budget and head budgets do not sum to
       the layer budget; here the floor is alpha times the layer's own budget and the counts sum

@@ -74,7 +74,7 @@ class MorphKVPress(Press):
 
     - Compression (`compress`): the window is the last R tokens of the compressed region (its
       captured queries); C entries are kept per head, no pooling (SnapKV-like first step).
-    - Decoding (`after_step`, called by `greedy_decode_batch` through `run_configs`): the new
+    - Decoding (`after_step`, called by the runtime's decoder after every forward): the new
       token(s) are appended, their query rows are added to the cached window logits, and each
       head is cut back to C with one keep mask applied to both the KV entries and the columns of
       the cached logits. Positions never move (no RoPE re-rotation).
@@ -110,7 +110,7 @@ class MorphKVPress(Press):
     cache_size: int | None = None
     name = "morphkv"
     needs_queries = True
-    #: evicts during decoding: `run_configs` decodes it alone and calls `after_step`
+    #: evicts during decoding: the decoder gives it a lane of its own and calls `after_step`
     evicts_during_decoding: ClassVar[bool] = True
 
     def __post_init__(self):

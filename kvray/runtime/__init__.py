@@ -1,7 +1,7 @@
 """The runtime below the presses: prompt layout, prefill, the one forward, the attention
 dispatch (`impl="auto" | "torch" | "triton"`) and the step-wise decoder with per-row state that
-every caller drives (kvray.generate, the evaluation runner, Tune, calibration, long generation,
-LAQ's lookahead and the Serve replica)."""
+every caller drives (kvray.generate, the evaluation runner, Tune, long generation, LAQ's lookahead
+and the Serve replica; calibration's teacher forcing is one `forward` on the compressed cache)."""
 
 from .attention import IMPLS, enable_kvray_attention, kvray_attention, ragged_attention, ragged_attention_torch
 from .decoder import Decoder, Row

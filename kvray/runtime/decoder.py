@@ -90,7 +90,7 @@ class Decoder:
         self.impl = impl
         self._stops = frozenset(stop_token_ids(lm.tokenizer))
         self._batch: _Lane | None = None
-        self._joining: list[tuple[KVRayCache, list[Row]]] = []
+        self._joining: list[tuple[KVRayCache, list[Row], tuple[int, ...]]] = []  # (cache, rows, tokens to feed)
         self._solo: list[_Lane] = []
         self.steps = 0
         self._finished: list[Row] = []  # rows finished since the last step() returned

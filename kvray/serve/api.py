@@ -1,38 +1,46 @@
-"""The HTTP API of ARCHITECTURE.md section 7, as a plain FastAPI app (no Ray): pydantic request /
+"""The HTTP API (docs/architecture.md, section 7) as a plain FastAPI app (no Ray): pydantic request /
 response models, `build_api(...)`, and `ModelBackend`, the plain class that does the model work.
 
 Endpoints (OpenAPI at /openapi.json, docs at /docs):
 
 * `POST /v1/generate` -- answer a question about a context with the context's KV cache compressed
   by a tuned policy (by id) or a method at a ratio; returns the answer, KV sizes and timings.
+  `stream: true`: server-sent events, `{"delta": text}` as tokens are decoded, then the whole
+  response object, then `[DONE]`.
 * `POST /v1/calibrate` -- the largest compression ratio this context supports for a policy's
   calibrator at a quality `tolerance` (the NLL ratio full / compressed to keep, tau, as in
   `jobs/calibrate.yaml`), with the predicted quality and the context's NLL.
 * `POST /v1/chat/completions` -- OpenAI-compatible: the last user message is the question, the
-  earlier messages (system included) are the context; the policy rides in the extra field
-  `kv_policy` (`extra_body={"kv_policy": ...}` with the `openai` client), the response carries a
-  `kv` field next to `usage`. Decoding is greedy: sampling fields (temperature, top_p, seed) are
-  accepted for client compatibility and do not change the answer; `n > 1`, `stream` and `stop`
-  are refused with a 422 that says so.
-* `GET /v1/policies`, `GET /v1/policies/{policy_id}`, `GET /healthz`.
+  earlier messages (system included) are the context; a single message (what OpenAI clients send)
+  is the context itself, compressed whole, query-aware unless the request says otherwise. The
+  policy rides in the extra field `kv_policy` (`extra_body={"kv_policy": ...}` with the `openai`
+  client), the response carries a `kv` field next to `usage`. `stream: true` sends OpenAI's
+  `chat.completion.chunk` events; the last chunk carries `finish_reason`, `usage` and `kv`.
+  Decoding is greedy: sampling fields (temperature, top_p, seed) are accepted for client
+  compatibility and do not change the answer; `n > 1` and `stop` are refused with a 422 that
+  says so.
+* `GET /v1/policies`, `GET /v1/policies/{policy_id}`, `GET /healthz` (with the model replica's
+  engine gauges), `GET /metrics` (the same in Prometheus text format).
 
 Policies are read from the `PolicyStore` directory on every request, so a policy file written
 while the server runs is served by the next request. The ingress resolves the id and ships the
 policy (as JSON) with the job, so model replicas need no access to the store.
 
 The model work goes through a backend obtained with `Depends(get_backend)`: any object with
-`async generate(job: GenerateJob) -> GenerateResult` and `async context_nll(context) -> float`.
-`ModelBackend` is the in-process one (torch work in a thread, one request on the model at a
-time); under Ray Serve (`kvray.serve.app`) the backend forwards to the `CompressedLM`
-deployment. Tests replace it with `app.dependency_overrides[get_backend]`.
+`async generate(job)`, the async generator `generate_stream(job)` (text deltas, then the
+`GenerateResult`), `async context_nll(context)` and optionally `stats()`. `ModelBackend` is the
+in-process one (continuous batching on a `kvray.serve.engine.BatchingEngine`, or one request at
+a time with `batching=False`); under Ray Serve (`kvray.serve.app`) the backend forwards to the
+`CompressedLM` deployment. Tests replace it with `app.dependency_overrides[get_backend]`.
 
 Bad input is answered with a 4xx whose JSON `detail` names what is wrong and what is allowed:
 422 for validation (unknown fields, ratio outside [0, 1), max_new_tokens outside [1, 512],
 unknown method), 404 for an unknown policy (the known ids are listed), 413 for a prompt longer
-than the model's context, 401 for a missing or wrong `x-api-key` when a key is configured
-(argument or env KVRAY_API_KEY; every endpoint but /healthz and the OpenAPI docs needs it),
-504 when the model work exceeds `request_timeout_s` (the work itself is not interrupted: torch
-has no cancellation; the replica's concurrency limit bounds what piles up).
+than the model's context or a request that could never fit the replica's KV budget, 401 for a
+missing or wrong `x-api-key` when a key is configured (argument or env KVRAY_API_KEY; every
+endpoint but /healthz, /metrics and the OpenAPI docs needs it), 504 when the model work exceeds
+`request_timeout_s` (the request's row is then taken out of the batch). A streamed request that
+fails after its first event ends with `{"error": {"message", "code"}}`.
 """
 
 from __future__ import annotations

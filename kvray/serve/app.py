@@ -1,4 +1,4 @@
-"""Ray Serve shell around `kvray.serve.api` (RAY.md section 3): two deployments.
+"""Ray Serve shell around `kvray.serve.api` (docs/architecture.md, section 7): two deployments.
 
 * `CompressedLM` hosts one base model per replica (`load_model` once, in the constructor) and
   serves every policy on it: the policy travels with each job (the ingress reads it from the
@@ -12,7 +12,7 @@
 * `KVRayAPI` is the FastAPI ingress (`build_api`, built on the replica by
   `__serve_build_asgi_app__`), with `max_ongoing_requests` / `max_queued_requests` so that
   overload is answered 503 ("Request dropped due to backpressure") instead of queueing without
-  bound; it must be set on the ingress (RAY.md: on the inner deployment the router's queue
+  bound; it must be set on the ingress (on the inner deployment the router's queue
   absorbs the load). Streaming responses go through the handle as generators
   (`handle.options(stream=True)`); a client that disconnects cancels its row.
 
@@ -64,7 +64,7 @@ MODEL_MAX_ONGOING = 128
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=MODEL_MAX_ONGOING,
     autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1,
-                        "target_ongoing_requests": 2, "upscale_delay_s": 30, "downscale_delay_s": 600},
+                        "target_ongoing_requests": 32, "upscale_delay_s": 30, "downscale_delay_s": 600},
     health_check_period_s=10,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=30,
@@ -219,7 +219,7 @@ def build_app(policies_dir: str | os.PathLike | None = None, model: str | None =
     lm = CompressedLM.options(
         ray_actor_options={"num_cpus": need["CPU"], "num_gpus": need["GPU"]},
         autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": replicas,
-                            "target_ongoing_requests": 2, "upscale_delay_s": 30, "downscale_delay_s": 600},
+                            "target_ongoing_requests": 32, "upscale_delay_s": 30, "downscale_delay_s": 600},
     ).bind(model, threads, _env_int(kv_budget, "KVRAY_KV_BUDGET_BYTES"), _env_int(max_rows, "KVRAY_MAX_ROWS"),
            bool(batching))
     ingress = KVRayAPI.options(max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
