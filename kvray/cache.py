@@ -2,7 +2,8 @@
 
 Per layer the cache holds a **static ragged prefix** -- the kept context entries, packed per
 (row, KV head) with their own lengths, never re-allocated -- and a **dense growing tail** for
-tokens appended afterwards (question, generated tokens). Only kept entries are stored, so
+tokens appended afterwards (question, generated tokens), written in place into a buffer with
+room for `TAIL_SLACK` more tokens (not counted by `nbytes()`, which counts entries held). Only kept entries are stored, so
 `nbytes()` is the memory really held by keys and values, for uniform, per-layer and per-KV-head
 budgets alike (the int64 index of original positions, one per kept entry, is not counted).
 
@@ -32,6 +33,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 ATTN_IMPLEMENTATION = "kvray"
+#: tokens of room a layer's tail keeps past its end (appends copy only the new tokens)
+TAIL_SLACK = 64
 
 
 @dataclass(frozen=True)
@@ -158,16 +161,37 @@ class KVRayLayer(DynamicLayer):
         self.prefix = prefix
         self.prefix_tokens = prefix_tokens
         self.rows = rows
+        self._bufs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # the tail's storage
         self.attn_impl = "auto"  # ragged attention implementation (kvray.runtime.attention.IMPLS)
         self.capture_window = capture_window
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=W, d] post-RoPE, last queries seen
         self.window_positions: torch.Tensor | None = None
 
     def update(self, key_states, value_states, *args, **kwargs):
+        """Append to the tail in place: `keys` / `values` are views of buffers with room for
+        TAIL_SLACK more tokens, so a decode step copies one token, not the whole tail (a plain
+        DynamicLayer concatenates, copying every earlier token at every step)."""
         attn_kwargs = kwargs.get("kwargs")
         if isinstance(attn_kwargs, dict):
             attn_kwargs["kvray_layer"] = self
-        return super().update(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        T, n = self.tail_length(), key_states.shape[-2]
+        kb, vb = self._bufs
+        fits = (kb is not None and (T == 0 or self.keys._base is kb) and kb.shape[:2] == key_states.shape[:2]
+                and T + n <= kb.shape[2] and kb.dtype == key_states.dtype)
+        if not fits:
+            B, H, _, d = key_states.shape
+            kb = key_states.new_empty((B, H, T + n + TAIL_SLACK, d))
+            vb = value_states.new_empty((B, H, T + n + TAIL_SLACK, value_states.shape[-1]))
+            if T:
+                kb[:, :, :T] = self.keys
+                vb[:, :, :T] = self.values
+            self._bufs = (kb, vb)
+        kb[:, :, T:T + n] = key_states
+        vb[:, :, T:T + n] = value_states
+        self.keys, self.values = kb[:, :, :T + n], vb[:, :, :T + n]
+        return self.keys, self.values
 
     def tail_length(self) -> int:
         return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
@@ -181,6 +205,7 @@ class KVRayLayer(DynamicLayer):
         """Replace the dense tail ([B, H, T, d], T may be 0)."""
         self.device = keys.device
         self.keys, self.values = keys, values
+        self._bufs = (None, None)
         self.is_initialized = True
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -248,8 +273,8 @@ class KVRayLayer(DynamicLayer):
                                tuple(counts), B, H)
         self.prefix_tokens += T
         if self.is_initialized and T:
-            self.keys = self.keys.new_empty((B, H, 0, self.keys.shape[-1]))
-            self.values = self.values.new_empty((B, H, 0, self.values.shape[-1]))
+            self.set_tail(self.keys.new_empty((B, H, 0, self.keys.shape[-1])),
+                          self.values.new_empty((B, H, 0, self.values.shape[-1])))
 
 
 class KVRayCache(Cache):
