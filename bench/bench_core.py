@@ -45,7 +45,8 @@ def bench_grid(lm, samples) -> dict:
 
         def one_prefill(batch):
             pre = prefill(lm, prompt, with_question=False)
-            return run_configs(lm, pre, presses, False, s.max_new_tokens, decode_batch=batch)
+            # batched: the decoder's default KV budget (every config at once); else one row at a time
+            return run_configs(lm, pre, presses, False, s.max_new_tokens, kv_budget=None if batch > 1 else 1)
 
         def per_config():
             for p in presses:
@@ -137,7 +138,7 @@ def render(res: dict) -> str:
     lines += [
         "", "Each config feeds the question and decodes up to the task's `max_new_tokens` (32) on its own "
         "compressed cache. One by one, at 1k tokens that decoding (~0.7 s per config) weighs as much as the "
-        "prefill (~1.7 s); decoding the configs as one batch (`ModelHost.decode_batch`, default 16) reads the "
+        "prefill (~1.7 s); decoding the configs together on one decoder (`ModelHost.kv_budget` bounds the batch) reads the "
         "weights once per step for all of them.", "",
         "## (b) compression time / prefill time (ratio 0.5)", "",
         "| method | " + " | ".join(f"{k} tokens" for k in res["compress"]) + " |",
