@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install calibrate serve report eval test bench bench-ray bench-serve bench-observation clean
+.PHONY: install calibrate serve report eval test bench bench-ray bench-serve bench-engine bench-observation clean
 ARGS ?=
 
 install: $(VENV)/.installed
@@ -51,6 +51,10 @@ bench: install
 
 bench-ray: install
 	$(PY) bench/bench_ray.py
+
+bench-engine: install
+	RAY_AUTH_MODE=token $(VENV)/bin/ray get-auth-token --generate >/dev/null
+	RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 $(PY) bench/bench_engine.py $(ARGS)
 
 bench-observation: install
 	$(PY) bench/bench_observation.py
