@@ -196,7 +196,7 @@ def test_streaming_with_the_openai_client(served, http):
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content and len(chunks) >= 2
-    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].model == "tiny-llama"
     assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
     assert chunks[-1].model_extra["kv"]["bytes_kept"] == plain.model_extra["kv"]["bytes_kept"]

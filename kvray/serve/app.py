@@ -107,6 +107,7 @@ class HandleBackend:
 
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
+        self.model_name: str | None = None  # learnt from the replica on the first stream
 
     async def _call(self, method: str, *args):
         try:
@@ -119,6 +120,8 @@ class HandleBackend:
         return await self._call("generate", job)
 
     async def generate_stream(self, job: GenerateJob):
+        if self.model_name is None:  # streamed chunks name the model before the result does
+            self.model_name = (await self.stats()).get("model")
         events = self.handle.options(stream=True).generate_stream.remote(job)
         try:
             async for event in events:
