@@ -87,8 +87,29 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16). Then bf16 linear
+    layers run several times faster than fp32 (measured on a 2-thread AMD EPYC with AVX512-BF16:
+    [16 x 576] @ [576 x 1536] 63 vs 225 us, [1000 x 576] @ [576 x 1536] 1.9 vs 8.0 ms)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32; env KVRAY_DTYPE
+    (float32, bfloat16, float16) overrides it."""
+    name = os.environ.get("KVRAY_DTYPE", "").strip()
+    if name:
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"KVRAY_DTYPE must name a torch floating dtype (float32, bfloat16, float16), got {name!r}")
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
 
 
 def _cache_root() -> Path:
@@ -169,7 +190,8 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
     """Load a causal LM for kvray.
 
     `name`: None for the embedded SmolLM2-135M-Instruct, else a hub id, a local directory or a
-    `.gguf` path. Defaults: CUDA with bf16 when available, else CPU fp32; SDPA attention routed
+    `.gguf` path. Defaults: CUDA with bf16 when available, else the CPU in bf16 where it multiplies
+    bf16 natively (AVX512-BF16 / AMX), else fp32 (`default_dtype`; env KVRAY_DTYPE); SDPA attention routed
     through kvray's compressed-cache attention (plain SDPA for ordinary caches).
     GGUF weights are de-quantised once and cached under `$KVRAY_CACHE` (~/.cache/kvray).
     """

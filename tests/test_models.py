@@ -63,3 +63,18 @@ def test_converted_weights_are_cached_atomically_once(tiny_llama, tmp_path, capl
         _save_converted(tiny_llama.model, tiny_llama.tokenizer, target)
     assert not caplog.records, [r.getMessage() for r in caplog.records]
     assert sorted(p.name for p in target.parent.iterdir()) == ["model-abc"]
+
+
+def test_default_dtype_follows_the_cpu_and_the_environment(monkeypatch):
+    import torch
+
+    from kvray.models import cpu_has_bf16_matmul, default_dtype
+
+    monkeypatch.delenv("KVRAY_DTYPE", raising=False)
+    assert default_dtype(torch.device("cuda")) == torch.bfloat16
+    assert default_dtype(torch.device("cpu")) == (torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32)
+    monkeypatch.setenv("KVRAY_DTYPE", "float32")
+    assert default_dtype(torch.device("cpu")) == torch.float32 == default_dtype(torch.device("cuda"))
+    monkeypatch.setenv("KVRAY_DTYPE", "int8")
+    with pytest.raises(ValueError, match="KVRAY_DTYPE must name a torch floating dtype"):
+        default_dtype(torch.device("cpu"))
