@@ -81,7 +81,6 @@ class RaggedKV:
         for n in self.lengths:
             self.offsets.append(self.offsets[-1] + n)
         self._head_ids: torch.Tensor | None = None
-        self._device_offsets: torch.Tensor | None = None
 
     @property
     def head_ids(self) -> torch.Tensor:
@@ -91,13 +90,6 @@ class RaggedKV:
             counts = torch.tensor(self.lengths, device=self.keys.device, dtype=torch.long)
             self._head_ids = torch.repeat_interleave(heads, counts)
         return self._head_ids
-
-    @property
-    def cu_lengths(self) -> torch.Tensor:
-        """[B * H + 1] int32 start offsets on the device (cu_seqlens style, for kernels)."""
-        if self._device_offsets is None:
-            self._device_offsets = torch.tensor(self.offsets, device=self.keys.device, dtype=torch.int32)
-        return self._device_offsets
 
     def row_span(self, b: int) -> tuple[int, int]:
         """[start, end) of row b's entries (all its heads) in the packed tensors."""

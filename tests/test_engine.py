@@ -37,6 +37,7 @@ def test_concurrent_requests_equal_each_alone(tiny_llama):
     for g, w in zip(got, want):
         assert (g.answer, g.new_tokens, g.kv_bytes_kept, g.finish_reason) == (w.answer, w.new_tokens, w.kv_bytes_kept,
                                                                              w.finish_reason)
+        assert 0 < g.ttft_s <= g.total_s
     stats = backend.stats()
     assert stats["requests_finished"] == len(JOBS) and stats["peak_rows"] > 1
     assert stats["active_rows"] == 0 and stats["kv_bytes_reserved"] == 0

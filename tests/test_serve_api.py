@@ -138,7 +138,7 @@ def test_generate_defaults_without_policy(client, fake):
     assert body["query_aware"] is False and body["model"] == "fake-lm"
     assert body["kv"] == {"tokens_full": 100, "tokens_kept": 50.0, "bytes_full": 4000, "bytes_kept": 2000,
                           "compression_ratio": 0.5}
-    assert set(body["timing"]) == {"prefill_s", "compress_s", "decode_s", "total_s"}
+    assert set(body["timing"]) == {"prefill_s", "compress_s", "decode_s", "total_s", "ttft_s"}
     (job,) = fake.jobs
     assert job.max_new_tokens == 32 and job.policy is None and job.press().name == "snapkv"
 

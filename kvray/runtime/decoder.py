@@ -33,9 +33,6 @@ from .attention import resolve_impl
 from .prefill import ensure_kvray_attention, forward
 from .prompt import stop_token_ids
 
-FINISH_REASONS = ("stop", "length", "error", "cancelled")
-
-
 @dataclass(eq=False)
 class Row:
     """One sequence being decoded (state owned by the decoder; read it, don't write it)."""
@@ -52,7 +49,6 @@ class Row:
     error: BaseException | None = None
     forwards: int = 0
     decode_s: float = 0.0  # this row's share of the forwards it took part in
-    kv_bytes_start: int = 0  # bytes its cache held when it joined
     _logits: torch.Tensor | None = None
     _next: int | None = None  # the token to feed next
     _cancel: bool = False
@@ -74,7 +70,6 @@ class _Lane:
     cache: KVRayCache
     rows: list[Row]
     hook: Callable[[KVRayCache, int], None] | None = None
-    shared: bool = False
     forwards: int = 0
 
 
@@ -123,8 +118,8 @@ class Decoder:
         for layer in cache.layers:
             layer.attn_impl = self.impl
         B = cache.batch
-        rows = [Row(key if B == 1 else (key, b), max_new_tokens, stop_set, teacher, feed_final, on_token, on_logits,
-                    kv_bytes_start=cache.nbytes() // B) for b in range(B)]
+        rows = [Row(key if B == 1 else (key, b), max_new_tokens, stop_set, teacher, feed_final, on_token, on_logits)
+                for b in range(B)]
         solo = after_step is not None or any(layer.capture_window > 0 for layer in cache.layers)
         if not feed:
             for r, lg in zip(rows, first_logits.reshape(-1, first_logits.shape[-1]).expand(B, -1)):
@@ -254,7 +249,7 @@ class Decoder:
             cache = parts[0] if len(parts) == 1 else KVRayCache.merge(parts)
             for layer in cache.layers:
                 layer.attn_impl = self.impl
-            self._batch = lane = _Lane(cache, new_rows, shared=True)  # visible to rows/kv_bytes meanwhile
+            self._batch = lane = _Lane(cache, new_rows)  # visible to rows/kv_bytes meanwhile
             self._joining = []
             self._run(lane, [r._next for r in new_rows])
             if not any(not r.done for r in lane.rows):

@@ -396,6 +396,7 @@ class Timing(BaseModel):
     compress_s: float
     decode_s: float
     total_s: float
+    ttft_s: float = Field(0.0, description="time to the first generated token (admission wait included)")
 
 
 class GenerateResponse(BaseModel):
@@ -657,7 +658,8 @@ def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None
                        bytes_kept=r.kv_bytes_kept, compression_ratio=r.achieved_ratio)
 
     def timing(r: GenerateResult) -> Timing:
-        return Timing(prefill_s=r.prefill_s, compress_s=r.compress_s, decode_s=r.decode_s, total_s=r.total_s)
+        return Timing(prefill_s=r.prefill_s, compress_s=r.compress_s, decode_s=r.decode_s, total_s=r.total_s,
+                      ttft_s=r.ttft_s)
 
     async def engine_stats(request: Request) -> dict | None:
         provider = request.app.state.backend_provider

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import torch
@@ -42,12 +42,10 @@ class _Request:
     reserve: int
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
-    t_submit: float = field(default_factory=time.perf_counter)
     row: Any = None
     prefill_s: float = 0.0
     compress_s: float = 0.0
     kv: dict | None = None
-    t_first: float | None = None
     cancelled: bool = False
 
     def emit(self, kind: str, value: Any) -> None:
