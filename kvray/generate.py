@@ -102,7 +102,7 @@ def default_kv_budget(device: torch.device) -> int:
 
 def compress(lm: LanguageModel, pre: Prefill, press: Press, query_aware: bool) -> KVRayCache:
     """The compressed cache of one press on one prefill (the prefill is not modified)."""
-    return press.compress_prefill(lm, pre, query_aware) if press.needs_model else press.compress(pre.state(query_aware))
+    return press.compress_prefill(lm, pre, query_aware)  # presses without the model: compress(pre.state(...))
 
 
 def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_aware: bool | list[bool],

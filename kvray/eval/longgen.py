@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..cache import KVRayCache
-from ..generate import run_configs
+from ..generate import compress, run_configs
 from ..runtime import (Decoder, Prefill, PromptTokens, build_prompt, capture_window_for, hidden_needed_for,
                        prefill)
 from ..models import LanguageModel
@@ -117,7 +117,7 @@ def continuation_nll_on_prefill(lm: LanguageModel, pre: Prefill, continuation: S
     hook = decode_hook(press)
 
     t0 = time.perf_counter()
-    cache = press.compress_prefill(lm, pre, query_aware) if press.needs_model else press.compress(state)
+    cache = compress(lm, pre, press, query_aware)
     compress_s = time.perf_counter() - t0
     compressed_entries, compressed_bytes = cache_size(cache)
     del state

@@ -142,19 +142,35 @@ class Decoder:
         for layer in cache.layers:
             layer.attn_impl = self.impl
         rows = [r for _, rs in parts for r in rs]
-        t0 = time.perf_counter()
         try:
-            positions = cache.next_positions() if cache.layers[0].rows is not None else None
-            logits = forward(self.lm, [list(feed)] * len(rows), cache, positions=positions)
-            if hook is not None:
-                hook(cache, 0)
+            logits, seconds = self._forward(cache, [list(feed)] * len(rows), hook, 0)
         except Exception as exc:  # noqa: BLE001 -- these rows fail, the others go on
             self._fail(rows, exc)
             return cache
-        dt = (time.perf_counter() - t0) / len(rows)
-        for r, lg in zip(rows, logits):
-            r.forwards, r.decode_s, r._logits = 1, dt, lg
+        self._credit(rows, logits, seconds)
         return cache
+
+    def _forward(self, cache: KVRayCache, ids: list[list[int]], hook, step: int) -> tuple[torch.Tensor, float]:
+        """One forward of `ids` (a list per row of `cache`), then the decode-time hook: (logits, s)."""
+        t0 = time.perf_counter()
+        positions = cache.next_positions() if cache.layers[0].rows is not None else None
+        logits = forward(self.lm, ids, cache, positions=positions)
+        if hook is not None:
+            hook(cache, step)
+        return logits, time.perf_counter() - t0
+
+    @staticmethod
+    def _credit(rows: list[Row], logits: torch.Tensor, seconds: float, fed: list[bool] | None = None) -> None:
+        """Each fed row gets its share of the forward's time and, while decoding, its logits."""
+        share = seconds / max(1, len(rows) if fed is None else sum(fed))
+        for i, r in enumerate(rows):
+            if fed is not None and not fed[i]:
+                continue
+            r.forwards += 1
+            r.decode_s += share
+            r._next = None
+            if not r.done:
+                r._logits = logits[i]
 
     @property
     def rows(self) -> list[Row]:
@@ -271,28 +287,15 @@ class Decoder:
         return finished
 
     def _run(self, lane: _Lane, tokens: list[int], fed: list[bool] | None = None) -> None:
-        rows = lane.rows if fed is None else [r for r, f in zip(lane.rows, fed) if f]
-        t0 = time.perf_counter()
         try:
-            positions = lane.cache.next_positions() if lane.cache.layers[0].rows is not None else None
-            logits = forward(self.lm, [[t] for t in tokens], lane.cache, positions=positions)
-            if lane.hook is not None:
-                lane.hook(lane.cache, lane.forwards)
+            logits, seconds = self._forward(lane.cache, [[t] for t in tokens], lane.hook, lane.forwards)
         except Exception as exc:  # noqa: BLE001 -- the lane's rows fail, the others go on
             self._fail(lane.rows, exc)
             if lane in self._solo:
                 self._solo.remove(lane)
             return
         lane.forwards += 1
-        dt = (time.perf_counter() - t0) / len(rows)
-        for i, r in enumerate(lane.rows):
-            if fed is not None and not fed[i]:
-                continue
-            r.forwards += 1
-            r.decode_s += dt
-            r._next = None
-            if not r.done:
-                r._logits = logits[i]
+        self._credit(lane.rows, logits, seconds, fed)
 
     def run(self) -> None:
         """Step until every row is done."""
