@@ -81,6 +81,7 @@ class RaggedKV:
         for n in self.lengths:
             self.offsets.append(self.offsets[-1] + n)
         self._head_ids: torch.Tensor | None = None
+        self.uniform = len(set(self.lengths)) <= 1  # every (row, head) holds the same count
 
     @property
     def head_ids(self) -> torch.Tensor:
@@ -97,10 +98,6 @@ class RaggedKV:
 
     def row_lengths(self, b: int) -> tuple[int, ...]:
         return self.lengths[b * self.heads:(b + 1) * self.heads]
-
-    @property
-    def uniform(self) -> bool:
-        return len(set(self.lengths)) <= 1
 
     @property
     def nbytes(self) -> int:

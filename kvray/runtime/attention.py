@@ -16,6 +16,7 @@ of H). There is no Python loop over heads.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -30,14 +31,22 @@ IMPLS = ("auto", "torch", "triton")
 _explained: set[str] = set()
 
 
-def triton_unavailable(device: torch.device) -> list[str]:
-    """Why the Triton path cannot run on `device` (empty when it can)."""
-    reasons = []
-    if device.type != "cuda":
-        reasons.append(f"the tensors are on {device.type}, Triton kernels run on CUDA")
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def triton_unavailable(device: torch.device) -> list[str]:
+    """Why the Triton path cannot run on `device` (empty when it can). Called on every attention
+    call, so the import is tried once (a failed import searches sys.path each time)."""
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"the tensors are on {device.type}, Triton kernels run on CUDA")
+    if not _triton_installed():
         reasons.append("triton is not installed (pip install 'kvray[triton]')")
     reasons.append("kvray.kernels has no ragged attention kernel yet")
     return reasons
@@ -93,32 +102,60 @@ def dense_attention(query, key, value, attention_mask, scaling):
 # ----------------------------------------------------------------------------- ragged (torch twin)
 
 
-def _two_block(qg, pk, pv, tk, tv, tail_mask, scaling, prefix_mask=None):
+def _scores(q, k, scaling, bias=None):
+    """scaling * q @ k^T (+ bias), in one op: q [..., R, d], k [..., n, d] -> [..., R, n]."""
+    kt = k.transpose(-1, -2)
+    if bias is None:
+        return torch.matmul(q, kt).mul_(scaling)
+    if q.dim() == 2:
+        return torch.addmm(bias, q, kt, alpha=scaling)
+    return torch.baddbmm(bias.expand(*q.shape[:-1], k.shape[-2]).flatten(0, -3),
+                         q.flatten(0, -3), kt.flatten(0, -3), alpha=scaling).view(*q.shape[:-1], k.shape[-2])
+
+
+def _two_block(qg, pk, pv, tk, tv, tail_mask, scaling, prefix_bias=None):
     """Softmax attention of grouped queries qg [..., R, d] over prefix (pk, pv) [..., n, d] and
-    tail (tk, tv) [..., T, d] at once, without concatenating the (large) prefix; `prefix_mask`
-    [..., 1, n] (True = attend) hides padding of a padded prefix."""
-    sp = torch.matmul(qg, pk.transpose(-1, -2)).float() * scaling
-    if prefix_mask is not None:
-        sp = sp.masked_fill(~prefix_mask, float("-inf"))
-    st = torch.matmul(qg, tk.transpose(-1, -2)).float() * scaling
-    st = st.masked_fill(~tail_mask, float("-inf"))
-    probs = torch.softmax(torch.cat([sp, st], dim=-1), dim=-1).to(qg.dtype)
+    tail (tk, tv) [..., T, d] at once, without concatenating the (large) prefix. `tail_mask`
+    (True = attend; None: all) hides the tail's future and padding; `prefix_bias` (0 / -inf,
+    broadcast over R) hides padding of a padded prefix. Scores are softmaxed in fp32."""
+    sp = _scores(qg, pk, scaling, prefix_bias)
+    st = _scores(qg, tk, scaling)
+    if tail_mask is not None:
+        st = st.masked_fill(~tail_mask, float("-inf"))
+    probs = torch.softmax(torch.cat([sp, st], dim=-1), dim=-1, dtype=torch.float32).to(qg.dtype)
     n = pk.shape[-2]
     return torch.matmul(probs[..., :n], pv) + torch.matmul(probs[..., n:], tv)
 
 
-def _packed_row(qg, keys, values, heads, tk, tv, tail_mask, scaling):
+def _packed_bias(prefix: RaggedKV, b: int, group: int, keep: bool) -> torch.Tensor:
+    """[H * group, E] additive mask (0 where query row r = h * group + g may see packed entry e
+    of row b, i.e. the entry belongs to KV head h; -inf elsewhere). `keep`: built once per prefix
+    and kept with it (decode steps; about Hq / (2 d) of the row's KV bytes, not in `nbytes`)."""
+    cache = prefix.__dict__.setdefault("_row_bias", {})
+    if (b, group) in cache:
+        return cache[b, group]
+    s, e = prefix.row_span(b)
+    heads = prefix.head_ids[s:e]
+    col_head = torch.arange(prefix.heads, device=heads.device, dtype=heads.dtype).repeat_interleave(group)
+    bias = torch.zeros((prefix.heads * group, e - s), dtype=prefix.keys.dtype, device=heads.device)
+    bias.masked_fill_(col_head[:, None] != heads[None, :], float("-inf"))
+    if keep:
+        cache[b, group] = bias
+    return bias
+
+
+def _packed_row(qg, keys, values, bias, tk, tv, tail_mask, scaling):
     """One row whose KV heads hold different counts: qg [H, R, d] over its packed entries
-    keys/values [E, d] (`heads` [E]: each entry's KV head) and its tail tk/tv [H, T, d]."""
+    keys/values [E, d] (`bias` [H*R, E]: `_packed_bias`, hiding the entries of other heads) and
+    its tail tk/tv [H, T, d]: one matmul of every query head against every entry (H times the
+    dot products, one op instead of H)."""
     H, R, d = qg.shape
     E = keys.shape[0]
-    qf = qg.reshape(H * R, d)
-    sp = torch.matmul(qf, keys.t()).float() * scaling  # [H*R, E]: every query head x every entry
-    col_head = torch.arange(H, device=qg.device, dtype=heads.dtype).repeat_interleave(R)
-    sp = sp.masked_fill(col_head[:, None] != heads[None, :], float("-inf"))
-    st = torch.matmul(qg, tk.transpose(-1, -2)).float() * scaling
-    st = st.masked_fill(~tail_mask, float("-inf")).reshape(H * R, -1)
-    probs = torch.softmax(torch.cat([sp, st], dim=-1), dim=-1).to(qg.dtype)
+    sp = _scores(qg.reshape(H * R, d), keys, scaling, bias)  # [H*R, E]
+    st = _scores(qg, tk, scaling)
+    if tail_mask is not None:
+        st = st.masked_fill(~tail_mask, float("-inf"))
+    probs = torch.softmax(torch.cat([sp, st.reshape(H * R, -1)], dim=-1), dim=-1, dtype=torch.float32).to(qg.dtype)
     out = torch.matmul(probs[:, :E], values).view(H, R, d)
     return out + torch.matmul(probs[:, E:].view(H, R, -1), tv)
 
@@ -131,9 +168,9 @@ GROUP_SPREAD = 1.5
 
 def row_groups(prefix: RaggedKV) -> list[tuple[list[int], torch.Tensor | None, torch.Tensor | None]]:
     """Rows of a non-uniform prefix in groups of similar length (`GROUP_SPREAD`), shortest first:
-    (rows, gather index [n * H * P] into the packed entries, valid mask [n, H, 1, P]) for groups
-    of two rows or more, (rows, None, None) for a row alone. Computed once per prefix (it never
-    changes while the batch does not)."""
+    (rows, gather index [n * H * P] into the packed entries, additive padding bias [n, H, 1, P])
+    for groups of two rows or more, (rows, None, None) for a row alone. Computed once per prefix
+    (it never changes while the batch does not)."""
     cached = getattr(prefix, "_groups", None)
     if cached is not None:
         return cached
@@ -160,9 +197,21 @@ def row_groups(prefix: RaggedKV) -> list[tuple[list[int], torch.Tensor | None, t
         j = torch.arange(P, device=dev)
         valid = j[None, None, :] < lens[:, :, None]  # [n, H, P]
         idx = torch.where(valid, starts[:, :, None] + j, 0).to(torch.int32).reshape(-1)
-        out.append((rows, idx, valid[:, :, None, :]))
+        bias = torch.zeros(valid.shape, dtype=prefix.keys.dtype, device=dev).masked_fill_(~valid, float("-inf"))
+        out.append((rows, idx, bias[:, :, None, :]))
     prefix._groups = out
     return out
+
+
+def _one_row(prefix: RaggedKV, b: int, qg, tk, tv, mask, scaling, group: int, decoding: bool) -> torch.Tensor:
+    """Row b of a non-uniform prefix attended alone: dense per head when its heads hold the same
+    count, else `_packed_row`."""
+    row = prefix.row(b)
+    if row is not None:
+        return _two_block(qg, row[0], row[1], tk, tv, mask, scaling)
+    s, e = prefix.row_span(b)
+    return _packed_row(qg, prefix.keys[s:e], prefix.values[s:e], _packed_bias(prefix, b, group, decoding),
+                       tk, tv, mask, scaling)
 
 
 def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor,
@@ -175,39 +224,38 @@ def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.
     G = Hq // H
     T = tail_k.shape[2]
     dev = query.device
-    # rows are (g, i) pairs; row r = g * q_len + i is query position i
-    row_pos = torch.arange(q_len, device=dev).repeat(G)
-    j = torch.arange(T, device=dev)
-    mask = (j[None, :] <= (T - q_len) + row_pos[:, None])[None, None]  # [1, 1, G*q, T]
-    if pads is not None and any(pads):
+    padded = pads is not None and any(pads)
+    mask = None  # one new token, no padding: it sees the whole tail
+    if q_len > 1 or padded:
+        # rows are (g, i) pairs; row r = g * q_len + i is query position i
+        row_pos = torch.arange(q_len, device=dev).repeat(G)
+        j = torch.arange(T, device=dev)
+        mask = (j[None, :] <= (T - q_len) + row_pos[:, None])[None, None]  # [1, 1, G*q, T]
+    if padded:
         own = j[None, :] >= torch.tensor(pads, device=dev)[:, None]  # [B, T]
         mask = mask & own[:, None, None, :]
     qg = query.reshape(B, H, G * q_len, d)
     if prefix.uniform:
         pk, pv = prefix.dense()
         out = _two_block(qg, pk, pv, tail_k, tail_v, mask, scaling)
+    elif B == 1:  # one row alone (no batch to scatter into)
+        out = _one_row(prefix, 0, qg[0], tail_k[0], tail_v[0], None if mask is None else mask[0], scaling, G * q_len,
+                       q_len == 1)[None]
     else:
         out = torch.empty_like(qg)
-        heads = prefix.head_ids
-        for rows, idx, valid in row_groups(prefix):
+        for rows, idx, bias in row_groups(prefix):
             if idx is not None:  # rows of similar length: padded to one length, one batched pair of matmuls
-                n, P = len(rows), valid.shape[-1]
+                n, P = len(rows), bias.shape[-1]
                 sel = torch.tensor(rows, device=dev)
                 pk = prefix.keys.index_select(0, idx).view(n, H, P, d)
                 pv = prefix.values.index_select(0, idx).view(n, H, P, d)
-                m = mask.index_select(0, sel) if mask.shape[0] > 1 else mask
+                m = mask.index_select(0, sel) if mask is not None and mask.shape[0] > 1 else mask
                 out[sel] = _two_block(qg.index_select(0, sel), pk, pv, tail_k.index_select(0, sel),
-                                      tail_v.index_select(0, sel), m, scaling, prefix_mask=valid)
+                                      tail_v.index_select(0, sel), m, scaling, prefix_bias=bias)
                 continue
             b = rows[0]
-            m = mask[b if mask.shape[0] > 1 else 0]
-            row = prefix.row(b)
-            if row is not None:  # this row's heads hold the same count: dense per head
-                out[b] = _two_block(qg[b], row[0], row[1], tail_k[b], tail_v[b], m, scaling)
-            else:
-                s, e = prefix.row_span(b)
-                out[b] = _packed_row(qg[b], prefix.keys[s:e], prefix.values[s:e], heads[s:e],
-                                     tail_k[b], tail_v[b], m, scaling)
+            m = None if mask is None else mask[b if mask.shape[0] > 1 else 0]
+            out[b] = _one_row(prefix, b, qg[b], tail_k[b], tail_v[b], m, scaling, G * q_len, q_len == 1)
     return out.view(B, H, G, q_len, d).reshape(B, Hq, q_len, d).transpose(1, 2).contiguous()
 
 
