@@ -14,9 +14,10 @@ from .cache import KVRayCache
 from .generate import GenerationOutput, GenerationStats, generate
 from .models import LanguageModel, ModelNotFoundError, load_model, load_tokenizer
 from .presses import Press, describe_methods, list_methods, make_press
+from .runtime.support import UnsupportedModelError
 
 __all__ = [
     "BudgetPlan", "KVRayCache", "GenerationOutput", "GenerationStats", "generate", "LanguageModel",
     "ModelNotFoundError", "load_model", "load_tokenizer", "Press", "describe_methods", "list_methods",
-    "make_press", "__version__",
+    "make_press", "UnsupportedModelError", "__version__",
 ]

@@ -12,7 +12,9 @@ from kvray.runtime import enable_kvray_attention
 
 torch.set_num_threads(2)
 
-TINY_KINDS = ("llama", "qwen2", "mistral")
+TINY_KINDS = ("llama", "qwen2", "mistral", "qwen3", "gemma3", "mistral_sw")
+#: the sliding window of the tiny sliding-window models: shorter than the tests' prompts, so it binds
+TINY_WINDOW = 24
 
 
 @functools.lru_cache(maxsize=1)
@@ -21,7 +23,7 @@ def tokenizer():
 
 
 def tiny_config(kind: str, vocab_size: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -32,6 +34,15 @@ def tiny_config(kind: str, vocab_size: int):
         return Qwen2Config(**common, use_sliding_window=False)
     if kind == "mistral":
         return MistralConfig(**common, sliding_window=None)
+    if kind == "mistral_sw":  # every layer within a sliding window
+        return MistralConfig(**common, sliding_window=TINY_WINDOW)
+    if kind == "qwen3":  # per-head q/k RMSNorm, head_dim apart from hidden / heads
+        return Qwen3Config(**common, head_dim=24)
+    if kind == "gemma3":  # sliding + full layers (2:1), one KV head, q/k norm, per-layer-type RoPE
+        common.update(num_hidden_layers=3, num_key_value_heads=1)
+        return Gemma3TextConfig(**common, head_dim=32, query_pre_attn_scalar=32, sliding_window=TINY_WINDOW,
+                                layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                final_logit_softcapping=30.0)
     raise ValueError(kind)
 
 
@@ -83,3 +94,15 @@ def tiny_dir(tmp_path_factory) -> str:
     lm.model.save_pretrained(path)
     lm.tokenizer.save_pretrained(path)
     return str(path)
+
+
+def sdpa_logits(lm: kvray.LanguageModel, ids: list[int]) -> torch.Tensor:
+    """The model's own logits [len(ids), vocab] with transformers' SDPA attention (not kvray's)."""
+    from kvray.runtime import enable_kvray_attention as enable
+
+    lm.model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            return lm.model(input_ids=torch.tensor([ids])).logits[0]
+    finally:
+        enable(lm.model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import sys
 from dataclasses import dataclass
@@ -102,8 +103,22 @@ def apply_model_rope(module: torch.nn.Module, x: torch.Tensor, positions: torch.
     if apply is None or rotary is None:
         raise ValueError(f"compactor: cannot find the rotary embedding of {type(module).__name__} "
                          f"(expected *RotaryEmbedding and apply_rotary_pos_emb in {family.__name__})")
-    cos, sin = rotary(module.config).to(x.device)(x, positions.to(x.device)[None])
+    kwargs = {}
+    if "layer_type" in inspect.signature(rotary.forward).parameters:  # per-layer-type RoPE (Gemma 3)
+        kwargs["layer_type"] = getattr(module, "layer_type", None) or "full_attention"
+    cos, sin = _rotary(rotary, module.config, x.device)(x, positions.to(x.device)[None], **kwargs)
     return apply(x, x, cos, sin)[0]
+
+
+_ROTARIES: dict = {}
+
+
+def _rotary(cls, config, device):
+    """One rotary embedding per (class, config, device): its frequency tables are built once."""
+    key = (cls, id(config), str(device))
+    if key not in _ROTARIES:
+        _ROTARIES[key] = (config, cls(config).to(device))  # the config is held so its id stays unique
+    return _ROTARIES[key][1]
 
 
 @torch.no_grad()

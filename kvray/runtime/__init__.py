@@ -8,10 +8,11 @@ from .decoder import Decoder, Row
 from .prefill import (DEFAULT_CAPTURE_WINDOW, LayerInputs, Prefill, PrefillState, attention_modules,
                       capture_window_for, ensure_kvray_attention, forward, hidden_needed_for, prefill)
 from .prompt import PromptTokens, build_prompt, stop_token_ids
+from .support import UnsupportedModelError, check_supported, unsupported_reasons
 
 __all__ = [
     "IMPLS", "enable_kvray_attention", "kvray_attention", "ragged_attention", "ragged_attention_torch", "Decoder",
     "Row", "DEFAULT_CAPTURE_WINDOW", "LayerInputs", "Prefill", "PrefillState", "attention_modules",
     "capture_window_for", "ensure_kvray_attention", "forward", "hidden_needed_for", "prefill", "PromptTokens",
-    "build_prompt", "stop_token_ids",
+    "build_prompt", "stop_token_ids", "UnsupportedModelError", "check_supported", "unsupported_reasons",
 ]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import ATTN_IMPLEMENTATION, KVRayLayer, RaggedKV
+from .support import UnsupportedModelError, check_supported
 
 log = logging.getLogger(__name__)
 
@@ -74,27 +75,53 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 # ----------------------------------------------------------------------------- dense (no prefix)
 
 
-def _causal_tail_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
-    """Bottom-right aligned causal mask [q_len, kv_len]: query i sees key j iff j <= kv_len - q_len + i."""
+def _causal_tail_mask(q_len: int, kv_len: int, device, window: int | None = None) -> torch.Tensor:
+    """Bottom-right aligned causal mask [q_len, kv_len]: query i sees key j iff
+    j <= kv_len - q_len + i, and, with a sliding `window`, (kv_len - q_len + i) - j < window
+    (transformers' convention: a query sees itself and the window - 1 tokens before it)."""
     i = torch.arange(q_len, device=device)[:, None]
     j = torch.arange(kv_len, device=device)[None, :]
-    return j <= (kv_len - q_len) + i
+    mask = j <= (kv_len - q_len) + i
+    if window is not None:
+        mask &= (kv_len - q_len) + i - j < window
+    return mask
 
 
-def dense_attention(query, key, value, attention_mask, scaling):
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Logit soft-capping (Gemma 2): softcap * tanh(scores / softcap), before any -inf mask."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def dense_attention(query, key, value, attention_mask, scaling, sliding_window: int | None = None,
+                    softcap: float | None = None):
+    """Attention over contiguous keys that end at the last query (a prefill, or an ordinary
+    transformers cache): causal, bottom-right aligned, within `sliding_window` when the layer has
+    one, with `softcap` applied to the logits. A 4D `attention_mask` is used as given."""
     q_len, kv_len = query.shape[2], key.shape[2]
+    window = sliding_window if sliding_window is not None and kv_len > sliding_window else None  # else it cannot bind
     kwargs = {}
     if query.shape[1] != key.shape[1]:
         kwargs["enable_gqa"] = True
     if attention_mask is not None and attention_mask.dim() == 4:
         mask = attention_mask[..., :kv_len]
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, **kwargs)
-    elif q_len == kv_len:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scaling, **kwargs)
-    elif q_len == 1:
-        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, **kwargs)
+    elif window is None and q_len == kv_len:
+        mask = None
+        kwargs["is_causal"] = q_len > 1
+    elif window is None and q_len == 1:
+        mask = None
     else:
-        mask = _causal_tail_mask(q_len, kv_len, query.device)
+        mask = _causal_tail_mask(q_len, kv_len, query.device, window)
+    if softcap is not None:  # SDPA has no soft-capping: the plain computation
+        G = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(G, dim=1) if G > 1 else key
+        v = value.repeat_interleave(G, dim=1) if G > 1 else value
+        logits = _capped(torch.matmul(query, k.transpose(-1, -2)).float() * scaling, softcap)
+        if kwargs.get("is_causal"):
+            mask = _causal_tail_mask(q_len, kv_len, query.device)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        out = torch.matmul(torch.softmax(logits, dim=-1).to(query.dtype), v)
+    else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, **kwargs)
     return out.transpose(1, 2).contiguous()
 
@@ -102,9 +129,13 @@ def dense_attention(query, key, value, attention_mask, scaling):
 # ----------------------------------------------------------------------------- ragged (torch twin)
 
 
-def _scores(q, k, scaling, bias=None):
-    """scaling * q @ k^T (+ bias), in one op: q [..., R, d], k [..., n, d] -> [..., R, n]."""
+def _scores(q, k, scaling, bias=None, softcap=None):
+    """scaling * q @ k^T (+ bias), in one op: q [..., R, d], k [..., n, d] -> [..., R, n];
+    with `softcap`, capped before the bias (a -inf mask stays -inf)."""
     kt = k.transpose(-1, -2)
+    if softcap is not None:
+        out = _capped(torch.matmul(q, kt).mul_(scaling), softcap)
+        return out if bias is None else out + bias
     if bias is None:
         return torch.matmul(q, kt).mul_(scaling)
     if q.dim() == 2:
@@ -113,13 +144,13 @@ def _scores(q, k, scaling, bias=None):
                          q.flatten(0, -3), kt.flatten(0, -3), alpha=scaling).view(*q.shape[:-1], k.shape[-2])
 
 
-def _two_block(qg, pk, pv, tk, tv, tail_mask, scaling, prefix_bias=None):
+def _two_block(qg, pk, pv, tk, tv, tail_mask, scaling, prefix_bias=None, softcap=None):
     """Softmax attention of grouped queries qg [..., R, d] over prefix (pk, pv) [..., n, d] and
     tail (tk, tv) [..., T, d] at once, without concatenating the (large) prefix. `tail_mask`
     (True = attend; None: all) hides the tail's future and padding; `prefix_bias` (0 / -inf,
     broadcast over R) hides padding of a padded prefix. Scores are softmaxed in fp32."""
-    sp = _scores(qg, pk, scaling, prefix_bias)
-    st = _scores(qg, tk, scaling)
+    sp = _scores(qg, pk, scaling, prefix_bias, softcap)
+    st = _scores(qg, tk, scaling, softcap=softcap)
     if tail_mask is not None:
         st = st.masked_fill(~tail_mask, float("-inf"))
     probs = torch.softmax(torch.cat([sp, st], dim=-1), dim=-1, dtype=torch.float32).to(qg.dtype)
@@ -144,15 +175,15 @@ def _packed_bias(prefix: RaggedKV, b: int, group: int, keep: bool) -> torch.Tens
     return bias
 
 
-def _packed_row(qg, keys, values, bias, tk, tv, tail_mask, scaling):
+def _packed_row(qg, keys, values, bias, tk, tv, tail_mask, scaling, softcap=None):
     """One row whose KV heads hold different counts: qg [H, R, d] over its packed entries
     keys/values [E, d] (`bias` [H*R, E]: `_packed_bias`, hiding the entries of other heads) and
     its tail tk/tv [H, T, d]: one matmul of every query head against every entry (H times the
     dot products, one op instead of H)."""
     H, R, d = qg.shape
     E = keys.shape[0]
-    sp = _scores(qg.reshape(H * R, d), keys, scaling, bias)  # [H*R, E]
-    st = _scores(qg, tk, scaling)
+    sp = _scores(qg.reshape(H * R, d), keys, scaling, bias, softcap)  # [H*R, E]
+    st = _scores(qg, tk, scaling, softcap=softcap)
     if tail_mask is not None:
         st = st.masked_fill(~tail_mask, float("-inf"))
     probs = torch.softmax(torch.cat([sp, st.reshape(H * R, -1)], dim=-1), dim=-1, dtype=torch.float32).to(qg.dtype)
@@ -203,22 +234,24 @@ def row_groups(prefix: RaggedKV) -> list[tuple[list[int], torch.Tensor | None, t
     return out
 
 
-def _one_row(prefix: RaggedKV, b: int, qg, tk, tv, mask, scaling, group: int, decoding: bool) -> torch.Tensor:
+def _one_row(prefix: RaggedKV, b: int, qg, tk, tv, mask, scaling, group: int, decoding: bool,
+             softcap=None) -> torch.Tensor:
     """Row b of a non-uniform prefix attended alone: dense per head when its heads hold the same
     count, else `_packed_row`."""
     row = prefix.row(b)
     if row is not None:
-        return _two_block(qg, row[0], row[1], tk, tv, mask, scaling)
+        return _two_block(qg, row[0], row[1], tk, tv, mask, scaling, softcap=softcap)
     s, e = prefix.row_span(b)
     return _packed_row(qg, prefix.keys[s:e], prefix.values[s:e], _packed_bias(prefix, b, group, decoding),
-                       tk, tv, mask, scaling)
+                       tk, tv, mask, scaling, softcap)
 
 
 def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor,
-                           scaling: float, pads: tuple[int, ...] | None = None) -> torch.Tensor:
+                           scaling: float, pads: tuple[int, ...] | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """Attention of `query` [B, Hq, q, d] over a ragged prefix (fully visible) and a dense tail
     [B, H, T, d] that already holds the q new tokens as its last slots (seen causally); row b
-    ignores its first `pads[b]` tail slots. Returns [B, q, Hq, d]."""
+    ignores its first `pads[b]` tail slots; `softcap`: logit soft-capping. Returns [B, q, Hq, d]."""
     B, Hq, q_len, d = query.shape
     H = prefix.heads
     G = Hq // H
@@ -237,10 +270,10 @@ def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.
     qg = query.reshape(B, H, G * q_len, d)
     if prefix.uniform:
         pk, pv = prefix.dense()
-        out = _two_block(qg, pk, pv, tail_k, tail_v, mask, scaling)
+        out = _two_block(qg, pk, pv, tail_k, tail_v, mask, scaling, softcap=softcap)
     elif B == 1:  # one row alone (no batch to scatter into)
         out = _one_row(prefix, 0, qg[0], tail_k[0], tail_v[0], None if mask is None else mask[0], scaling, G * q_len,
-                       q_len == 1)[None]
+                       q_len == 1, softcap)[None]
     else:
         out = torch.empty_like(qg)
         for rows, idx, bias in row_groups(prefix):
@@ -251,25 +284,76 @@ def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.
                 pv = prefix.values.index_select(0, idx).view(n, H, P, d)
                 m = mask.index_select(0, sel) if mask is not None and mask.shape[0] > 1 else mask
                 out[sel] = _two_block(qg.index_select(0, sel), pk, pv, tail_k.index_select(0, sel),
-                                      tail_v.index_select(0, sel), m, scaling, prefix_bias=bias)
+                                      tail_v.index_select(0, sel), m, scaling, prefix_bias=bias, softcap=softcap)
                 continue
             b = rows[0]
             m = None if mask is None else mask[b if mask.shape[0] > 1 else 0]
-            out[b] = _one_row(prefix, b, qg[b], tail_k[b], tail_v[b], m, scaling, G * q_len, q_len == 1)
+            out[b] = _one_row(prefix, b, qg[b], tail_k[b], tail_v[b], m, scaling, G * q_len, q_len == 1, softcap)
     return out.view(B, H, G, q_len, d).reshape(B, Hq, q_len, d).transpose(1, 2).contiguous()
 
 
-def ragged_attention(query: torch.Tensor, layer: KVRayLayer, scaling: float, impl: str = "auto") -> torch.Tensor:
+def ragged_attention(query: torch.Tensor, layer: KVRayLayer, scaling: float, impl: str = "auto",
+                     sliding_window: int | None = None, softcap: float | None = None,
+                     layer_idx: int | None = None) -> torch.Tensor:
     """Attention of `query` [B, Hq, q, d] over a layer's ragged prefix + dense tail (the tail
-    already holds the q new tokens, appended by `update`). Returns [B, q, Hq, d]."""
+    already holds the q new tokens, appended by `update`). Returns [B, q, Hq, d].
+
+    A sliding-window layer (`sliding_window`) sees, from a query at position p, only the entries
+    at positions > p - sliding_window: while no query is that far, the ordinary path is exact;
+    beyond, `windowed_attention_torch` masks by position (entries outside the window are still
+    held, not freed)."""
     resolve_impl(impl, query.device)  # "triton" raises until kvray.kernels has the kernel
     pads = layer.rows.pads if layer.rows is not None else None
-    return ragged_attention_torch(query, layer.prefix, layer.keys, layer.values, scaling, pads)
+    if sliding_window is not None:
+        T, q_len = layer.tail_length(), query.shape[2]
+        ends = layer.rows.next_positions(T) if layer.rows is not None else [layer.get_seq_length()] * query.shape[0]
+        if max(ends) > sliding_window:  # the last query (at end - 1) cannot see position 0
+            qpos = torch.tensor(ends, device=query.device)[:, None] - q_len + torch.arange(q_len, device=query.device)
+            return windowed_attention_torch(query, layer.prefix, layer.keys, layer.values, scaling, pads, softcap,
+                                            sliding_window, qpos)
+    return ragged_attention_torch(query, layer.prefix, layer.keys, layer.values, scaling, pads, softcap)
 
 
-def kvray_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: SDPA, or ragged attention when the layer has a prefix."""
+def windowed_attention_torch(query, prefix: RaggedKV, tail_k, tail_v, scaling: float, pads, softcap,
+                             window: int, qpos: torch.Tensor) -> torch.Tensor:
+    """`ragged_attention_torch` for a sliding-window layer whose window binds: a query at
+    position p sees only entries at positions > p - window (prefix entries by their recorded
+    positions, tail slots by their place). `qpos` [B, q] are the queries' positions. One row at a
+    time (`_packed_row`, with the window folded into its mask). Returns [B, q, Hq, d]."""
+    B, Hq, q_len, d = query.shape
+    H = prefix.heads
+    G = Hq // H
+    R = G * q_len
+    T = tail_k.shape[2]
+    dev = query.device
+    qg = query.reshape(B, H, R, d)
+    i = torch.arange(q_len, device=dev).repeat(G)  # query index of each of a head's R rows
+    j = torch.arange(T, device=dev)
+    last = (T - q_len) + i[:, None]  # tail slot of each row's query
+    tail_ok = (j[None, :] <= last) & (last - j[None, :] < window)  # [R, T]
+    neg = torch.tensor(float("-inf"), dtype=query.dtype, device=dev)
+    out = torch.empty_like(qg)
+    for b in range(B):
+        s, e = prefix.row_span(b)
+        heads = prefix.head_ids[s:e]
+        row_head = torch.arange(H, device=dev, dtype=heads.dtype).repeat_interleave(R)  # [H*R]
+        p = qpos[b][i].repeat(H)  # [H*R] each row's query position
+        ok = (row_head[:, None] == heads[None, :]) & (p[:, None] - prefix.positions[s:e][None, :] < window)
+        bias = torch.zeros(ok.shape, dtype=query.dtype, device=dev).where(ok, neg)
+        m = tail_ok if not pads or not pads[b] else tail_ok & (j >= pads[b])[None, :]
+        out[b] = _packed_row(qg[b], prefix.keys[s:e], prefix.values[s:e], bias, tail_k[b], tail_v[b], m[None],
+                             scaling, softcap)
+    return out.view(B, H, G, q_len, d).reshape(B, Hq, q_len, d).transpose(1, 2).contiguous()
+
+
+def kvray_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                    softcap=None, **kwargs):
+    """transformers attention function: SDPA, or ragged attention when the layer has a prefix.
+    Honours the per-layer options the attention modules pass (`scaling`, `sliding_window`,
+    `softcap`); attention sinks (`s_aux`) and anything else it would ignore raise."""
     layer = kwargs.get("kvray_layer")
+    if kwargs.get("s_aux") is not None:
+        raise UnsupportedModelError(f"{type(module).__name__} uses attention sinks (s_aux), which kvray does not support")
     if scaling is None:
         scaling = 1.0 / math.sqrt(query.shape[-1])
     if isinstance(layer, KVRayLayer):
@@ -278,8 +362,9 @@ def kvray_attention(module, query, key, value, attention_mask, scaling=None, dro
         if layer.prefix is not None:
             if query.shape[0] != layer.prefix.batch:
                 raise ValueError(f"the cache holds {layer.prefix.batch} rows, the input {query.shape[0]}")
-            return ragged_attention(query, layer, scaling, layer.attn_impl), None
-    return dense_attention(query, key, value, attention_mask, scaling), None
+            return ragged_attention(query, layer, scaling, layer.attn_impl, sliding_window, softcap,
+                                    getattr(module, "layer_idx", None)), None
+    return dense_attention(query, key, value, attention_mask, scaling, sliding_window, softcap), None
 
 
 def register_kvray_attention() -> None:
@@ -289,11 +374,13 @@ def register_kvray_attention() -> None:
 
 
 def enable_kvray_attention(model) -> None:
-    """Route `model`'s attention through `kvray_attention` (plain SDPA for ordinary caches).
+    """Route `model`'s attention through `kvray_attention` (plain SDPA for ordinary caches), after
+    checking that kvray can run it correctly (`kvray.runtime.support`; else UnsupportedModelError).
 
     Custom attention names get no mask from transformers: kvray_attention builds the causal
     mask itself, so inputs must not be left-padded (rows of different prompts are batched only
     after compression, through `KVRayCache.merge`, whose padding the cache itself tracks).
     """
+    check_supported(model)
     register_kvray_attention()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)

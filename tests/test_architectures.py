@@ -1,0 +1,161 @@
+"""Models beyond Llama: the full cache (ratio 0) gives the model's own logits on every tiny
+architecture (sliding windows that bind, q/k norms, one KV head, per-layer-type RoPE, logit
+soft-capping), in both protocols and batched with another prompt; what kvray cannot run is
+refused with the reason."""
+
+import pytest
+import torch
+from conftest import TINY_WINDOW, sdpa_logits, tokenizer
+
+import kvray
+from kvray.runtime import Decoder, PromptTokens, UnsupportedModelError, enable_kvray_attention, prefill
+from kvray.generate import compress
+
+
+def _prompt(n_ctx, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 1000, (n_ctx + 7 + 3,), generator=g).tolist()
+    return PromptTokens(ids[:n_ctx], ids[n_ctx:n_ctx + 7], ids[n_ctx + 7:])
+
+
+def _greedy_reference(lm, ids, steps, logits_fn):
+    """Greedy tokens of the model's own attention, recomputed from scratch every step, and the
+    logits each token was chosen from."""
+    ids, out, logits = list(ids), [], []
+    for _ in range(steps):
+        lg = logits_fn(lm, ids)[-1]
+        tok = int(lg.argmax())
+        logits.append(lg)
+        out.append(tok)
+        ids.append(tok)
+    return out, logits
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+def test_full_cache_is_the_models_own_attention_batched(tiny_lm, query_aware):
+    """Two prompts of different lengths (both past the sliding window), decoded together on one
+    decoder from ratio-0 caches, teacher-forced on the reference's greedy tokens: every step's
+    logits equal transformers' SDPA logits of the same sequence."""
+    lm = tiny_lm
+    steps = 6
+    prompts = [_prompt(60, 1), _prompt(45, 2)]
+    assert all(len(p.context) > TINY_WINDOW for p in prompts)
+    refs = [_greedy_reference(lm, p.context + p.question + p.suffix, steps, sdpa_logits) for p in prompts]
+    dec = Decoder(lm)
+    seen = {0: [], 1: []}
+    for i, p in enumerate(prompts):
+        pre = prefill(lm, p, with_question=query_aware)
+        cache = compress(lm, pre, kvray.make_press("full"), query_aware)
+        dec.add(cache, feed=pre.rest(query_aware), first_logits=pre.first_logits(query_aware), max_new_tokens=steps,
+                key=i, teacher=refs[i][0], on_logits=lambda row, lg: seen[row.key].append(lg.clone()))
+    dec.run()
+    for i in (0, 1):
+        got = torch.stack(seen[i]).float()
+        want = torch.stack(refs[i][1]).float()
+        err = (got - want).abs().max().item()
+        print(f"{lm.name} prompt {i}: worst |logit error| {err:.2e}")
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_generate_full_cache_equals_sdpa_greedy(tiny_lm):
+    """kvray.generate at ratio 0 answers what the model itself answers (greedy)."""
+    lm = tiny_lm
+    p = _prompt(50, 3)
+    want, _ = _greedy_reference(lm, p.context + p.question + p.suffix, 5, sdpa_logits)
+    pre = prefill(lm, p, with_question=False)
+    dec = Decoder(lm)
+    row = dec.add(compress(lm, pre, kvray.make_press("full"), False), feed=pre.rest(False), max_new_tokens=5,
+                  ignore_stop_tokens=True)[0]
+    dec.run()
+    assert row.tokens == want
+
+
+def _eager_logits(lm, ids):
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            return lm.model(input_ids=torch.tensor([ids])).logits[0]
+    finally:
+        enable_kvray_attention(lm.model)
+
+
+def test_logit_softcapping_is_honoured():
+    """Gemma 2 caps attention logits (softcap * tanh(s / softcap)); with a cap that binds, the
+    ratio-0 cache gives the eager reference's logits (SDPA cannot cap)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    tok = tokenizer()
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                       sliding_window=TINY_WINDOW, attn_logit_softcapping=2.0, final_logit_softcapping=None,
+                       layer_types=["sliding_attention", "full_attention"], max_position_embeddings=4096)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # sharp attention, so that the cap binds
+        for m in model.modules():
+            if hasattr(m, "q_proj"):
+                m.q_proj.weight.mul_(30.0)
+    lm = kvray.LanguageModel(model=model, tokenizer=tok, name="tiny-gemma2")
+    enable_kvray_attention(model)
+    p = _prompt(40, 4)
+    ids = p.context + p.question + p.suffix
+    want = _eager_logits(lm, ids)
+    with torch.inference_mode():
+        dense = model(input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(dense, want, atol=2e-4, rtol=2e-4)
+    # the compressed-cache path: question + suffix on a ratio-0 cache of the context
+    pre = prefill(lm, p, with_question=False)
+    cache = compress(lm, pre, kvray.make_press("full"), False)
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([p.question + p.suffix]), cache=cache).logits[0]
+    torch.testing.assert_close(out, want[len(p.context):], atol=2e-4, rtol=2e-4)
+    # and the cap binds here: the same weights without it give other logits
+    for m in model.modules():
+        if hasattr(m, "attn_logit_softcapping"):
+            m.attn_logit_softcapping = None
+    with torch.inference_mode():
+        uncapped = model(input_ids=torch.tensor([ids])).logits[0]
+    assert (uncapped - want).abs().max() > 1e-2
+
+
+def _tiny(cfg, attn="sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_unsupported_models_are_refused_with_the_reason():
+    from transformers import GPT2Config, LlamaConfig
+
+    tok = tokenizer()
+    gpt2 = _tiny(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2))
+    with pytest.raises(UnsupportedModelError, match="no attention modules with q_proj/k_proj/v_proj"):
+        enable_kvray_attention(gpt2)
+    chunked = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1)
+    chunked.attention_chunk_size = 8  # Llama 4's chunked attention
+    with pytest.raises(UnsupportedModelError, match="chunked attention"):
+        enable_kvray_attention(_tiny(chunked))
+    linear = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    linear.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(UnsupportedModelError, match="linear_attention"):
+        enable_kvray_attention(_tiny(linear))
+    # nothing was switched to kvray's attention on the way
+    assert gpt2.config._attn_implementation == "sdpa"
+
+
+def test_attention_sinks_are_refused():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    tok = tokenizer()
+    cfg = transformers.GptOssConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=2,
+                                    num_experts_per_tok=1, sliding_window=8,
+                                    layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(UnsupportedModelError, match="attention sinks"):
+        enable_kvray_attention(_tiny(cfg, "eager"))  # (transformers runs gpt-oss without SDPA)
