@@ -380,7 +380,7 @@ def main(argv=None) -> int:
     finally:
         pool.shutdown()  # free the CPUs/GPUs for the Tune trial actors
     tuned = {} if "tune" in skip else stage_tune(cfg, run_id, run_path, count_tokens, cpus)
-    policies = make_policies(cfg, run_id, run_path, model_name, info["num_layers"], info["num_kv_heads"],
+    policies = make_policies(cfg, run_id, run_path, model_name, info.get("plan_layers", info["num_layers"]), info["num_kv_heads"],
                              tuned, calibrated)
     elapsed = time.perf_counter() - t_start
 

@@ -153,6 +153,9 @@ class KVRayLayer(DynamicLayer):
         self._bufs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # the tail's storage
         self.attn_impl = "auto"  # ragged attention implementation (kvray.runtime.attention.IMPLS)
         self.capture_window = capture_window
+        #: a sliding layer of a hybrid model keeping its window (not compressed; see
+        #: PrefillState.assemble): left out of `prefix_entries` / `prefix_nbytes`
+        self.window: int | None = None
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=W, d] post-RoPE, last queries seen
         self.window_positions: torch.Tensor | None = None
 
@@ -303,6 +306,7 @@ class KVRayCache(Cache):
                               tuple(n for x in prefixes for n in x.lengths),
                               sum(x.batch for x in prefixes), prefixes[0].heads)
             layer = KVRayLayer(prefix=ragged)
+            layer.window = parts[0].window
             T = max(p.tail_length() for p in parts)
             if T:
                 tails_k, tails_v = [], []
@@ -348,6 +352,7 @@ class KVRayCache(Cache):
                               x.positions.index_select(0, idx), tuple(n for b in keep for n in x.row_lengths(b)),
                               len(keep), H)
             layer = KVRayLayer(prefix=ragged)
+            layer.window = old.window
             if T:
                 rows = torch.tensor(keep, device=old.keys.device)
                 layer.set_tail(old.keys.index_select(0, rows)[:, :, trim:], old.values.index_select(0, rows)[:, :, trim:])
@@ -383,9 +388,15 @@ class KVRayCache(Cache):
         return len(self.layout()[0])
 
     def prefix_nbytes(self) -> int:
-        return sum(layer.prefix.nbytes for layer in self.layers if layer.prefix is not None)
+        """Bytes of the compressed layers' kept entries (windowed layers apart: `window_nbytes`)."""
+        return sum(layer.prefix.nbytes for layer in self.layers if layer.prefix is not None and layer.window is None)
 
     def prefix_entries(self) -> int:
-        return sum(sum(layer.prefix.lengths) for layer in self.layers if layer.prefix is not None)
+        """Entries the compressed layers keep (over (row, KV head)); windowed layers left out."""
+        return sum(sum(layer.prefix.lengths) for layer in self.layers if layer.prefix is not None and layer.window is None)
+
+    def window_nbytes(self) -> int:
+        """Bytes the windowed (sliding, uncompressed) layers of a hybrid model hold in their prefix."""
+        return sum(layer.prefix.nbytes for layer in self.layers if layer.prefix is not None and layer.window is not None)
 
 

@@ -68,6 +68,9 @@ class GenerationStats:
     decode_s: float
     new_tokens: int
     peak_mem_bytes: int
+    #: hybrid models (sliding + full layers): bytes the sliding layers hold, each keeping its
+    #: window; the fields above count the compressed (full-attention) layers only. 0 otherwise.
+    kv_bytes_windowed: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,12 +149,12 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
             dec.step()
         rows = dec.add(cache, feed=rest, first_logits=first, max_new_tokens=max_new_tokens,
                        ignore_stop_tokens=ignore_eos, after_step=press.after_step if press.evicts_during_decoding else None)
-        made.append((rows[0], aware, compress_s, cache.prefix_entries(), cache.prefix_nbytes()))
+        made.append((rows[0], aware, compress_s, cache.prefix_entries(), cache.prefix_nbytes(), cache.window_nbytes()))
         del cache
     dec.run()
     peak = peak_memory_bytes(lm.device)
     outputs = []
-    for row, aware, compress_s, kept_entries, kept_bytes in made:
+    for row, aware, compress_s, kept_entries, kept_bytes, windowed_bytes in made:
         if row.error is not None:
             raise row.error
         n_tokens, full_bytes, heads = sizes[aware]
@@ -159,7 +162,7 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
             kv_tokens_full=n_tokens, kv_tokens_kept=kept_entries / heads, kv_bytes_full=full_bytes,
             kv_bytes_kept=kept_bytes, compression_ratio=1.0 - kept_entries / (n_tokens * heads),
             prefill_s=pre.prefill_s, compress_s=compress_s, decode_s=row.decode_s, new_tokens=len(row.tokens),
-            peak_mem_bytes=peak)
+            peak_mem_bytes=peak, kv_bytes_windowed=windowed_bytes)
         outputs.append(GenerationOutput(text=lm.tokenizer.decode(row.tokens, skip_special_tokens=True),
                                         stats=stats, token_ids=row.tokens))
     return outputs

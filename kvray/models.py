@@ -50,6 +50,21 @@ class LanguageModel:
         return self.config.num_hidden_layers
 
     @property
+    def compressed_layers(self) -> list[int]:
+        """The layers presses compress: every layer, except the sliding layers of a hybrid model
+        (Gemma 3), which keep their window (`kvray.runtime.support.windowed_layers`)."""
+        from .runtime.prefill import attention_modules
+        from .runtime.support import layer_window, windowed_layers
+
+        windowed = set(windowed_layers([layer_window(m) for m in attention_modules(self.model)]))
+        return [i for i in range(self.num_layers) if i not in windowed]
+
+    @property
+    def plan_layers(self) -> int:
+        """Layers a `BudgetPlan` for this model covers (the compressed ones)."""
+        return len(self.compressed_layers)
+
+    @property
     def num_kv_heads(self) -> int:
         return getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
 

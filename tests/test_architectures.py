@@ -159,3 +159,62 @@ def test_attention_sinks_are_refused():
                                     layer_types=["sliding_attention", "full_attention"])
     with pytest.raises(UnsupportedModelError, match="attention sinks"):
         enable_kvray_attention(_tiny(cfg, "eager"))  # (transformers runs gpt-oss without SDPA)
+
+
+def _windowed_reference(query, prefix, tk, tv, scaling, pads, window, qpos, softcap=None):
+    """Plain loops: query (b, head, i) at position qpos[b, i] attends to every entry of its KV
+    head -- prefix entries at their recorded positions, tail slot j at qpos[b, -1] - (T - 1 - j)
+    -- that is not after it and less than `window` before it."""
+    B, Hq, q_len, d = query.shape
+    H = prefix.heads
+    T = tk.shape[2]
+    out = torch.zeros(B, q_len, Hq, d, dtype=torch.float64)
+    for b in range(B):
+        end = int(qpos[b, -1])
+        for hq in range(Hq):
+            h = hq // (Hq // H)
+            k, v = prefix.head(b * H + h)
+            pos = prefix.positions[prefix.offsets[b * H + h]:prefix.offsets[b * H + h + 1]].tolist()
+            keys = [k[e] for e in range(k.shape[0])]
+            vals = [v[e] for e in range(v.shape[0])]
+            for j in range(pads[b], T):
+                keys.append(tk[b, h, j])
+                vals.append(tv[b, h, j])
+                pos.append(end - (T - 1 - j))
+            for i in range(q_len):
+                p = int(qpos[b, i])
+                seen = [e for e, kp in enumerate(pos) if kp <= p and p - kp < window]
+                s = torch.stack([query[b, hq, i].double() @ keys[e].double() * scaling for e in seen])
+                if softcap is not None:
+                    s = torch.tanh(s / softcap) * softcap
+                w = torch.softmax(s, 0)
+                out[b, i, hq] = sum(w[n] * vals[e].double() for n, e in enumerate(seen))
+    return out
+
+
+@pytest.mark.parametrize("lengths", [[7, 7, 7, 7], [3, 9, 0, 6]], ids=["uniform", "skewed"])
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_windowed_attention_matches_plain_loops(lengths, q_len, softcap):
+    from kvray.cache import RaggedKV
+    from kvray.runtime.attention import windowed_attention_torch
+
+    torch.manual_seed(0)
+    B, H, G, d, T, window = 2, 2, 3, 8, 5, 6
+    starts = (20, 14)  # each row's first tail position: the prompts differ in length
+    pos = []
+    for bh, n in enumerate(lengths):  # kept positions before the row's tail, some out of the window
+        g = torch.Generator().manual_seed(bh)
+        pos.append(torch.randperm(starts[bh // H], generator=g)[:n].sort().values)
+    total = sum(lengths)
+    prefix = RaggedKV(torch.randn(total, d), torch.randn(total, d), torch.cat(pos), tuple(lengths), B, H)
+    pads = (0, 2)
+    query = torch.randn(B, H * G, q_len, d)
+    tk, tv = torch.randn(B, H, T, d), torch.randn(B, H, T, d)
+    ends = torch.tensor([starts[b] + T - pads[b] for b in range(B)])
+    qpos = ends[:, None] - q_len + torch.arange(q_len)
+    got = windowed_attention_torch(query, prefix, tk, tv, 0.3, pads, softcap, window, qpos)
+    want = _windowed_reference(query, prefix, tk, tv, 0.3, pads, window, qpos, softcap)
+    err = (got.double() - want).abs().max().item()
+    print(f"worst mismatch {err:.2e}")
+    assert err < 1e-5

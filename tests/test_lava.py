@@ -196,7 +196,7 @@ def test_end_to_end_tiny(tiny_lm, query_aware):
     state = pre.state(query_aware)
     counts = press.allocate(state, [press.score(layer) for layer in state.layers])
     cache = press.compress(state)
-    assert [list(layer.prefix.lengths) for layer in cache.layers] == counts
+    assert [list(layer.prefix.lengths) for layer in cache.layers if layer.window is None] == counts
     out = run_configs(tiny_lm, pre, [press], query_aware, max_new_tokens=3)[0]
     assert out.stats.new_tokens >= 1
     assert abs(out.stats.kv_bytes_kept / out.stats.kv_bytes_full - 0.5) <= 0.02

@@ -58,7 +58,7 @@ def _plain_token_nll(lm, ctx, cont) -> torch.Tensor:
 
 
 def _entries_per_position(lm) -> int:
-    return lm.num_layers * lm.num_kv_heads
+    return lm.plan_layers * lm.num_kv_heads  # the compressed layers (a hybrid's sliding ones apart)
 
 
 # ----------------------------------------------------------------------------- (a) NLL

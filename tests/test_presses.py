@@ -43,8 +43,13 @@ def test_contract_every_method(tiny_lm, method, query_aware):
         for s in scores:
             assert s.shape == (1, state.num_kv_heads, N)
         counts = press.allocate(state, scores)
-        held = [list(layer.prefix.lengths) for layer in cache.layers]
+        # a hybrid model's sliding layers keep their window, the others what the allocation says
+        assert len(cache.layers) == tiny_lm.num_layers == len(state.layers) + len(state.windowed)
+        assert [i for i, layer in enumerate(cache.layers) if layer.window is None] == tiny_lm.compressed_layers
+        held = [list(layer.prefix.lengths) for layer in cache.layers if layer.window is None]
         assert held == counts
+        for w in state.windowed:
+            assert list(cache.layers[w.layer_idx].prefix.lengths) == [min(N, w.window - 1)] * state.num_kv_heads
         if method not in HEAD_ADAPTIVE:
             # uniform heads inside each layer
             assert all(len(set(row)) == 1 for row in held)
@@ -53,9 +58,10 @@ def test_contract_every_method(tiny_lm, method, query_aware):
         # memory really held, within 2% of the target
         full_bytes = state.kv_bytes()
         target = (1 - press.target_ratio) * full_bytes
-        assert abs(cache.nbytes() - target) <= 0.02 * full_bytes
+        assert abs(cache.prefix_nbytes() - target) <= 0.02 * full_bytes
         d = tiny_lm.head_dim
-        assert cache.nbytes() == cache.prefix_entries() * 2 * d * 4
+        assert cache.prefix_nbytes() == cache.prefix_entries() * 2 * d * 4
+        assert cache.nbytes() == cache.prefix_nbytes() + cache.window_nbytes()
         # the full prefill cache is untouched
         assert state.layers[0].keys.shape[2] == N
         # determinism

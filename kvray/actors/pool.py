@@ -69,7 +69,7 @@ class ModelWorker:
 
         lm = self.host.lm
         return {"pid": os.getpid(), "model": lm.name, "device": str(lm.device), "threads": torch.get_num_threads(),
-                "num_layers": lm.num_layers, "num_kv_heads": lm.num_kv_heads, "load_s": self.load_s,
+                "num_layers": lm.num_layers, "plan_layers": lm.plan_layers, "num_kv_heads": lm.num_kv_heads, "load_s": self.load_s,
                 "label": self.label}
 
     def evaluate(self, sample: Sample, presses: Sequence[Press], protocols: Sequence[bool], run_id: str) -> tuple[int, list[dict]]:

@@ -75,16 +75,20 @@ def decode_hook(press: Press) -> Callable[[KVRayCache, int], None] | None:
 
 
 def cache_size(cache: KVRayCache) -> tuple[int, int]:
-    """(entries, bytes) the cache holds now: kept prefix entries plus the dense tail, summed over
-    layers, batch rows and KV heads; bytes are the K and V tensors really allocated."""
-    entries = 0
+    """(entries, bytes) the compressed layers hold now: kept prefix entries plus the dense tail,
+    summed over layers, batch rows and KV heads; bytes are the K and V tensors really allocated.
+    A hybrid model's windowed (sliding) layers are left out, as in every compression ratio."""
+    entries = nbytes = 0
     for layer in cache.layers:
+        if layer.window is not None:
+            continue
         if layer.prefix is not None:
             entries += sum(layer.prefix.lengths)
         tail = layer.tail_length()
         if tail:
             entries += tail * layer.keys.shape[0] * layer.keys.shape[1]
-    return entries, cache.nbytes()
+        nbytes += layer.nbytes()
+    return entries, nbytes
 
 
 # ----------------------------------------------------------------------------- (a) continuation NLL

@@ -162,4 +162,4 @@ class Press:
         for layer, idx in zip(state.layers, indices):
             prefix = RaggedKV.gather(layer.keys, layer.values, idx)
             layers.append(KVRayLayer(prefix=prefix, prefix_tokens=state.n_tokens))
-        return KVRayCache(layers)
+        return state.assemble(layers)

@@ -11,7 +11,7 @@ import torch
 from ..cache import KVRayCache, KVRayLayer
 from ..runtime.decoder import Decoder
 from ..runtime.prefill import ensure_kvray_attention, forward
-from .base import LayerInputs, PrefillState, Press, protect
+from .base import LayerInputs, Press, protect
 from .scoring import check_window_params, pool, reduce_gqa, window_attention
 from .snapkv import SnapKVPress
 
@@ -167,8 +167,14 @@ class LAQPress(Press):
         first = pre.first_logits(query_aware) if not feed else None
         tokens, pseudo = self.pseudo_decode(lm, provisional, feed, first)
         if not tokens:
-            return KVRayCache([KVRayLayer(prefix=layer.prefix, prefix_tokens=layer.prefix_tokens)
-                               for layer in provisional.layers])
+            return KVRayCache([_untailed(layer) for layer in provisional.layers])
         del provisional
-        layers = [self.observed(layer, q, pos) for layer, (q, pos) in zip(state.layers, pseudo)]
-        return self.compress(PrefillState(layers, state.n_tokens))
+        layers = [self.observed(layer, *pseudo[layer.layer_idx]) for layer in state.layers]
+        return self.compress(dataclasses.replace(state, layers=layers))
+
+
+def _untailed(layer: KVRayLayer) -> KVRayLayer:
+    """The layer's compressed prefix alone (the lookahead's tail dropped)."""
+    out = KVRayLayer(prefix=layer.prefix, prefix_tokens=layer.prefix_tokens)
+    out.window = layer.window
+    return out

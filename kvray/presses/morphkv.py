@@ -175,18 +175,19 @@ class MorphKVPress(Press):
             out.window_logits = take_entries(logits, idx)
             out.window_queries, out.window_positions = q.detach().clone(), qpos.clone()
             layers.append(out)
-        return KVRayCache(layers)
+        return state.assemble(layers)
 
     def after_step(self, cache: KVRayCache, step: int) -> None:
         """Cut every layer back to its constant size after a forward pass (`step` is unused:
         MorphKV evicts after every one)."""
-        first = cache.layers[0]
-        if not isinstance(first, MorphKVLayer) or first.window_logits is None:
+        own = [layer for layer in cache.layers if isinstance(layer, MorphKVLayer)]  # not a hybrid's windowed layers
+        first = own[0] if own else None
+        if first is None or first.window_logits is None:
             raise ValueError(f"{self.name}: after_step needs a cache built by {type(self).__name__}.compress")
         if first.tail_length() and int(first.window_positions[-1]) != first.get_seq_length() - 1:
             raise ValueError(f"{self.name}: the decoding queries were not captured; the model must run "
                              "kvray's attention (kvray.runtime.enable_kvray_attention)")
-        for layer in cache.layers:
+        for layer in own:
             self.evict(layer)
 
     def evict(self, layer: MorphKVLayer) -> None:

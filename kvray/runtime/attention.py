@@ -318,8 +318,10 @@ def windowed_attention_torch(query, prefix: RaggedKV, tail_k, tail_v, scaling: f
                              window: int, qpos: torch.Tensor) -> torch.Tensor:
     """`ragged_attention_torch` for a sliding-window layer whose window binds: a query at
     position p sees only entries at positions > p - window (prefix entries by their recorded
-    positions, tail slots by their place). `qpos` [B, q] are the queries' positions. One row at a
-    time (`_packed_row`, with the window folded into its mask). Returns [B, q, Hq, d]."""
+    positions, tail slots by their place). `qpos` [B, q] are the queries' positions. A uniform
+    prefix (a hybrid model's sliding layers keep the same count everywhere) is attended in one
+    batched pair of matmuls with the window folded into its mask; otherwise one row at a time
+    (`_packed_row`, likewise). Returns [B, q, Hq, d]."""
     B, Hq, q_len, d = query.shape
     H = prefix.heads
     G = Hq // H
@@ -332,6 +334,16 @@ def windowed_attention_torch(query, prefix: RaggedKV, tail_k, tail_v, scaling: f
     last = (T - q_len) + i[:, None]  # tail slot of each row's query
     tail_ok = (j[None, :] <= last) & (last - j[None, :] < window)  # [R, T]
     neg = torch.tensor(float("-inf"), dtype=query.dtype, device=dev)
+    if prefix.uniform:
+        pk, pv = prefix.dense()
+        kpos = prefix.positions.view(B, H, 1, -1)
+        seen = qpos[:, i][:, None, :, None] - kpos < window  # [B, H, R, n]
+        bias = torch.zeros(seen.shape, dtype=query.dtype, device=dev).where(seen, neg)
+        m = tail_ok[None, None]
+        if pads and any(pads):
+            m = m & (j[None, :] >= torch.tensor(pads, device=dev)[:, None])[:, None, None, :]
+        out = _two_block(qg, pk, pv, tail_k, tail_v, m, scaling, prefix_bias=bias, softcap=softcap)
+        return out.view(B, H, G, q_len, d).reshape(B, Hq, q_len, d).transpose(1, 2).contiguous()
     out = torch.empty_like(qg)
     for b in range(B):
         s, e = prefix.row_span(b)

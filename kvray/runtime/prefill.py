@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import ATTN_IMPLEMENTATION, KVRayCache
+from ..cache import ATTN_IMPLEMENTATION, KVRayCache, KVRayLayer, RaggedKV
 from .attention import enable_kvray_attention
 from .prompt import PromptTokens
+from .support import layer_window, windowed_layers
 
 DEFAULT_CAPTURE_WINDOW = 64
 
@@ -41,6 +42,8 @@ class LayerInputs:
     #: [start, end) positions of the question inside the compressed tokens (query-aware protocol
     #: with a non-empty question), else None
     question: tuple[int, int] | None = None
+    #: the layer's sliding window (None: it attends to the whole context)
+    window: int | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -53,10 +56,16 @@ class LayerInputs:
 
 @dataclass
 class PrefillState:
-    """The full prefill cache of the compressed region, shared by every config of a sample."""
+    """The full prefill cache of the compressed region, shared by every config of a sample.
+
+    `layers` are the layers presses compress (their model index in `layer_idx`): every layer,
+    except in a hybrid model (sliding-window and full-attention layers mixed), where the sliding
+    layers are in `windowed` instead and keep their window (`assemble`). Budgets, plans,
+    `num_layers`, `kv_bytes()` and compression ratios are over `layers`."""
 
     layers: list[LayerInputs]
     n_tokens: int
+    windowed: list[LayerInputs] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -71,7 +80,31 @@ class PrefillState:
         return self.layers[0].keys.shape[0]
 
     def kv_bytes(self) -> int:
+        """Bytes of the compressed layers' full cache (the reference of compression ratios)."""
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+
+    def assemble(self, layers: list[KVRayLayer]) -> KVRayCache:
+        """The model's cache from the compressed layers (one per `self.layers`, in order) and
+        the windowed layers, each keeping its last window - 1 entries: all the next token sees."""
+        if not self.windowed:
+            return KVRayCache(layers)
+        if len(layers) != len(self.layers):
+            raise ValueError(f"{len(layers)} compressed layers for {len(self.layers)} to compress")
+        out: list = [None] * (len(self.layers) + len(self.windowed))
+        for inputs, layer in zip(self.layers, layers):
+            out[inputs.layer_idx] = layer
+        for inputs in self.windowed:
+            out[inputs.layer_idx] = window_layer(inputs, self.n_tokens)
+        return KVRayCache(out)
+
+
+def window_layer(inputs: LayerInputs, n_tokens: int) -> KVRayLayer:
+    """A sliding layer's cache after `n_tokens`: the last window - 1 positions of every head."""
+    B, H = inputs.keys.shape[:2]
+    keep = torch.arange(max(0, n_tokens - inputs.window + 1), n_tokens, device=inputs.keys.device)
+    layer = KVRayLayer(prefix=RaggedKV.gather(inputs.keys, inputs.values, [keep] * (B * H)), prefix_tokens=n_tokens)
+    layer.window = inputs.window
+    return layer
 
 
 @dataclass
@@ -93,16 +126,23 @@ class Prefill:
         n = self.n_aware if query_aware else self.n_context
         n_q = len(self.prompt.question)
         question = (self.n_context, self.n_context + n_q) if query_aware and n_q and self.n_aware > self.n_context else None
-        layers = []
+        layers, windowed = [], []
+        kept_whole = set(windowed_layers(self.windows))
         for i, layer in enumerate(self.cache.layers):
             if query_aware:
                 q, qpos = layer.window_queries, layer.window_positions
             else:
                 q, qpos = self.agnostic_queries[i]
             hidden = self.hidden[i][:, :n] if self.hidden is not None else None
-            layers.append(LayerInputs(i, layer.keys[:, :, :n], layer.values[:, :, :n], q, qpos, self.modules[i],
-                                      hidden=hidden, question=question))
-        return PrefillState(layers, n)
+            inputs = LayerInputs(i, layer.keys[:, :, :n], layer.values[:, :, :n], q, qpos, self.modules[i],
+                                 hidden=hidden, question=question, window=self.windows[i])
+            (windowed if i in kept_whole else layers).append(inputs)
+        return PrefillState(layers, n, windowed)
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Each layer's sliding window (None: full attention)."""
+        return [layer_window(m) for m in self.modules]
 
     def rest(self, query_aware: bool) -> list[int]:
         """Tokens fed on the compressed cache before generation starts."""

@@ -71,3 +71,26 @@ def check_supported(model) -> None:
     reasons = unsupported_reasons(model)
     if reasons:
         raise UnsupportedModelError(f"kvray cannot run {type(model).__name__} correctly: " + "; ".join(reasons))
+
+
+def layer_window(module) -> int | None:
+    """The sliding window of one attention module (None: it attends to the whole context). Modules
+    that carry `sliding_window` (Gemma 2/3, Qwen 2/3) say it per layer; others (Mistral) pass the
+    config's to every layer."""
+    if hasattr(module, "sliding_window"):
+        return int(module.sliding_window) if module.sliding_window else None
+    cfg = module.config
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return int(cfg.sliding_window) if types[module.layer_idx] == "sliding_attention" and cfg.sliding_window else None
+    window = getattr(cfg, "sliding_window", None)
+    return int(window) if window else None
+
+
+def windowed_layers(windows: list[int | None]) -> list[int]:
+    """Layers that keep their window instead of being compressed: the sliding layers of a hybrid
+    model (sliding and full layers mixed, e.g. Gemma 3's 5:1). When every layer slides (Mistral
+    7B v0.1), every layer is compressed, and the window is applied by position while decoding."""
+    if all(w is not None for w in windows):
+        return []
+    return [i for i, w in enumerate(windows) if w is not None]

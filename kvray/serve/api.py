@@ -207,7 +207,7 @@ class ModelBackend:
         plan = getattr(press, "plan", None)
         if plan is not None:
             try:
-                plan.check_model(self.lm.num_layers, self.lm.num_kv_heads)
+                plan.check_model(self.lm.plan_layers, self.lm.num_kv_heads)
             except ValueError as exc:
                 raise RequestError(f"policy {job.policy_id!r} does not fit model {self.lm.name}: {exc}") from None
         try:

@@ -231,6 +231,8 @@ class BatchingEngine:
                 kept = cache.prefix_entries()
                 req.kv = {"tokens_full": n_tokens, "tokens_kept": kept / heads, "bytes_full": full_bytes,
                           "bytes_kept": cache.prefix_nbytes(), "achieved_ratio": 1.0 - kept / (n_tokens * heads)}
+                if cache.window_nbytes():  # a hybrid model's sliding layers, apart
+                    req.kv["bytes_windowed"] = cache.window_nbytes()
                 actual = int(cache.nbytes() + self.bytes_per_token * (len(rest) + job.max_new_tokens))
                 row = self.decoder.add(cache, feed=rest, first_logits=first, max_new_tokens=job.max_new_tokens,
                                        key=req, ignore_stop_tokens=job.ignore_eos,

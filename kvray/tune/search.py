@@ -60,7 +60,7 @@ def _trainable_cls():
             self._reset(config)
 
         def _reset(self, config):
-            self.press = self.space.press(config, self.lm.num_layers, self.lm.num_kv_heads)
+            self.press = self.space.press(config, self.lm.plan_layers, self.lm.num_kv_heads)
             self.config_key = json.dumps(config, sort_keys=True, default=str)
             self.window = max(capture_window_for([self.press]), max(self.space.choices.get("window_size", (0,))))
             self.n, self.total, self.kept, self.evaluated = 0, 0.0, 0.0, 0
