@@ -35,6 +35,15 @@ from transformers.cache_utils import Cache, DynamicLayer
 ATTN_IMPLEMENTATION = "kvray"
 #: tokens of room a layer's tail keeps past its end (appends copy only the new tokens)
 TAIL_SLACK = 64
+#: a windowed (sliding) layer drops the prefix entries that fell out of its window once some
+#: (row, KV head) has this many, or a quarter of the window if less (one gather every so many
+#: tokens, not one per token)
+WINDOW_SLACK = 32
+
+
+def window_slack(window: int) -> int:
+    """Out-of-window entries a windowed layer lets pile up before dropping them."""
+    return max(1, min(WINDOW_SLACK, window // 4))
 
 
 @dataclass(frozen=True)
@@ -183,7 +192,37 @@ class KVRayLayer(DynamicLayer):
         kb[:, :, T:T + n] = key_states
         vb[:, :, T:T + n] = value_states
         self.keys, self.values = kb[:, :, :T + n], vb[:, :, :T + n]
+        if self.window is not None and self.prefix is not None:
+            self._drop_out_of_window(n)
         return self.keys, self.values
+
+    def _drop_out_of_window(self, q_len: int) -> None:
+        """A windowed layer's prefix entries that no query of this step or later can see (at
+        positions <= earliest query - window) are dropped, once some (row, head) holds
+        `window_slack` of them: the layer then holds at most max(window - 1, tail) + that slack
+        entries per (row, head), the tail being the tokens since compression (transformers'
+        sliding cache holds window - 1), and `nbytes()` says so."""
+        prefix, T = self.prefix, self.tail_length()
+        if self.rows is not None:
+            ends = torch.tensor(self.rows.next_positions(T), device=prefix.positions.device)
+        else:
+            ends = torch.full((prefix.batch,), self.prefix_tokens + T, device=prefix.positions.device)
+        row_of = torch.repeat_interleave(torch.arange(prefix.batch, device=ends.device),
+                                         torch.tensor([sum(prefix.row_lengths(b)) for b in range(prefix.batch)],
+                                                      device=ends.device))
+        dead = prefix.positions <= (ends - q_len - self.window)[row_of]
+        if not bool(dead.any()):
+            return
+        per_head = torch.zeros(len(prefix.lengths), dtype=torch.long, device=ends.device)
+        bh = torch.repeat_interleave(torch.arange(len(prefix.lengths), device=ends.device),
+                                     torch.tensor(prefix.lengths, device=ends.device))
+        per_head.index_add_(0, bh, dead.long())
+        if int(per_head.max()) < window_slack(self.window):
+            return
+        keep = (~dead).nonzero().flatten()
+        lengths = tuple(n - int(k) for n, k in zip(prefix.lengths, per_head.tolist()))
+        self.prefix = RaggedKV(prefix.keys.index_select(0, keep), prefix.values.index_select(0, keep),
+                               prefix.positions.index_select(0, keep), lengths, prefix.batch, prefix.heads)
 
     def tail_length(self) -> int:
         return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]

@@ -253,3 +253,36 @@ def test_gemma3_not_installed_names_the_make_target(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == models._GEMMA3_PACKAGE else real(name, *a))
     with pytest.raises(models.ModelNotFoundError, match="make gemma3"):
         kvray.load_model("gemma3-270m")
+
+
+def test_windowed_layers_hold_their_window_while_decoding():
+    """On a hybrid model, decoding far past the window: every step's logits stay the model's own,
+    and the sliding layers drop what fell out of their window: per (row, head) they never hold
+    more than max(window - 1, tokens since compression) + the slack."""
+    from conftest import _tiny_lm
+
+    from kvray.cache import window_slack
+
+    lm = _tiny_lm("gemma3")
+    p = _prompt(40, 5)
+    slack = window_slack(TINY_WINDOW)
+    steps = 2 * TINY_WINDOW + 6
+    want_tokens, want_logits = _greedy_reference(lm, p.context + p.question + p.suffix, steps, sdpa_logits)
+    pre = prefill(lm, p, with_question=False)
+    cache = compress(lm, pre, kvray.make_press("full"), False)
+    windowed = [layer for layer in cache.layers if layer.window is not None]
+    assert windowed and all(sum(layer.prefix.lengths) == TINY_WINDOW - 1 for layer in windowed)
+    held, seen = [], []
+
+    def observe(row, lg):
+        seen.append(lg.clone())
+        held.append(max((sum(layer.prefix.lengths) + layer.tail_length(), layer.tail_length()) for layer in windowed))
+
+    dec = Decoder(lm)
+    dec.add(cache, feed=pre.rest(False), max_new_tokens=steps, teacher=want_tokens, on_logits=observe)
+    dec.run()
+    torch.testing.assert_close(torch.stack(seen).float(), torch.stack(want_logits).float(), atol=2e-4, rtol=2e-4)
+    print("held (entries, tail) per step:", held)
+    # from the first one-token step on (the feed's own queries span `fed` positions)
+    assert all(n <= max(TINY_WINDOW - 1, tail) + slack for n, tail in held[1:])
+    assert held[-1][0] < TINY_WINDOW - 1 + held[-1][1]  # entries were dropped

@@ -293,8 +293,7 @@ def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.
 
 
 def ragged_attention(query: torch.Tensor, layer: KVRayLayer, scaling: float, impl: str = "auto",
-                     sliding_window: int | None = None, softcap: float | None = None,
-                     layer_idx: int | None = None) -> torch.Tensor:
+                     sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of `query` [B, Hq, q, d] over a layer's ragged prefix + dense tail (the tail
     already holds the q new tokens, appended by `update`). Returns [B, q, Hq, d].
 
@@ -374,8 +373,7 @@ def kvray_attention(module, query, key, value, attention_mask, scaling=None, dro
         if layer.prefix is not None:
             if query.shape[0] != layer.prefix.batch:
                 raise ValueError(f"the cache holds {layer.prefix.batch} rows, the input {query.shape[0]}")
-            return ragged_attention(query, layer, scaling, layer.attn_impl, sliding_window, softcap,
-                                    getattr(module, "layer_idx", None)), None
+            return ragged_attention(query, layer, scaling, layer.attn_impl, sliding_window, softcap), None
     return dense_attention(query, key, value, attention_mask, scaling, sliding_window, softcap), None
 
 
