@@ -182,10 +182,17 @@ def _resolve(name: str | None) -> tuple[str, str, str | None]:
 
 
 def _converted_dir(source: str, gguf_file: str) -> Path:
+    """Where the de-quantised weights of a GGUF file are cached: keyed by the file's content (its
+    size and first and last MiB, which hold the header and the last tensors), not its path, so a
+    second checkout or virtualenv with the same file reuses them."""
     gguf = Path(source) / gguf_file
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return _cache_root() / "converted" / f"{gguf.stem}-{key}"
+    size = gguf.stat().st_size
+    digest = hashlib.sha1(str(size).encode())
+    with gguf.open("rb") as f:
+        digest.update(f.read(2**20))
+        f.seek(max(0, size - 2**20))
+        digest.update(f.read(2**20))
+    return _cache_root() / "converted" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
 
 
 def load_tokenizer(name: str | None = None):

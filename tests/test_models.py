@@ -78,3 +78,18 @@ def test_default_dtype_follows_the_cpu_and_the_environment(monkeypatch):
     monkeypatch.setenv("KVRAY_DTYPE", "int8")
     with pytest.raises(ValueError, match="KVRAY_DTYPE must name a torch floating dtype"):
         default_dtype(torch.device("cpu"))
+
+
+def test_converted_cache_is_keyed_by_content_not_path(tmp_path, monkeypatch):
+    """A second checkout (another venv holding the same GGUF file) reuses the converted weights;
+    a different file does not."""
+    from kvray.models import _converted_dir
+
+    monkeypatch.setenv("KVRAY_CACHE", str(tmp_path / "cache"))
+    data = bytes(range(256)) * 20000  # ~5 MB: the first and last MiB differ from the middle
+    for d in ("a", "b", "c"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "m.gguf").write_bytes(data if d != "c" else data[:-1] + b"x")
+    a, b, c = (_converted_dir(str(tmp_path / d), "m.gguf") for d in ("a", "b", "c"))
+    assert a == b != c
+    assert a.parent == tmp_path / "cache" / "converted"
