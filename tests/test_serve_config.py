@@ -71,7 +71,9 @@ def test_config_matches_the_app(config):
     assert serve_app.HEAD_NODE_RESOURCE in ingress["ray_actor_options"]["resources"]
     model = next(d for d in application["deployments"] if d["name"] == serve_app.MODEL_DEPLOYMENT)
     assert model["autoscaling_config"]["min_replicas"] >= 1
-    source = Path(serve_app.__file__).read_text() + (Path(serve_app.__file__).parent / "api.py").read_text()
+    serve_dir = Path(serve_app.__file__).parent
+    # read by the app, or by the model loading it does (KVRAY_DTYPE: kvray.models.default_dtype)
+    source = "".join(p.read_text() for p in (serve_dir / "app.py", serve_dir / "api.py", serve_dir.parent / "models.py"))
     for var in application["runtime_env"]["env_vars"]:
         assert re.search(rf"\b{var}\b", source), f"{var} is not read by kvray.serve"
     assert config["http_options"]["port"] == 8000

@@ -12,7 +12,7 @@ from ..cache import KVRayCache, KVRayLayer
 from ..runtime.decoder import Decoder
 from ..runtime.prefill import ensure_kvray_attention, forward
 from .base import LayerInputs, Press, protect
-from .scoring import check_window_params, pool, reduce_gqa, window_attention
+from .scoring import check_window_params, pool, reduce_gqa, window_scores
 from .snapkv import SnapKVPress
 
 
@@ -98,8 +98,8 @@ class LAQPress(Press):
         """[B, H, N]: attention the last `stage2_window + lookahead` queries of `layer.queries`
         pay to the prompt keys (each query masked by its own position), pooled; the last
         `stage2_window` tokens protected."""
-        attn = window_attention(layer, self.stage2_window + self.lookahead)  # [B, Hq, R, N]
-        scores = reduce_gqa(attn.mean(dim=2), layer.num_kv_heads, self.gqa_reduction)
+        mean, _ = window_scores(layer, self.stage2_window + self.lookahead)  # [B, Hq, N]
+        scores = reduce_gqa(mean, layer.num_kv_heads, self.gqa_reduction)
         scores = pool(scores, self.kernel_size, self.pooling)
         return protect(scores, last=self.stage2_window)
 

@@ -10,7 +10,7 @@ import torch
 
 from ..budget import head_adaptive_counts, keep_count, round_preserving_sum
 from .base import LayerInputs, PrefillState, Press, protect
-from .scoring import check_window_params, pool, window_attention
+from .scoring import check_window_params, pool, window_scores
 
 
 def layer_entropy(prefix_scores: torch.Tensor) -> float:
@@ -134,12 +134,12 @@ class LAVaPress(Press):
         return min(self.window_size, captured, layer.n_tokens)
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
-        attn = window_attention(layer, self.window_size)  # [B, Hq, W, N]
-        B, Hq, W, N = attn.shape
+        mean, W = window_scores(layer, self.window_size)  # [B, Hq, N]
+        B, Hq, N = mean.shape
         H, P = layer.num_kv_heads, max(N - W, 0)
-        scores = torch.zeros(B, H, N, dtype=torch.float32, device=attn.device)
+        scores = torch.zeros(B, H, N, dtype=torch.float32, device=mean.device)
         if P > 0:
-            per_q = pool(attn[..., :P].mean(dim=2), self.kernel_size, self.pooling)  # [B, Hq, P]
+            per_q = pool(mean[..., :P], self.kernel_size, self.pooling)  # [B, Hq, P]
             vbar = layer.values[:, :, :P].float().abs().sum(-1).amax(-1)  # [B, H]
             per_q = per_q.view(B, H, Hq // H, P) * vbar[:, :, None, None]
             scores[..., :P] = per_q.amax(2) if self.gqa_reduction == "max" else per_q.mean(2)

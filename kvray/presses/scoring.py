@@ -69,6 +69,16 @@ def window_attention(layer: LayerInputs, window_size: int, observation: str = "l
     return torch.softmax(logits, dim=-1).view(B, Hq, W, N)
 
 
+def window_scores(layer: LayerInputs, window_size: int, observation: str = "last") -> tuple[torch.Tensor, int]:
+    """(the mean over the observation window's rows of `window_attention` [B, Hq, N] fp32, W):
+    on CUDA the Triton kernel (`kvray.kernels.window_scores`, no [B, Hq, W, N] matrix), else its
+    torch twin, the same computation as `window_attention(...).mean(dim=2)`."""
+    from ..kernels.window_scores import window_scores as scores_of
+
+    q, qpos = window_rows(layer, window_size, observation)
+    return scores_of(q, qpos, layer.keys), q.shape[2]
+
+
 def reduce_gqa(scores: torch.Tensor, num_kv_heads: int, how: str) -> torch.Tensor:
     """[B, Hq, N] -> [B, H, N] over the G query heads of each KV head."""
     B, Hq, N = scores.shape

@@ -8,7 +8,7 @@ import torch
 
 from ..budget import pyramid_layer_counts
 from .base import LayerInputs, PrefillState, Press, protect
-from .scoring import check_window_params, pool, reduce_gqa, window_attention
+from .scoring import check_window_params, pool, reduce_gqa, window_scores
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,14 @@ class SnapKVPress(Press):
                             pooling=self.pooling, gqa_reduction=self.gqa_reduction, observation=self.observation)
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
-        attn = window_attention(layer, self.window_size, self.observation)  # [B, Hq, W, N]
-        scores = reduce_gqa(attn.mean(dim=2), layer.num_kv_heads, self.gqa_reduction)
+        mean, W = window_scores(layer, self.window_size, self.observation)  # [B, Hq, N]
+        scores = reduce_gqa(mean, layer.num_kv_heads, self.gqa_reduction)
         scores = pool(scores, self.kernel_size, self.pooling)
         # the window and everything after it is kept; with the question's rows as the window, also
         # at least the last window_size tokens
         if self.observation == "question" and layer.question is not None:
             return protect(scores, last=max(layer.n_tokens - layer.question[0], self.window_size))
-        return protect(scores, last=attn.shape[2])
+        return protect(scores, last=W)
 
 
 @dataclass(frozen=True)

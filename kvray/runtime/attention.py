@@ -2,7 +2,8 @@
 ``"kvray"``, and ragged attention over a compressed layer (prefix + tail) with
 ``impl="auto" | "torch" | "triton"``.
 
-`ragged_attention_torch` is the runtime's CPU path and the oracle a Triton kernel must match.
+`ragged_attention_torch` is the runtime's CPU path and the twin of the Triton kernel
+(`kvray.kernels.ragged_attention`, chosen by `impl="auto"` on CUDA), its test oracle.
 Layout it reads (see `kvray.cache`): per layer, the kept entries packed over (row, KV head),
 b-major ([total, d], lengths per (row, head)), and a dense tail [B, H, T, d] left-padded per row.
 It loops over nothing when every (row, head) holds the same count (one batched pair of matmuls).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -41,15 +43,16 @@ def _triton_installed() -> bool:
     return True
 
 
-def triton_unavailable(device: torch.device) -> list[str]:
+def triton_unavailable(device: torch.device, explicit: bool = False) -> list[str]:
     """Why the Triton path cannot run on `device` (empty when it can). Called on every attention
-    call, so the import is tried once (a failed import searches sys.path each time)."""
+    call, so the import is tried once (a failed import searches sys.path each time). An explicit
+    `impl="triton"` also runs on CPU tensors under TRITON_INTERPRET=1 (Triton's interpreter: the
+    tests); `auto` never picks the interpreter."""
     reasons = []
-    if device.type != "cuda":
+    if device.type != "cuda" and not (explicit and os.environ.get("TRITON_INTERPRET", "") == "1"):
         reasons.append(f"the tensors are on {device.type}, Triton kernels run on CUDA")
     if not _triton_installed():
         reasons.append("triton is not installed (pip install 'kvray[triton]')")
-    reasons.append("kvray.kernels has no ragged attention kernel yet")
     return reasons
 
 
@@ -60,7 +63,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if impl == "torch":
         return "torch"
-    reasons = triton_unavailable(device)
+    reasons = triton_unavailable(device, explicit=impl == "triton")
     if not reasons:
         return "triton"
     if impl == "triton":
@@ -301,7 +304,7 @@ def ragged_attention(query: torch.Tensor, layer: KVRayLayer, scaling: float, imp
     at positions > p - sliding_window: while no query is that far, the ordinary path is exact;
     beyond, `windowed_attention_torch` masks by position (entries outside the window are still
     held, not freed)."""
-    resolve_impl(impl, query.device)  # "triton" raises until kvray.kernels has the kernel
+    chosen = resolve_impl(impl, query.device)
     pads = layer.rows.pads if layer.rows is not None else None
     if sliding_window is not None:
         T, q_len = layer.tail_length(), query.shape[2]
@@ -310,6 +313,10 @@ def ragged_attention(query: torch.Tensor, layer: KVRayLayer, scaling: float, imp
             qpos = torch.tensor(ends, device=query.device)[:, None] - q_len + torch.arange(q_len, device=query.device)
             return windowed_attention_torch(query, layer.prefix, layer.keys, layer.values, scaling, pads, softcap,
                                             sliding_window, qpos)
+    if chosen == "triton":
+        from ..kernels.ragged_attention import ragged_attention_triton
+
+        return ragged_attention_triton(query, layer.prefix, layer.keys, layer.values, scaling, pads, softcap)
     return ragged_attention_torch(query, layer.prefix, layer.keys, layer.values, scaling, pads, softcap)
 
 
