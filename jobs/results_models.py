@@ -66,6 +66,24 @@ def run(args) -> str:
     return base
 
 
+def summary_lines(df, tasks) -> list[str]:
+    """Per model and protocol: the full cache, and the best compressed method with its interval."""
+    out = []
+    for protocol in sorted(df["protocol"].unique()):
+        parts = []
+        for label in MODELS:
+            g = df[(df["model"] == label) & (df["protocol"] == protocol)]
+            full = g[g["method"] == "full"].sort_values("sample_id")["score"]
+            means = g[g["method"] != "full"].groupby("method")["score"].mean().sort_values(ascending=False)
+            best = means.index[0]
+            lo, hi = bootstrap_ci(g[g["method"] == best].sort_values("sample_id")["score"].to_numpy())
+            floor = [t for t in tasks if g[(g["method"] == "full") & (g["task"] == t)]["score"].mean() == 0]
+            note = f"; its full cache scores 0 on {', '.join(floor)}" if floor else ""
+            parts.append(f"{label}: full {full.mean():.2f}, best {best} {means.iloc[0]:.2f} [{lo:.2f}, {hi:.2f}]{note}")
+        out.append(f"- {protocol} at this ratio: " + "; ".join(parts) + ".")
+    return out
+
+
 def render(base: str) -> str:
     import pandas as pd
 
@@ -108,6 +126,8 @@ def render(base: str) -> str:
                                                   for m in MODELS) + " |",
         "|---|---|---|" + "---|---|" * len(MODELS),
         *rows,
+        "",
+        *summary_lines(df, tasks),
         "",
         END,
     ]
