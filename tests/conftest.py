@@ -102,11 +102,11 @@ def tiny_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def sdpa_logits(lm: kvray.LanguageModel, ids: list[int]) -> torch.Tensor:
-    """The model's own logits [len(ids), vocab] with transformers' SDPA attention (not kvray's)."""
+def sdpa_logits(lm: kvray.LanguageModel, ids: list[int], attn: str = "sdpa") -> torch.Tensor:
+    """The model's own logits [len(ids), vocab] with one of transformers' attentions (not kvray's)."""
     from kvray.runtime import enable_kvray_attention as enable
 
-    lm.model.set_attn_implementation("sdpa")
+    lm.model.set_attn_implementation(attn)
     try:
         with torch.inference_mode():
             return lm.model(input_ids=torch.tensor([ids])).logits[0]

@@ -70,15 +70,6 @@ def test_generate_full_cache_equals_sdpa_greedy(tiny_lm):
     assert row.tokens == want
 
 
-def _eager_logits(lm, ids):
-    lm.model.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode():
-            return lm.model(input_ids=torch.tensor([ids])).logits[0]
-    finally:
-        enable_kvray_attention(lm.model)
-
-
 def test_logit_softcapping_is_honoured():
     """Gemma 2 caps attention logits (softcap * tanh(s / softcap)); with a cap that binds, the
     ratio-0 cache gives the eager reference's logits (SDPA cannot cap)."""
@@ -100,7 +91,7 @@ def test_logit_softcapping_is_honoured():
     enable_kvray_attention(model)
     p = _prompt(40, 4)
     ids = p.context + p.question + p.suffix
-    want = _eager_logits(lm, ids)
+    want = sdpa_logits(lm, ids, attn="eager")  # SDPA cannot cap: eager is transformers' reference
     with torch.inference_mode():
         dense = model(input_ids=torch.tensor([ids])).logits[0]
     torch.testing.assert_close(dense, want, atol=2e-4, rtol=2e-4)

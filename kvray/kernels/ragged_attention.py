@@ -19,7 +19,6 @@ the torch path (`kvray.runtime.attention.ragged_attention`).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -35,124 +34,6 @@ MAX_SPLITS = 16
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def stage1(Q, K, V, TK, TV, INDPTR, PADS, OUT, LSE,
-               sqb, sqh, sqr, stb, sth, stt, svb, svh, svt,
-               H, R, T, q_len, D, scaling, softcap,
-               SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        seg = tl.program_id(0)
-        part = tl.program_id(1)
-        b = seg // H
-        h = seg % H
-        offs_r = tl.arange(0, BLOCK_R)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)
-        rmask = offs_r < R
-        dmask = offs_d < D
-        q = tl.load(Q + b * sqb + h * sqh + offs_r[:, None] * sqr + offs_d[None, :],
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
-        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_R], tl.float32)
-        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        if part < SPLITS:  # one contiguous part of the segment's prefix entries
-            start = tl.load(INDPTR + seg)
-            end = tl.load(INDPTR + seg + 1)
-            chunk = tl.cdiv(end - start, SPLITS)
-            lo = start + part * chunk
-            hi = tl.minimum(end, lo + chunk)
-            for k0 in range(lo, hi, BLOCK_N):
-                n = k0 + offs_n
-                nmask = n < hi
-                k = tl.load(K + n[:, None] * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-                v = tl.load(V + n[:, None] * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = s * scaling
-                if HAS_SOFTCAP:
-                    s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)  # softcap * tanh(s / softcap)
-                s = tl.where(nmask[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(s - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                if IEEE:
-                    pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    pv = tl.dot(p.to(v.dtype), v)
-                acc = acc * alpha[:, None] + pv
-                m_i = m_new
-        else:  # the row's tail: causal, its leading padding masked
-            pad = tl.load(PADS + b)
-            last = T - q_len + offs_r % q_len  # the tail slot of each query row
-            for t0 in range(0, T, BLOCK_N):
-                t = t0 + offs_n
-                tmask = t < T
-                k = tl.load(TK + b * stb + h * sth + t[:, None] * stt + offs_d[None, :],
-                            mask=tmask[:, None] & dmask[None, :], other=0.0)
-                v = tl.load(TV + b * svb + h * svh + t[:, None] * svt + offs_d[None, :],
-                            mask=tmask[:, None] & dmask[None, :], other=0.0)
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = s * scaling
-                if HAS_SOFTCAP:
-                    s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
-                ok = tmask[None, :] & (t[None, :] >= pad) & (t[None, :] <= last[:, None])
-                s = tl.where(ok, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(s - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                if IEEE:
-                    pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    pv = tl.dot(p.to(v.dtype), v)
-                acc = acc * alpha[:, None] + pv
-                m_i = m_new
-        nonempty = l_i > 0
-        out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-        lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        row = (seg * (SPLITS + 1) + part) * BLOCK_R + offs_r
-        tl.store(OUT + row[:, None] * BLOCK_D + offs_d[None, :], out)
-        tl.store(LSE + row, lse)
-
-    @triton.jit
-    def stage2(OUT, LSE, O, sob, soh, sor, H, R, D,
-               SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        seg = tl.program_id(0)
-        b = seg // H
-        h = seg % H
-        offs_r = tl.arange(0, BLOCK_R)
-        offs_d = tl.arange(0, BLOCK_D)
-        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        for part in tl.static_range(SPLITS + 1):
-            m = tl.maximum(m, tl.load(LSE + (seg * (SPLITS + 1) + part) * BLOCK_R + offs_r))
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        total = tl.zeros([BLOCK_R], tl.float32)
-        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        for part in tl.static_range(SPLITS + 1):
-            row = (seg * (SPLITS + 1) + part) * BLOCK_R + offs_r
-            w = tl.exp(tl.load(LSE + row) - m_safe)
-            total += w
-            acc += w[:, None] * tl.load(OUT + row[:, None] * BLOCK_D + offs_d[None, :])
-        out = acc / tl.where(total > 0, total, 1.0)[:, None]
-        mask = (offs_r < R)[:, None] & (offs_d < D)[None, :]
-        tl.store(O + b * sob + h * soh + offs_r[:, None] * sor + offs_d[None, :], out.to(O.dtype.element_ty), mask=mask)
-
-    return stage1, stage2
 
 
 def _next_pow2(n: int) -> int:
@@ -172,7 +53,7 @@ def ragged_attention_triton(query: torch.Tensor, prefix: RaggedKV, tail_k: torch
                             scaling: float, pads: tuple[int, ...] | None = None,
                             softcap: float | None = None) -> torch.Tensor:
     """The Triton path of `ragged_attention` (same arguments and result: [B, q, Hq, d])."""
-    stage1, stage2 = _kernels()
+    from .triton_kernels import ragged_stage1 as stage1, ragged_stage2 as stage2
     B, Hq, q_len, d = query.shape
     H = prefix.heads
     G = Hq // H

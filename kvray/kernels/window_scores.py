@@ -21,7 +21,6 @@ column sums, and compactor's leverage sketch is a few small GEMMs and a 48 x 48 
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -29,83 +28,6 @@ from .ragged_attention import _next_pow2, interpreting
 
 BLOCK_N = 32
 BLOCK_R = 16
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def row_lse(Q, K, QPOS, LSE, sqb, sqh, skb, skh, skn, H, R, N, D, scaling,
-                IEEE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                W: tl.constexpr):
-        seg = tl.program_id(0)
-        rb = tl.program_id(1)
-        b = seg // H
-        h = seg % H
-        offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)
-        rmask = offs_r < R
-        dmask = offs_d < D
-        q = tl.load(Q + b * sqb + h * sqh + offs_r[:, None] * D + offs_d[None, :],
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
-        qpos = tl.load(QPOS + offs_r % W, mask=rmask, other=0)
-        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_R], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            n = n0 + offs_n
-            k = tl.load(K + b * skb + h * skh + n[:, None] * skn + offs_d[None, :],
-                        mask=(n < N)[:, None] & dmask[None, :], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scaling
-            s = tl.where((n[None, :] < N) & (n[None, :] <= qpos[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
-            m_i = m_new
-        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("inf"))  # inf: the row sees nothing
-        tl.store(LSE + seg * R + offs_r, lse, mask=rmask)
-
-    @triton.jit
-    def col_sums(Q, K, QPOS, LSE, OUT, sqb, sqh, skb, skh, skn, H, G, N, D, scaling,
-                 IEEE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 W: tl.constexpr):
-        seg = tl.program_id(0)
-        nb = tl.program_id(1)
-        b = seg // H
-        h = seg % H
-        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < N
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_w = tl.arange(0, BLOCK_R)
-        dmask = offs_d < D
-        k = tl.load(K + b * skb + h * skh + n[:, None] * skn + offs_d[None, :],
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
-        for g in range(0, G):
-            total = tl.zeros([BLOCK_N], tl.float32)
-            for w0 in range(0, W, BLOCK_R):
-                w = w0 + offs_w
-                wmask = w < W
-                r = g * W + w
-                q = tl.load(Q + b * sqb + h * sqh + r[:, None] * D + offs_d[None, :],
-                            mask=wmask[:, None] & dmask[None, :], other=0.0)
-                qpos = tl.load(QPOS + w, mask=wmask, other=0)
-                lse = tl.load(LSE + seg * G * W + r, mask=wmask, other=float("inf"))
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                p = tl.exp(s * scaling - lse[:, None])
-                p = tl.where(wmask[:, None] & nmask[None, :] & (n[None, :] <= qpos[:, None]), p, 0.0)
-                total += tl.sum(p, 0)
-            tl.store(OUT + (b * H * G + h * G + g) * N + n, total / W, mask=nmask)
-
-    return row_lse, col_sums
 
 
 def window_scores_torch(queries: torch.Tensor, query_positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -123,7 +45,7 @@ def window_scores_torch(queries: torch.Tensor, query_positions: torch.Tensor, ke
 
 def window_scores_triton(queries: torch.Tensor, query_positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """The Triton path of `window_scores` (same arguments and result)."""
-    row_lse, col_sums = _kernels()
+    from .triton_kernels import window_col_sums as col_sums, window_row_lse as row_lse
     B, Hq, W, d = queries.shape
     H, N = keys.shape[1], keys.shape[2]
     G = Hq // H
