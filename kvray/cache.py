@@ -203,10 +203,17 @@ class KVRayLayer(DynamicLayer):
         entries per (row, head), the tail being the tokens since compression (transformers'
         sliding cache holds window - 1), and `nbytes()` says so."""
         prefix, T = self.prefix, self.tail_length()
-        if self.rows is not None:
-            ends = torch.tensor(self.rows.next_positions(T), device=prefix.positions.device)
-        else:
-            ends = torch.full((prefix.batch,), self.prefix_tokens + T, device=prefix.positions.device)
+        if not prefix.positions.numel():
+            return
+        last = self.rows.next_positions(T) if self.rows is not None else [self.prefix_tokens + T] * prefix.batch
+        # positions are distinct per head, so a head holds at most limit - min + 1 dead entries:
+        # most steps end here, on Python ints (the minimum is computed once per prefix)
+        lowest = prefix.__dict__.get("_min_position")
+        if lowest is None:
+            lowest = prefix._min_position = int(prefix.positions.min())
+        if max(last) - q_len - self.window - lowest + 1 < window_slack(self.window):
+            return
+        ends = torch.tensor(last, device=prefix.positions.device)
         row_of = torch.repeat_interleave(torch.arange(prefix.batch, device=ends.device),
                                          torch.tensor([sum(prefix.row_lengths(b)) for b in range(prefix.batch)],
                                                       device=ends.device))
