@@ -212,7 +212,8 @@ def stage_tune(cfg, run_id, run_path, count_tokens, cpus_per_trial):
                              max_concurrent=int(cfg["workers"]), cpus_per_trial=cpus_per_trial,
                              query_aware=bool(tu["query_aware"]), grace_period=int(tu["grace_period"]),
                              reduction_factor=float(tu["reduction_factor"]), seed=int(cfg["seed"]),
-                             storage_path=str(out / "ray"), name=f"{run_id}-{method}", run=run_id, verbose=1)
+                             storage_path=str(out / "ray"), name=f"{run_id}-{method}", run=run_id, verbose=0,
+                             progress=lambda line: print(line, flush=True))
         table = trials_table(res, run_id, cfg["model"] or "SmolLM2-135M-Instruct")
         table.to_parquet(path, index=False)
         print(f"[tune] {method}: best {res.best_score:.3f} vs uniform {res.baseline_score:.3f} "

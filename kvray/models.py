@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,9 +252,12 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
     GGUF weights are de-quantised once and cached under `$KVRAY_CACHE` (~/.cache/kvray).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .runtime.attention import enable_kvray_attention
 
+    if not sys.stderr.isatty():  # Ray actors, jobs, logs: no progress bars (they fill job logs)
+        hf_logging.disable_progress_bar()
     device = torch.device(device) if device is not None else default_device()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

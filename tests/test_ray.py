@@ -141,9 +141,15 @@ def test_tune_search_reuses_actors_and_never_loses_to_uniform(ray_session, tiny_
 
     samples = _samples(4, seed=9)
     space = SearchSpace.default("snapkv", 0.5, window_size=[8, 16], kernel_size=[1, 3])
-    res = search_budgets(space, samples, model=tiny_dir, num_trials=6, max_concurrent=2, storage_path=str(tmp_path))
+    lines: list[str] = []
+    res = search_budgets(space, samples, model=tiny_dir, num_trials=6, max_concurrent=2, storage_path=str(tmp_path),
+                         progress=lines.append)
     df = res.trials
     assert len(df) == 6
+    # one quiet line per ended trial, counting up to all of them
+    counts = [int(line.split(": ")[1].split("/")[0]) for line in lines]
+    assert len(lines) == 6 and counts == sorted(counts) and counts[-1] == 6, lines
+    assert lines[-1].startswith("[tune] snapkv: 6/6 trials ended") and "best" in lines[-1]
     assert df["is_baseline"].sum() == 1 and df.loc[df["is_baseline"], "finished"].all()
     assert res.best_score >= res.baseline_score
     # reuse_actors: at most one model per concurrent trial slot, and prefills kept across trials

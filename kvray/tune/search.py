@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..eval.metrics import score_sample
 from ..eval.tasks import Sample
@@ -143,7 +143,8 @@ def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str 
                    num_trials: int = 32, max_concurrent: int = 2, cpus_per_trial: float = 1,
                    use_gpu: bool | None = None, query_aware: bool = True, grace_period: int = 2,
                    reduction_factor: float = 3, seed: int = 0, storage_path: str | None = None,
-                   name: str | None = None, run: str = "", verbose: int = 0) -> SearchResult:
+                   name: str | None = None, run: str = "", verbose: int = 0,
+                   progress: Callable[[str], None] | None = None) -> SearchResult:
     """Search `space` on `samples` (the calibration split, evaluated in this order by every
     trial). Needs a running Ray (`ray.init()`); one model per trial actor, reused across trials."""
     import optuna
@@ -153,6 +154,7 @@ def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str 
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "new study created" INFO line, once per search
     samples = list(samples)
     if not samples:
         raise ValueError("the calibration split is empty")
@@ -182,6 +184,7 @@ def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str 
         run_config=tune.RunConfig(name=name or f"kvray-{space.method}-{int(time.time())}",
                                   storage_path=str(Path(storage_path).resolve()) if storage_path else None,
                                   verbose=verbose, stop={"n_samples": len(samples)},
+                                  callbacks=[_progress_callback(space, num_trials, len(samples), progress)] if progress else None,
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
     )
     grid = tuner.fit()
@@ -210,6 +213,23 @@ def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str 
                         baseline_score=baseline_score, sample_evaluations=int(df["evaluated"].sum()),
                         sample_steps=int(df["n_samples"].sum()), trials=df,
                         elapsed_s=elapsed, model=model or "")
+
+
+def _progress_callback(space: SearchSpace, num_trials: int, n_samples: int, say: Callable[[str], None]):
+    """A Tune callback that says one line per ended trial (Tune's own tables stay in its folder
+    and the Ray dashboard): trials ended, the best score among those that saw every sample."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            ended = [t for t in trials if t is trial or t.status in ("TERMINATED", "ERROR")]  # (this one's status lags)
+            whole = [t.last_result.get("score") for t in ended
+                     if (t.last_result or {}).get("n_samples", 0) >= n_samples]
+            evals = sum((t.last_result or {}).get("evaluated", 0) for t in trials)
+            best = f"best {max(whole):.3f} over the whole split" if whole else "none has seen the whole split yet"
+            say(f"[tune] {space.method}: {len(ended)}/{num_trials} trials ended ({evals} sample evaluations), {best}")
+
+    return Progress()
 
 
 def _py(v):
