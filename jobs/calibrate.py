@@ -292,25 +292,35 @@ def serve_policies(cfg, store: Path, policy_ids: list[str], host: str, port: int
 
 
 def largest_safe_ratio(df, tolerance: float = 0.01) -> "object":
-    """Per (protocol, method): the largest ratio whose mean score is within `tolerance` of the
-    full cache's on the same samples, with its score and kv bytes."""
+    """Per (protocol, method): the largest ratio whose mean score is within `tolerance` (on the
+    0-1 score scale: 0.01 = "1 point") of the full cache's on the same samples, with its score, kv
+    bytes, n, and the 95% paired bootstrap interval of (method - full) there; `verdict` says
+    whether that interval clears -tolerance ("holds"), or the data cannot tell."""
     import pandas as pd
+
+    from kvray.stats import paired_bootstrap_ci
 
     rows = []
     for aware, part in df.groupby("query_aware"):
-        full = part[part["method"] == "full"]["score"].mean()
+        full_rows = part[part["method"] == "full"].set_index("sample_id")["score"]
+        full = full_rows.mean()
         for method, m in part[part["method"] != "full"].groupby("method"):
             by_ratio = m.groupby("compression_ratio").agg(score=("score", "mean"),
                                                           kv_kept=("kv_bytes_kept", "mean"),
-                                                          kv_full=("kv_bytes_full", "mean"))
+                                                          kv_full=("kv_bytes_full", "mean"), n=("score", "size"))
             ok = by_ratio[by_ratio["score"] >= full - tolerance]
             row = {"protocol": "aware" if aware else "agnostic", "method": method, "full_score": full,
-                   "max_ratio_within_1pt": float("nan"), "score_there": float("nan"), "kv_MiB_kept": float("nan"),
+                   "max_ratio_within_1pt": float("nan"), "score_there": float("nan"), "n": int(by_ratio["n"].min()),
+                   "diff_ci95": "", "verdict": "no ratio", "kv_MiB_kept": float("nan"),
                    "kv_MiB_full": float(by_ratio["kv_full"].mean()) / 2**20}
-            if len(ok):  # else no ratio of the grid stays within 1 point (shown as NaN)
+            if len(ok):  # else no ratio of the grid stays within 1 point
                 r = float(ok.index.max())
+                there = m[m["compression_ratio"] == r].set_index("sample_id")["score"]
+                common = there.index.intersection(full_rows.index)
+                lo, hi = paired_bootstrap_ci(there[common].to_numpy(), full_rows[common].to_numpy())
                 row.update(max_ratio_within_1pt=r, score_there=float(ok.loc[r, "score"]),
-                           kv_MiB_kept=float(ok.loc[r, "kv_kept"]) / 2**20)
+                           kv_MiB_kept=float(ok.loc[r, "kv_kept"]) / 2**20, diff_ci95=f"[{lo:+.2f}, {hi:+.2f}]",
+                           verdict="holds" if lo >= -tolerance else "cannot tell")
             for ratio, score in by_ratio["score"].items():
                 row[f"score@{ratio:g}"] = float(score)
             rows.append(row)
@@ -393,8 +403,10 @@ def main(argv=None) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         if df is not None:
             safe = largest_safe_ratio(df)
-            lines += ["Largest compression ratio within 1 point of the full cache (eval grid, mean over tasks; "
-                      "NaN: no ratio of the grid stays within 1 point):",
+            lines += ["Largest compression ratio within 1 point of the full cache (eval grid, mean over tasks). "
+                      "1 point = 0.01 on the 0-1 score; n = samples per cell; diff_ci95 = 95% paired bootstrap "
+                      "interval of (method - full) at that ratio; verdict 'holds' when it clears -0.01, 'cannot "
+                      "tell' when the samples are too few to say, 'no ratio' when none of the grid's stays within:",
                       safe.to_string(index=False), ""]
             summary["largest_safe_ratio"] = safe.to_dict("records")
         if tuned:

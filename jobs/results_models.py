@@ -26,23 +26,12 @@ except ImportError:  # a plain source tree
 
 from kvray.eval.tasks import make_samples
 from kvray.results import new_run_id, read_results
+from kvray.stats import bootstrap_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "results_models"
 MODELS = {"SmolLM2-135M-Instruct": None, "gemma3-270m": "gemma3-270m"}
 START, END = "<!-- two-architectures:start -->", "<!-- two-architectures:end -->"
-
-
-def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean (scores are in [0, 1], some fractional)."""
-    import numpy as np
-
-    x = np.asarray(values, dtype=float)
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def run(args) -> str:
