@@ -139,3 +139,25 @@ def test_context_nll_runs_between_steps(tiny_llama):
     alone = ModelBackend(tiny_llama, batching=False)
     assert r.new_tokens > 0 and nll == pytest.approx(alone.context_nll_sync(WORDS * 3), rel=1e-5)
     backend.engine.close()
+
+
+def test_hybrid_model_reports_its_windowed_bytes_apart():
+    """On a hybrid model (tiny Gemma 3: 2 sliding layers, 1 full) the engine and the one-at-a-time
+    path agree, the ratio counts the full-attention layer, and the sliding layers' bytes come
+    apart (`kv_bytes_windowed`, `kv.bytes_windowed` over HTTP); a pure model reports none."""
+    from conftest import _tiny_lm
+
+    from kvray.serve.api import kv_stats_of
+
+    lm = _tiny_lm("gemma3")
+    j = job(6, method="snapkv", ratio=0.5)
+    alone = ModelBackend(lm, batching=False).generate_sync(j)
+    backend = ModelBackend(lm)
+    got = asyncio.run(backend.generate(j))
+    backend.engine.close()
+    assert (got.answer, got.kv_bytes_kept, got.kv_bytes_windowed) == (alone.answer, alone.kv_bytes_kept,
+                                                                      alone.kv_bytes_windowed)
+    assert got.kv_bytes_windowed > 0 and abs(got.kv_bytes_kept / got.kv_bytes_full - 0.5) < 0.05
+    assert kv_stats_of(got).model_dump()["bytes_windowed"] == got.kv_bytes_windowed
+    pure = ModelBackend(_tiny_lm("llama"), batching=False).generate_sync(j)
+    assert pure.kv_bytes_windowed == 0 and "bytes_windowed" not in kv_stats_of(pure).model_dump()

@@ -60,7 +60,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from ..policy import Policy, PolicyStore, policy_summary
 from ..presses import Press, list_methods, make_press
@@ -136,6 +136,7 @@ class GenerateResult:
     total_s: float
     finish_reason: str = "stop"  # "stop" (a stop token) or "length" (max_new_tokens)
     ttft_s: float = 0.0  # time to the first generated token
+    kv_bytes_windowed: int = 0  # a hybrid model's sliding layers (their window), apart from the above
 
 
 class Backend(Protocol):
@@ -233,7 +234,8 @@ class ModelBackend:
             kv_tokens_full=s.kv_tokens_full, kv_tokens_kept=float(s.kv_tokens_kept), kv_bytes_full=s.kv_bytes_full,
             kv_bytes_kept=s.kv_bytes_kept, achieved_ratio=float(s.compression_ratio), prefill_s=s.prefill_s,
             compress_s=s.compress_s, decode_s=s.decode_s, total_s=total,
-            finish_reason="length" if s.new_tokens >= job.max_new_tokens else "stop", ttft_s=total)
+            finish_reason="length" if s.new_tokens >= job.max_new_tokens else "stop", ttft_s=total,
+            kv_bytes_windowed=s.kv_bytes_windowed)
 
     async def generate_stream(self, job: GenerateJob) -> AsyncIterator[str | GenerateResult]:
         """Text deltas as the engine decodes them, then the GenerateResult (the whole answer at
@@ -269,7 +271,8 @@ class ModelBackend:
                 kv_tokens_full=kv["tokens_full"], kv_tokens_kept=float(kv["tokens_kept"]),
                 kv_bytes_full=kv["bytes_full"], kv_bytes_kept=kv["bytes_kept"], achieved_ratio=kv["achieved_ratio"],
                 prefill_s=req.prefill_s, compress_s=req.compress_s, decode_s=row.decode_s,
-                total_s=time.perf_counter() - t0, finish_reason=row.finish_reason, ttft_s=ttft or time.perf_counter() - t0)
+                total_s=time.perf_counter() - t0, finish_reason=row.finish_reason, ttft_s=ttft or time.perf_counter() - t0,
+                kv_bytes_windowed=kv.get("bytes_windowed", 0))
 
     async def generate(self, job: GenerateJob) -> GenerateResult:
         result = None
@@ -389,6 +392,23 @@ class KVStats(BaseModel):
     bytes_full: int
     bytes_kept: int
     compression_ratio: float = Field(description="achieved: 1 - kept / full entries")
+    bytes_windowed: int | None = Field(None, description="hybrid models (sliding + full-attention layers): bytes "
+                                       "the sliding layers hold, each keeping its window; tokens, bytes and the "
+                                       "ratio above count the full-attention layers only; absent for other models")
+
+    @model_serializer(mode="wrap")
+    def _absent_when_none(self, handler):  # the response stays as it was for pure models
+        out = handler(self)
+        if isinstance(out, dict) and out.get("bytes_windowed") is None:
+            out.pop("bytes_windowed", None)
+        return out
+
+
+def kv_stats_of(r: GenerateResult) -> KVStats:
+    """The response's KV stats of a result (`bytes_windowed` only for hybrid models)."""
+    return KVStats(tokens_full=r.kv_tokens_full, tokens_kept=r.kv_tokens_kept, bytes_full=r.kv_bytes_full,
+                   bytes_kept=r.kv_bytes_kept, compression_ratio=r.achieved_ratio,
+                   bytes_windowed=r.kv_bytes_windowed or None)
 
 
 class Timing(BaseModel):
@@ -653,9 +673,7 @@ def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None
             exc = _unwrap(exc)
             raise HTTPException(exc.status_code, exc.detail) from None
 
-    def kv_stats(r: GenerateResult) -> KVStats:
-        return KVStats(tokens_full=r.kv_tokens_full, tokens_kept=r.kv_tokens_kept, bytes_full=r.kv_bytes_full,
-                       bytes_kept=r.kv_bytes_kept, compression_ratio=r.achieved_ratio)
+    kv_stats = kv_stats_of
 
     def timing(r: GenerateResult) -> Timing:
         return Timing(prefill_s=r.prefill_s, compress_s=r.compress_s, decode_s=r.decode_s, total_s=r.total_s,
