@@ -77,7 +77,7 @@ class CurDKVPress(Press):
     of 16). Deviations: (a) local normalisation divides by the window MEAN over real tokens
     instead of the zero-padded window SUM: identical ranking on full windows, but the last
     N mod 16 tokens are no longer inflated (kvpress gives a single leftover token 1.0, i.e.
-    16x an average token); (b) sinks get `protect` (max + 3: above the window's max + 1.5) instead of 1.0, which could tie;
+    16x an average token); (b) sinks get `protect` (max + 3, above the window's max + 1.5 to max + 2) instead of 1.0, which could tie;
     (c) the Gaussian sketch is seeded (kvpress draws a new G on every call).
     """
 
