@@ -214,15 +214,12 @@ class KVRayLayer(DynamicLayer):
         if max(last) - q_len - self.window - lowest + 1 < window_slack(self.window):
             return
         ends = torch.tensor(last, device=prefix.positions.device)
-        row_of = torch.repeat_interleave(torch.arange(prefix.batch, device=ends.device),
-                                         torch.tensor([sum(prefix.row_lengths(b)) for b in range(prefix.batch)],
-                                                      device=ends.device))
-        dead = prefix.positions <= (ends - q_len - self.window)[row_of]
+        bh = torch.repeat_interleave(torch.arange(len(prefix.lengths), device=ends.device),
+                                     torch.tensor(prefix.lengths, device=ends.device))  # each entry's (row, head)
+        dead = prefix.positions <= (ends - q_len - self.window)[bh // prefix.heads]
         if not bool(dead.any()):
             return
         per_head = torch.zeros(len(prefix.lengths), dtype=torch.long, device=ends.device)
-        bh = torch.repeat_interleave(torch.arange(len(prefix.lengths), device=ends.device),
-                                     torch.tensor(prefix.lengths, device=ends.device))
         per_head.index_add_(0, bh, dead.long())
         if int(per_head.max()) < window_slack(self.window):
             return

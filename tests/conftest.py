@@ -102,7 +102,7 @@ def tiny_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def sdpa_logits(lm: kvray.LanguageModel, ids: list[int], attn: str = "sdpa") -> torch.Tensor:
+def reference_logits(lm: kvray.LanguageModel, ids: list[int], attn: str = "sdpa") -> torch.Tensor:
     """The model's own logits [len(ids), vocab] with one of transformers' attentions (not kvray's)."""
     from kvray.runtime import enable_kvray_attention as enable
 

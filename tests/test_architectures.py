@@ -5,7 +5,7 @@ refused with the reason."""
 
 import pytest
 import torch
-from conftest import TINY_WINDOW, sdpa_logits, tokenizer
+from conftest import TINY_WINDOW, reference_logits, tokenizer
 
 import kvray
 from kvray.runtime import Decoder, PromptTokens, UnsupportedModelError, enable_kvray_attention, prefill
@@ -40,7 +40,7 @@ def test_full_cache_is_the_models_own_attention_batched(tiny_lm, query_aware):
     steps = 6
     prompts = [_prompt(60, 1), _prompt(45, 2)]
     assert all(len(p.context) > TINY_WINDOW for p in prompts)
-    refs = [_greedy_reference(lm, p.context + p.question + p.suffix, steps, sdpa_logits) for p in prompts]
+    refs = [_greedy_reference(lm, p.context + p.question + p.suffix, steps, reference_logits) for p in prompts]
     dec = Decoder(lm)
     seen = {0: [], 1: []}
     for i, p in enumerate(prompts):
@@ -61,7 +61,7 @@ def test_generate_full_cache_equals_sdpa_greedy(tiny_lm):
     """kvray.generate at ratio 0 answers what the model itself answers (greedy)."""
     lm = tiny_lm
     p = _prompt(50, 3)
-    want, _ = _greedy_reference(lm, p.context + p.question + p.suffix, 5, sdpa_logits)
+    want, _ = _greedy_reference(lm, p.context + p.question + p.suffix, 5, reference_logits)
     pre = prefill(lm, p, with_question=False)
     dec = Decoder(lm)
     row = dec.add(compress(lm, pre, kvray.make_press("full"), False), feed=pre.rest(False), max_new_tokens=5,
@@ -91,7 +91,7 @@ def test_logit_softcapping_is_honoured():
     enable_kvray_attention(model)
     p = _prompt(40, 4)
     ids = p.context + p.question + p.suffix
-    want = sdpa_logits(lm, ids, attn="eager")  # SDPA cannot cap: eager is transformers' reference
+    want = reference_logits(lm, ids, attn="eager")  # SDPA cannot cap: eager is transformers' reference
     with torch.inference_mode():
         dense = model(input_ids=torch.tensor([ids])).logits[0]
     torch.testing.assert_close(dense, want, atol=2e-4, rtol=2e-4)
@@ -258,7 +258,7 @@ def test_windowed_layers_hold_their_window_while_decoding():
     p = _prompt(40, 5)
     slack = window_slack(TINY_WINDOW)
     steps = 2 * TINY_WINDOW + 6
-    want_tokens, want_logits = _greedy_reference(lm, p.context + p.question + p.suffix, steps, sdpa_logits)
+    want_tokens, want_logits = _greedy_reference(lm, p.context + p.question + p.suffix, steps, reference_logits)
     pre = prefill(lm, p, with_question=False)
     cache = compress(lm, pre, kvray.make_press("full"), False)
     windowed = [layer for layer in cache.layers if layer.window is not None]

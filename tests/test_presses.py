@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvray
-from conftest import sdpa_logits
+from conftest import reference_logits
 from kvray.budget import head_adaptive_counts, keep_count, pyramid_layer_counts
 from kvray.generate import PromptTokens, prefill
 from kvray.presses import LayerInputs, PrefillState, list_methods, make_press
@@ -81,7 +81,7 @@ def test_ratio_zero_is_the_identity(tiny_lm, method):
     """Logits of question + suffix on a ratio-0 compressed cache equal the model's own (transformers'
     SDPA attention; on the sliding-window models the window binds: 76 tokens, window 24)."""
     p = prompt(n_ctx=64)
-    ref = sdpa_logits(tiny_lm, p.context + p.question + p.suffix)[len(p.context):]
+    ref = reference_logits(tiny_lm, p.context + p.question + p.suffix)[len(p.context):]
     with torch.inference_mode():
         pre = prefill(tiny_lm, p, capture_hidden=True)
         cache = make_press(method, compression_ratio=0.0).compress(pre.state(False))

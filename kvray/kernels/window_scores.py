@@ -30,17 +30,23 @@ BLOCK_N = 32
 BLOCK_R = 16
 
 
-def window_scores_torch(queries: torch.Tensor, query_positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The twin: [B, Hq, N] mean over the W window rows of softmax(q.k / sqrt(d)) in fp32,
-    causal by position (materialises [B, Hq, W, N])."""
+def window_probs(queries: torch.Tensor, query_positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """softmax(q.k / sqrt(d)) in fp32 of `queries` [B, Hq, W, d] at `query_positions` [W] over
+    `keys` [B, H, N, d] at positions 0..N-1, a query seeing only keys at or before its own
+    position: [B, Hq, W, N] (what `kvray.presses.scoring.window_attention` returns)."""
     B, Hq, W, d = queries.shape
     H, N = keys.shape[1], keys.shape[2]
     G = Hq // H
     logits = torch.matmul(queries.reshape(B, H, G * W, d).float(), keys.float().transpose(-1, -2)) / d**0.5
     logits = logits.view(B, H, G, W, N)
     future = torch.arange(N, device=queries.device)[None, :] > query_positions.to(queries.device)[:, None]
-    attn = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).view(B, Hq, W, N)
-    return attn.mean(dim=2)
+    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).view(B, Hq, W, N)
+
+
+def window_scores_torch(queries: torch.Tensor, query_positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The twin: [B, Hq, N], the mean over the W window rows of `window_probs` (materialises
+    [B, Hq, W, N])."""
+    return window_probs(queries, query_positions, keys).mean(dim=2)
 
 
 def window_scores_triton(queries: torch.Tensor, query_positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels.window_scores import window_probs, window_scores as scores_of
 from .base import LayerInputs
 
 GQA_REDUCTIONS = ("mean", "max")
@@ -59,22 +60,13 @@ def window_attention(layer: LayerInputs, window_size: int, observation: str = "l
     Returns [B, Hq, W, N]; a query sees only keys at or before its own position (the causal
     mask inside the window)."""
     q, qpos = window_rows(layer, window_size, observation)
-    B, Hq, W, d = q.shape
-    H, N = layer.keys.shape[1], layer.keys.shape[2]
-    G = Hq // H
-    logits = torch.matmul(q.reshape(B, H, G * W, d).float(), layer.keys.float().transpose(-1, -2)) / d**0.5
-    logits = logits.view(B, H, G, W, N)
-    future = torch.arange(N, device=q.device)[None, :] > qpos.to(q.device)[:, None]  # [W, N]
-    logits = logits.masked_fill(future, float("-inf"))
-    return torch.softmax(logits, dim=-1).view(B, Hq, W, N)
+    return window_probs(q, qpos, layer.keys)
 
 
 def window_scores(layer: LayerInputs, window_size: int, observation: str = "last") -> tuple[torch.Tensor, int]:
     """(the mean over the observation window's rows of `window_attention` [B, Hq, N] fp32, W):
     on CUDA the Triton kernel (`kvray.kernels.window_scores`, no [B, Hq, W, N] matrix), else its
     torch twin, the same computation as `window_attention(...).mean(dim=2)`."""
-    from ..kernels.window_scores import window_scores as scores_of
-
     q, qpos = window_rows(layer, window_size, observation)
     return scores_of(q, qpos, layer.keys), q.shape[2]
 

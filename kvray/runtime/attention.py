@@ -302,8 +302,8 @@ def ragged_attention(query: torch.Tensor, layer: KVRayLayer, scaling: float, imp
 
     A sliding-window layer (`sliding_window`) sees, from a query at position p, only the entries
     at positions > p - sliding_window: while no query is that far, the ordinary path is exact;
-    beyond, `windowed_attention_torch` masks by position (entries outside the window are still
-    held, not freed)."""
+    beyond, `windowed_attention_torch` masks by position (a hybrid model's windowed layers also
+    drop what fell out of their window, `KVRayLayer.update`)."""
     chosen = resolve_impl(impl, query.device)
     pads = layer.rows.pads if layer.rows is not None else None
     if sliding_window is not None:
@@ -351,12 +351,12 @@ def windowed_attention_torch(query, prefix: RaggedKV, tail_k, tail_v, scaling: f
         out = _two_block(qg, pk, pv, tail_k, tail_v, m, scaling, prefix_bias=bias, softcap=softcap)
         return out.view(B, H, G, q_len, d).reshape(B, Hq, q_len, d).transpose(1, 2).contiguous()
     out = torch.empty_like(qg)
+    heads = prefix.head_ids
+    row_head = torch.arange(H, device=dev, dtype=heads.dtype).repeat_interleave(R)  # [H*R] each row's KV head
+    row_pos = qpos[:, i].repeat(1, H)  # [B, H*R] each row's query position
     for b in range(B):
         s, e = prefix.row_span(b)
-        heads = prefix.head_ids[s:e]
-        row_head = torch.arange(H, device=dev, dtype=heads.dtype).repeat_interleave(R)  # [H*R]
-        p = qpos[b][i].repeat(H)  # [H*R] each row's query position
-        ok = (row_head[:, None] == heads[None, :]) & (p[:, None] - prefix.positions[s:e][None, :] < window)
+        ok = (row_head[:, None] == heads[None, s:e]) & (row_pos[b, :, None] - prefix.positions[None, s:e] < window)
         bias = torch.zeros(ok.shape, dtype=query.dtype, device=dev).where(ok, neg)
         m = tail_ok if not pads or not pads[b] else tail_ok & (j >= pads[b])[None, :]
         out[b] = _packed_row(qg[b], prefix.keys[s:e], prefix.values[s:e], bias, tail_k[b], tail_v[b], m[None],
@@ -368,7 +368,8 @@ def kvray_attention(module, query, key, value, attention_mask, scaling=None, dro
                     softcap=None, **kwargs):
     """transformers attention function: SDPA, or ragged attention when the layer has a prefix.
     Honours the per-layer options the attention modules pass (`scaling`, `sliding_window`,
-    `softcap`); attention sinks (`s_aux`) and anything else it would ignore raise."""
+    `softcap`); attention sinks (`s_aux`) raise (and are refused at load, with every other
+    architecture kvray cannot run: `kvray.runtime.support`)."""
     layer = kwargs.get("kvray_layer")
     if kwargs.get("s_aux") is not None:
         raise UnsupportedModelError(f"{type(module).__name__} uses attention sinks (s_aux), which kvray does not support")

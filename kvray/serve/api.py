@@ -673,8 +673,6 @@ def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None
             exc = _unwrap(exc)
             raise HTTPException(exc.status_code, exc.detail) from None
 
-    kv_stats = kv_stats_of
-
     def timing(r: GenerateResult) -> Timing:
         return Timing(prefill_s=r.prefill_s, compress_s=r.compress_s, decode_s=r.decode_s, total_s=r.total_s,
                       ttft_s=r.ttft_s)
@@ -728,7 +726,7 @@ def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None
     def generate_response(job: GenerateJob, r: GenerateResult) -> GenerateResponse:
         return GenerateResponse(answer=r.answer, policy=job.policy_id, method=job.method,
                                 compression_ratio=job.compression_ratio, query_aware=job.query_aware, model=r.model,
-                                new_tokens=r.new_tokens, kv=kv_stats(r), timing=timing(r))
+                                new_tokens=r.new_tokens, kv=kv_stats_of(r), timing=timing(r))
 
     async def open_stream(backend: Backend, job: GenerateJob):
         """The backend's event stream with its first event already there, so that bad input and
@@ -838,7 +836,7 @@ def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None
             return ChatCompletionResponse(
                 id=cid, created=created, model=r.model,
                 choices=[ChatChoice(index=0, message=ChatChoiceMessage(content=r.answer), finish_reason=finish(r))],
-                usage=usage(r), kv=kv_stats(r), kv_policy=job.policy_id, kv_method=job.method,
+                usage=usage(r), kv=kv_stats_of(r), kv_policy=job.policy_id, kv_method=job.method,
                 compression_ratio=job.compression_ratio, timing=timing(r))
         deadline = time.monotonic() + timeout
         first, events = await open_stream(backend, job)
@@ -856,7 +854,7 @@ def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None
 
         def final(r: GenerateResult) -> list[dict]:
             out = [] if started else [chunk_of({"role": "assistant", "content": ""})]
-            return out + [chunk_of({}, finish(r), usage=usage(r).model_dump(), kv=kv_stats(r).model_dump(),
+            return out + [chunk_of({}, finish(r), usage=usage(r).model_dump(), kv=kv_stats_of(r).model_dump(),
                                    kv_policy=job.policy_id, kv_method=job.method,
                                    compression_ratio=job.compression_ratio, timing=timing(r).model_dump())]
 
