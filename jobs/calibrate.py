@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -33,14 +34,18 @@ except ImportError:  # a plain source tree (e.g. a working_dir without kvray ins
 
 from kvray.eval.tasks import make_samples
 from kvray.results import new_run_id
+from kvray.validation import (CANNOT_TELL, DEFAULT_TOLERANCE, HOLDS, PLAN_WINS, largest_ratio, plan_verdict, recommend,
+                              target_verdict, validation_record)
 
 DEFAULT_CONFIG = Path(__file__).with_name("calibrate.yaml")
 SMOKE = {
-    "eval": {"methods": ["full", "snapkv", "knorm"], "ratios": [0.5], "tasks": ["niah_single"], "length": 500,
-             "samples": 2},
+    "eval": {"methods": ["full", "snapkv", "knorm"], "ratios": [0.1, 0.5], "tasks": ["niah_single"], "length": 500,
+             "samples": 2, "rounds": [4]},
     "tune": {"methods": ["snapkv", "knorm"], "length": 500, "samples": 3, "trials": 3, "grace_period": 1},
     "calibration": {"methods": ["snapkv"], "tasks": ["niah_single"], "length": 500, "contexts": 2, "heldout": 1,
                     "retentions": [0.25, 0.5, 0.75]},
+    # a looser target, so that the plumbing (selection, test split, policies) runs end to end
+    "policy": {"tasks": ["niah_single"], "length": 500, "rounds": [2, 4], "tolerance": 0.15, "min_n": 4},
 }
 log = logging.getLogger("kvray.calibrate")
 
@@ -222,43 +227,309 @@ def stage_tune(cfg, run_id, run_path, count_tokens, cpus_per_trial):
     return results
 
 
-def make_policies(cfg, run_id, run_path, model_name, num_layers, num_kv_heads, tuned, calibrated):
+@dataclass
+class Candidate:
+    """A policy the job may emit: `method` at `ratio` in one protocol, with uniform budgets and,
+    when Tune searched it, the tuned press (the plan moved to `ratio`, keeping its shape)."""
+
+    method: str
+    aware: bool
+    ratio: float
+    why: str
+    uniform: object
+    tuned: object = None
+    allocation: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)
+    tune: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    plan_verdict: str = ""
+
+    @property
+    def protocol(self) -> str:
+        return "aware" if self.aware else "agnostic"
+
+    def chosen(self):
+        """The press the policy serves: the tuned one only when its gain held on the test split."""
+        return self.tuned if self.tuned is not None and self.plan_verdict == PLAN_WINS else self.uniform
+
+
+def press_config_id(press, aware: bool) -> str:
+    from kvray.results import config_id
+
+    return config_id(press.name, press.params_json(), press.target_ratio, press.plan_id, bool(aware))
+
+
+def build_candidates(cfg, df, tuned, num_layers, num_kv_heads) -> tuple[list[Candidate], list[str]]:
+    """Per protocol of the eval grid, the method holding the largest ratio within the tolerance
+    (the selection split); per tuned method, its own largest such ratio in Tune's protocol.
+    Returns the candidates and one line per method that has no candidate, saying why."""
+    from kvray.policy import Policy
+
+    tol = float(cfg["policy"]["tolerance"])
+    tu = cfg["tune"]
+    out: dict[tuple, Candidate] = {}
+    notes = []
+
+    def select(aware: bool, method: str) -> dict | None:
+        if df is None:
+            return None
+        return largest_ratio(df[df["query_aware"] == aware], method, tol)
+
+    if df is not None:
+        for aware, part in df.groupby("query_aware"):
+            proto = "aware" if aware else "agnostic"
+            ranked, exclude = [], {"full"}
+            while len(ranked) < int(cfg["policy"].get("candidates", 1)):
+                best = recommend(part, tol, exclude=exclude)
+                if best is None:
+                    break
+                ranked.append(best)
+                exclude.add(best["method"])
+            if not ranked:
+                notes.append(f"{proto}: no method of the eval grid stays within {tol:g} of the full cache at any "
+                             "ratio; serve the full cache")
+            for rank, best in enumerate(ranked, 1):
+                out[(best["method"], bool(aware))] = Candidate(
+                    best["method"], bool(aware), best["ratio"],
+                    f"rank {rank} on the eval grid ({proto}): its largest ratio within {tol:g}",
+                    kvray.make_press(best["method"], compression_ratio=best["ratio"]), selection=best)
+    aware = bool(tu["query_aware"])
+    for method, table in tuned.items():
+        sel = select(aware, method)
+        if sel is not None and sel["ratio"] is None:
+            notes.append(f"{method} (tuned, {'aware' if aware else 'agnostic'}): no ratio of the eval grid stays "
+                         f"within {tol:g} of the full cache (scores {_fmt_scores(sel['scores'])} vs full "
+                         f"{sel['full_score']:.2f}); no policy")
+            continue
+        ratio = sel["ratio"] if sel is not None else float(tu["compression_ratio"])
+        best = table[table["is_best"]].iloc[0]
+        base = table[table["is_baseline"]]
+        config = json.loads(best["config"])
+        press = tune_space(tu, method).press(config, num_layers, num_kv_heads)
+        at_tune = Policy(policy_id="candidate", model="-", method=press.name, params=press.params(),
+                         compression_ratio=press.target_ratio, plan=press.plan.to_dict() if press.plan else None)
+        key = (method, aware)
+        cand = out.get(key) or Candidate(method, aware, ratio, f"tuned ({method})",
+                                         kvray.make_press(method, compression_ratio=ratio), selection=sel or {})
+        cand.why = cand.why if key in out else (f"tuned, at the eval grid's largest ratio within {tol:g}"
+                                                if sel is not None else "tuned, at Tune's ratio (the eval grid was skipped)")
+        cand.tuned, cand.allocation = at_tune.press(ratio), config
+        cand.tune = {"ratio": float(best["target_ratio"]), "score": float(best["score"]),
+                     "uniform_score": float(base["score"].max()) if len(base) else None,
+                     "samples": int(best["n_samples"]), "split": "tune"}
+        out[key] = cand
+    return list(out.values()), notes
+
+
+def _fmt_scores(scores: dict) -> str:
+    return ", ".join(f"{s:.2f}@{r:g}" for r, s in sorted(scores.items()))
+
+
+def stage_validate(cfg, pool, run_id, run_path, count_tokens, candidates: list[Candidate]) -> "object":
+    """Every candidate on the test split (its own seed: disjoint from the eval, tune and
+    calibration splits), against uniform budgets and the full cache on the same samples, in
+    rounds: a round adds samples only for the candidates whose verdicts the intervals cannot
+    tell yet (successive halving over the cells). Fills each candidate's `validation`."""
+    import pandas as pd
+
+    from kvray.actors import run_eval_distributed
+
+    pol = cfg["policy"]
+    tol = float(pol["tolerance"])
+    rounds = sorted({int(n) for n in pol["rounds"]})
+    if not rounds or rounds[0] < 1:
+        raise SystemExit(f"policy.rounds must be increasing positive sample counts per task, got {pol['rounds']!r}")
+    pool_samples = samples_for({"tasks": pol["tasks"], "length": pol["length"], "samples": rounds[-1]},
+                               cfg["seed"], count_tokens, offset=3)
+    by_task: dict[str, list] = {}
+    for s in pool_samples:
+        by_task.setdefault(s.task, []).append(s)
+    full = kvray.make_press("full")
+    frames, todo, prev = [], list(candidates), 0
+    for k, n in enumerate(rounds):
+        batch = [s for t in pol["tasks"] for s in by_task[t][prev:n]]
+        aware = sorted({c.aware for c in todo})
+        presses = list({p.name + p.params_json() + p.plan_id + f"{p.target_ratio:g}": p
+                        for c in todo for p in (full, c.uniform, c.tuned) if p is not None}.values())
+        print(f"[validate] round {k + 1}/{len(rounds)}: {len(batch)} test samples x {len(presses)} configs for "
+              f"{', '.join(f'{c.method} ({c.protocol})' for c in todo)}", flush=True)
+        _, rows = run_eval_distributed(pool, batch, presses, out_dir=run_path / "validation", protocols=aware,
+                                       run_id=f"{run_id}-test{k + 1}")
+        frames.append(rows)
+        prev = n
+        rows = pd.concat(frames, ignore_index=True)
+        for c in todo:
+            validate_candidate(c, rows, full, tol)
+        todo = [c for c in todo if CANNOT_TELL in (c.validation["verdict"], c.plan_verdict or "")
+                or c.validation["n"] < int(pol.get("min_n", 0))]
+        if not todo:
+            break
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def undecided_cells(df, tol: float, min_n: int) -> list[tuple[bool, str, float]]:
+    """(protocol, method, ratio) cells of the eval grid whose verdict against the full cache the
+    samples so far cannot settle: the interval straddles -tol, or it clears it on fewer than
+    `min_n` samples (a bootstrap on a dozen 0/1 scores is overconfident). Clear failures stop,
+    and so do ratios below one that already holds."""
+    from kvray.stats import paired_bootstrap_ci
+
+    out = []
+    for aware, part in df.groupby("query_aware"):
+        full = part[part["method"] == "full"].groupby("sample_id")["score"].mean()
+        cells = part[(part["method"] != "full") & (part["plan_id"] == "uniform")]
+        for method, m in cells.groupby("method"):
+            held = None
+            verdicts = {}
+            for ratio, cell in sorted(m.groupby("compression_ratio"), key=lambda kv: kv[0]):
+                s = cell.groupby("sample_id")["score"].mean()
+                common = s.index.intersection(full.index)
+                lo, hi = paired_bootstrap_ci(s[common].to_numpy(), full[common].to_numpy())
+                verdict = target_verdict(lo, hi, tol)
+                if verdict == HOLDS and len(common) >= min_n:
+                    held = ratio
+                verdicts[ratio] = (verdict, len(common))
+            for ratio, (verdict, n) in verdicts.items():
+                if held is not None and ratio <= held:
+                    continue
+                if verdict == CANNOT_TELL or (verdict == HOLDS and n < min_n):
+                    out.append((bool(aware), method, float(ratio)))
+    return out
+
+
+def stage_select(cfg, pool, run_id, run_path, count_tokens, df):
+    """Successive halving over the eval grid's cells: after the grid's own samples, each round
+    adds samples (from the same split) only to the cells still undecided. Returns all rows."""
+    import pandas as pd
+
+    from kvray.actors import run_eval_distributed
+
+    ev = cfg["eval"]
+    tol = float(cfg["policy"]["tolerance"])
+    min_n = int(cfg["policy"].get("min_n", 0))
+    rounds = [int(n) for n in ev.get("rounds") or [] if int(n) > int(ev["samples"])]
+    if not rounds:
+        return df
+    pool_samples = samples_for(dict(ev, samples=max(rounds)), cfg["seed"], count_tokens, offset=0)
+    by_task: dict[str, list] = {}
+    for s in pool_samples:
+        by_task.setdefault(s.task, []).append(s)
+    prev, frames = int(ev["samples"]), [df]
+    for k, n in enumerate(sorted(rounds)):
+        cells = undecided_cells(pd.concat(frames, ignore_index=True), tol, min_n)
+        if not cells:
+            break
+        batch = [s for t in ev["tasks"] for s in by_task[t][prev:n]]
+        presses = [kvray.make_press("full")] + list({(m, r): kvray.make_press(m, compression_ratio=r)
+                                                      for _, m, r in cells}.values())
+        aware = sorted({a for a, _, _ in cells})
+        print(f"[select] round {k + 1}: {len(batch)} more samples for {len(cells)} undecided cells: "
+              + ", ".join(f"{m}@{r:g} ({'aware' if a else 'agnostic'})" for a, m, r in cells), flush=True)
+        _, rows = run_eval_distributed(pool, batch, presses, out_dir=run_path / "evals", protocols=aware,
+                                       run_id=f"{run_id}-select{k + 1}")
+        frames.append(rows)
+        prev = n
+    return pd.concat(frames, ignore_index=True)
+
+
+def validate_candidate(c: Candidate, rows, full, tol: float) -> None:
+    part = rows[rows["query_aware"] == c.aware]
+    uid, fid = press_config_id(c.uniform, c.aware), press_config_id(full, c.aware)
+    if c.tuned is not None:
+        tid = press_config_id(c.tuned, c.aware)
+        vs = validation_record(part, tid, uid, fid, tolerance=tol)
+        c.plan_verdict = plan_verdict(*vs["gain_ci95"])
+        c.validation = vs if c.plan_verdict == PLAN_WINS else dict(
+            validation_record(part, uid, uid, fid, tolerance=tol),
+            rejected_plan={"score": vs["score"], "gain_vs_uniform": vs["gain_vs_uniform"],
+                           "gain_ci95": vs["gain_ci95"], "verdict": c.plan_verdict})
+    else:
+        c.validation = validation_record(part, uid, uid, fid, tolerance=tol)
+
+
+def check_example(cfg, pool, policies: list, tokenizer, run_id: str) -> None:
+    """The README's curl example through each policy as Serve runs it (its `min_kept_tokens`
+    floor included; one actor, greedy): records the answer and whether it contains the
+    example's, as `validation.readme_example`, and saves the policy again."""
+    import ray
+
+    from kvray.eval.tasks import Sample
+    from kvray.runtime import build_prompt
+    from kvray.serve.api import compressed_tokens
+    from kvray.serve.app import EXAMPLE
+
+    sample = Sample(context=EXAMPLE["context"], question=EXAMPLE["question"], answer_prefix="",
+                    answers=(EXAMPLE["answer"],), max_new_tokens=EXAMPLE["max_new_tokens"], task="readme_example",
+                    sample_id="readme-example", metric="part")
+    prompt = build_prompt(tokenizer, sample.context, sample.question, "")
+    for p in policies:
+        press = p.press_for(compressed_tokens(prompt, p.query_aware))
+        _, rows = ray.get(pool.actors[0].evaluate.remote(sample, [press], [p.query_aware], f"{run_id}-example"))
+        row = rows[0]
+        p.validation["readme_example"] = {"answer": row["prediction"].strip(), "correct": row["score"] >= 1.0,
+                                          "ratio_run": press.target_ratio}
+        p.save(Path(cfg["_out"]) / "policies")
+
+
+MIN_CALIBRATION_CONTEXTS = 10
+
+
+def calibrator_beats_fixed(report: dict) -> dict:
+    """On the calibration's held-out contexts: the calibrator's share of safe predictions and mean
+    predicted ratio, against the largest fixed ratio (of the measured grid) that is safe for at
+    least as large a share, with the same slack (`tolerance`: the measured ratios sit on a grid).
+    `beats_fixed` when there are at least MIN_CALIBRATION_CONTEXTS held-out contexts and the
+    calibrator's mean ratio exceeds that fixed ratio by more than the slack."""
+    per = report["contexts"]
+    tol = float(report.get("tolerance", 0.02))
+    measured = [float(c["measured_safe_ratio"]) for c in per]
+    share = sum(bool(c["safe"]) for c in per) / len(per)
+    mean_pred = sum(float(c["predicted_ratio"]) for c in per) / len(per)
+    best = 0.0
+    for r in sorted({0.0, *measured}):
+        if sum(r <= m + tol for m in measured) / len(measured) >= share - 1e-9:
+            best = max(best, r)
+    return {"n": len(per), "share_safe": share, "mean_ratio": mean_pred, "best_fixed_ratio": best,
+            "beats_fixed": bool(len(per) >= MIN_CALIBRATION_CONTEXTS and mean_pred > best + tol)}
+
+
+def make_policies(cfg, run_id, run_path, model_name, candidates: list[Candidate], calibrated) -> tuple[list, list[str]]:
+    """A policy per candidate whose test-split score meets the target; the others are named
+    with their numbers. A calibrator is attached only when it beat the fixed ratio on its
+    held-out contexts."""
     from kvray.policy import Policy, make_policy_id
 
-    tu = cfg["tune"]
-    policies = []
-    ratio = float(tu["compression_ratio"])
-    for method in sorted(set(tuned) | set(calibrated)):
-        space = tune_space(tu, method) if method in tuned else None
-        metrics, allocation = {}, {}
-        if method in tuned:
-            table = tuned[method]
-            best = table[table["is_best"]].iloc[0]
-            config = json.loads(best["config"])
-            base = table[table["is_baseline"]]
-            press = space.press(config, num_layers, num_kv_heads)
-            allocation = config
-            metrics.update(tune_score=float(best["score"]),
-                           uniform_score=float(base["score"].max()) if len(base) else None,
-                           tune_samples=int(best["n_samples"]))
-        else:
-            press = kvray.make_press(method, compression_ratio=ratio)
-        calibrator = None
-        if method in calibrated:
-            cal, report = calibrated[method]
-            calibrator = cal.to_dict()
-            metrics["calibration"] = {k: v for k, v in report.items() if not isinstance(v, list)}
+    policies, dropped = [], []
+    for c in candidates:
+        v = c.validation
+        if not v.get("meets_target"):
+            dropped.append(f"{c.method} ({c.protocol}) at ratio {c.ratio:g}: fails the target on the test split "
+                           f"({v.get('score', float('nan')):.2f} vs full {v.get('full_score', float('nan')):.2f}, n={v.get('n', 0)})")
+            continue
+        press = c.chosen()
+        calibrator, cal_check = None, None
+        if c.method in calibrated:
+            cal, report = calibrated[c.method]
+            cal_check = calibrator_beats_fixed(report)
+            calibrator = cal.to_dict() if cal_check["beats_fixed"] else None
+        metrics = {"selection": {k: v for k, v in c.selection.items() if k != "scores"} | {"split": "eval"}
+                   if c.selection else {}}
+        if c.tune:
+            metrics["tune"] = c.tune
+        if cal_check is not None:
+            metrics["calibration"] = cal_check
         policy = Policy(
-            policy_id=make_policy_id(model_name, method, ratio, run_id), model=model_name, method=press.name,
-            params=press.params(), compression_ratio=press.target_ratio, query_aware=bool(tu["query_aware"]),
-            plan=press.plan.to_dict() if press.plan is not None else None, allocation=allocation,
-            calibrator=calibrator, metrics=metrics,
-            provenance={"run_id": run_id, "source_method": method, "kvray_version": kvray.__version__,
+            policy_id=make_policy_id(model_name, c.method, c.ratio, c.protocol, run_id), model=model_name,
+            method=press.name, params=press.params(), compression_ratio=press.target_ratio, query_aware=c.aware,
+            plan=press.plan.to_dict() if press.plan is not None else None,
+            allocation=c.allocation if press is c.tuned else {}, calibrator=calibrator, metrics=metrics,
+            min_kept_tokens=int(cfg["policy"].get("min_kept_tokens", 0)),
+            validation=v,
+            provenance={"run_id": run_id, "source_method": c.method, "why": c.why, "kvray_version": kvray.__version__,
                         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        policy.save(run_path / "policies")
         policy.save(Path(cfg["_out"]) / "policies")  # the store Serve reads
         policies.append(policy)
-    return policies
+    return policies, dropped
 
 
 # ----------------------------------------------------------------------------- serving
@@ -291,40 +562,89 @@ def serve_policies(cfg, store: Path, policy_ids: list[str], host: str, port: int
 # ----------------------------------------------------------------------------- summary
 
 
-def largest_safe_ratio(df, tolerance: float = 0.01) -> "object":
+def largest_safe_ratio(df, tolerance: float = DEFAULT_TOLERANCE) -> "object":
     """Per (protocol, method): the largest ratio whose mean score is within `tolerance` (on the
-    0-1 score scale: 0.01 = "1 point") of the full cache's on the same samples, with its score, kv
-    bytes, n, and the 95% paired bootstrap interval of (method - full) there; `verdict` says
-    whether that interval clears -tolerance ("holds"), or the data cannot tell."""
+    0-1 score scale: 0.05 = 5 points) of the full cache's on the same samples
+    (`kvray.validation.largest_ratio`), with its score, kv bytes, n, and the 95% paired bootstrap
+    interval of (method - full) there; `verdict` says whether that interval clears -tolerance
+    ("holds"), or the data cannot tell. score@r: each ratio's mean (cells may differ in n when
+    the selection rounds added samples to some)."""
     import pandas as pd
 
     from kvray.stats import paired_bootstrap_ci
 
     rows = []
     for aware, part in df.groupby("query_aware"):
-        full_rows = part[part["method"] == "full"].set_index("sample_id")["score"]
-        full = full_rows.mean()
-        for method, m in part[part["method"] != "full"].groupby("method"):
-            by_ratio = m.groupby("compression_ratio").agg(score=("score", "mean"),
-                                                          kv_kept=("kv_bytes_kept", "mean"),
-                                                          kv_full=("kv_bytes_full", "mean"), n=("score", "size"))
-            ok = by_ratio[by_ratio["score"] >= full - tolerance]
-            row = {"protocol": "aware" if aware else "agnostic", "method": method, "full_score": full,
-                   "max_ratio_within_1pt": float("nan"), "score_there": float("nan"), "n": int(by_ratio["n"].min()),
+        full_rows = part[part["method"] == "full"].groupby("sample_id")["score"].mean()
+        for method, m in part[(part["method"] != "full") & (part["plan_id"] == "uniform")].groupby("method"):
+            sel = largest_ratio(part, method, tolerance)
+            row = {"protocol": "aware" if aware else "agnostic", "method": method,
+                   "full_score": float(full_rows.mean()), "max_ratio_within_tol": float("nan"),
+                   "score_there": float("nan"), "n": int(m.groupby("compression_ratio").size().min()),
                    "diff_ci95": "", "verdict": "no ratio", "kv_MiB_kept": float("nan"),
-                   "kv_MiB_full": float(by_ratio["kv_full"].mean()) / 2**20}
-            if len(ok):  # else no ratio of the grid stays within 1 point
-                r = float(ok.index.max())
-                there = m[m["compression_ratio"] == r].set_index("sample_id")["score"]
-                common = there.index.intersection(full_rows.index)
-                lo, hi = paired_bootstrap_ci(there[common].to_numpy(), full_rows[common].to_numpy())
-                row.update(max_ratio_within_1pt=r, score_there=float(ok.loc[r, "score"]),
-                           kv_MiB_kept=float(ok.loc[r, "kv_kept"]) / 2**20, diff_ci95=f"[{lo:+.2f}, {hi:+.2f}]",
-                           verdict="holds" if lo >= -tolerance else "cannot tell")
-            for ratio, score in by_ratio["score"].items():
+                   "kv_MiB_full": float(m["kv_bytes_full"].mean()) / 2**20}
+            if sel["ratio"] is not None:  # else no ratio of the grid stays within the tolerance
+                r = sel["ratio"]
+                there = m[m["compression_ratio"] == r]
+                s = there.groupby("sample_id")["score"].mean()
+                common = s.index.intersection(full_rows.index)
+                lo, hi = paired_bootstrap_ci(s[common].to_numpy(), full_rows[common].to_numpy())
+                row.update(max_ratio_within_tol=r, score_there=sel["score"], full_score=sel["full_score"],
+                           n=sel["n"], kv_MiB_kept=float(there["kv_bytes_kept"].mean()) / 2**20,
+                           diff_ci95=f"[{lo:+.2f}, {hi:+.2f}]", verdict="holds" if lo >= -tolerance else "cannot tell")
+            for ratio, score in sel["scores"].items():
                 row[f"score@{ratio:g}"] = float(score)
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _ci(pair) -> str:
+    return f"[{pair[0]:.2f}, {pair[1]:.2f}]"
+
+
+def validation_row(c: Candidate, policies) -> dict:
+    v = c.validation
+    emitted = [p for p in policies if (p.provenance["source_method"], p.query_aware) == (c.method, c.aware)]
+    ex = emitted[0].validation.get("readme_example") or {} if emitted else {}
+    return {"method": c.method, "protocol": c.protocol, "ratio": c.ratio, "n": v["n"], "score": v["score"],
+            "score_ci95": _ci(v["score_ci95"]), "full": v["full_score"], "vs_full_ci95": _ci(v["diff_vs_full_ci95"]),
+            "target": v["verdict"] if v["meets_target"] else f"fails ({v['verdict']})",
+            "plan": c.plan_verdict or "uniform only",
+            "plan_gain_ci95": _ci((v.get("rejected_plan") or v)["gain_ci95"]) if c.tuned is not None else "",
+            "readme_example": ("ok" if ex.get("correct") else f"wrong: {ex.get('answer', '')[:24]!r}") if ex else
+            "(not emitted)"}
+
+
+def policy_line(p) -> str:
+    v = p.validation
+    plan = "tuned budgets" if p.plan is not None else "uniform budgets"
+    return (f"{p.method}, {'aware' if p.query_aware else 'agnostic'}, ratio {p.compression_ratio:.2f}, {plan}; test "
+            f"{v['score']:.2f} {_ci(v['score_ci95'])} vs full {v['full_score']:.2f}, n={v['n']}"
+            f"{', calibrated' if p.calibrator else ''}")
+
+
+def recommendations(candidates, policies, notes, dropped, tol: float) -> list[str]:
+    """What to deploy, per protocol, in words."""
+    by_source = {(p.provenance["source_method"], p.query_aware): p for p in policies}
+    out = []
+    for aware in (False, True):
+        proto = "query-aware (the question is in the compressed prompt)" if aware else \
+            "query-agnostic (the context is compressed before the question)"
+        mine = [by_source[(c.method, aware)] for c in candidates if (c.method, aware) in by_source]
+        if not mine:
+            continue
+        # the selection split's order (largest ratio, then its score there); the test split only gates
+        best = max(mine, key=lambda p: (p.compression_ratio, (p.metrics.get("selection") or {}).get("score", 0.0)))
+        v = best.validation
+        why = (f"it keeps {1 - best.compression_ratio:.0%} of the KV cache and scores {v['score']:.2f} "
+               f"{_ci(v['score_ci95'])} on {v['n']} test samples against the full cache's {v['full_score']:.2f}; "
+               f"the difference {_ci(v['diff_vs_full_ci95'])} "
+               + ("clears" if v["verdict"] == HOLDS else "does not clear") + f" -{tol:g}")
+        plan = "with tuned budgets (their gain over uniform held on the test split)" if best.plan is not None else \
+            "with uniform budgets"
+        out.append(f"{proto}: {best.provenance['source_method']} at ratio {best.compression_ratio:g} {plan}: {why}"
+                   f"{'' if v['verdict'] == HOLDS else ' (so the target is met on average, not shown to hold)'}.")
+    return out + notes + [f"not emitted: {d}" for d in dropped] or ["nothing to recommend (no stage produced a candidate)"]
 
 
 def main(argv=None) -> int:
@@ -386,28 +706,44 @@ def main(argv=None) -> int:
     try:
         if "eval" not in skip:
             df = stage_eval(cfg, pool, run_id, run_path, count_tokens)
+            df = stage_select(cfg, pool, run_id, run_path, count_tokens, df)
         if "calibration" not in skip:
             calibrated = stage_calibration(cfg, pool, run_path, count_tokens)
     finally:
         pool.shutdown()  # free the CPUs/GPUs for the Tune trial actors
     tuned = {} if "tune" in skip else stage_tune(cfg, run_id, run_path, count_tokens, cpus)
-    policies = make_policies(cfg, run_id, run_path, model_name, info.get("plan_layers", info["num_layers"]), info["num_kv_heads"],
-                             tuned, calibrated)
+    candidates, notes = build_candidates(cfg, df, tuned, info.get("plan_layers", info["num_layers"]),
+                                         info["num_kv_heads"])
+    policies, dropped = [], []
+    if candidates:
+        pool = start_workers(workers, cfg["model"], cpus_per_worker=cpus, use_gpu=use_gpu, run=run_id)
+        try:
+            stage_validate(cfg, pool, run_id, run_path, count_tokens, candidates)
+            policies, dropped = make_policies(cfg, run_id, run_path, model_name, candidates, calibrated)
+            check_example(cfg, pool, policies, tokenizer, run_id)
+        finally:
+            pool.shutdown()
+    for p in policies:
+        p.save(run_path / "policies")
     elapsed = time.perf_counter() - t_start
 
     import pandas as pd
 
-    lines = [f"kvray calibrate: run {run_id} on {model_name} finished in {elapsed / 60:.1f} min", ""]
+    tol = float(cfg["policy"]["tolerance"])
+    lines = [f"kvray calibrate: run {run_id} on {model_name} finished in {elapsed / 60:.1f} min", "",
+             f"Terms: the target is a mean score at most {tol:g} (= {tol * 100:g} points of the 0-1 score) below "
+             "the full cache's on the same samples; [lo, hi] are 95% bootstrap intervals over samples (paired for "
+             "differences); n = samples. The eval grid (selection split) chooses each policy's ratio; Tune (tune "
+             "split) its budgets; every policy is then scored on a test split disjoint from both.", ""]
     summary: dict = {"run_id": run_id, "model": model_name, "elapsed_s": elapsed, "run_dir": str(run_path),
-                     "num_layers": info["num_layers"], "num_kv_heads": info["num_kv_heads"]}
+                     "num_layers": info["num_layers"], "num_kv_heads": info["num_kv_heads"], "tolerance": tol}
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         if df is not None:
-            safe = largest_safe_ratio(df)
-            lines += ["Largest compression ratio within 1 point of the full cache (eval grid, mean over tasks). "
-                      "1 point = 0.01 on the 0-1 score; n = samples per cell; diff_ci95 = 95% paired bootstrap "
-                      "interval of (method - full) at that ratio; verdict 'holds' when it clears -0.01, 'cannot "
-                      "tell' when the samples are too few to say, 'no ratio' when none of the grid's stays within:",
-                      safe.to_string(index=False), ""]
+            safe = largest_safe_ratio(df, tol)
+            lines += [f"Largest ratio within {tol:g} of the full cache on the eval grid (mean over tasks; "
+                      f"diff_ci95 = interval of method - full there; verdict 'holds' when it clears -{tol:g}, "
+                      "'cannot tell' when the samples are too few to say, 'no ratio' when no ratio of the grid "
+                      "stays within):", safe.to_string(index=False), ""]
             summary["largest_safe_ratio"] = safe.to_dict("records")
         if tuned:
             t_rows = []
@@ -416,28 +752,38 @@ def main(argv=None) -> int:
                 base = table[table["is_baseline"]]["score"].max()
                 t_rows.append({"method": method, "target_ratio": float(best["target_ratio"]),
                                "tuned_score": float(best["score"]), "uniform_score": float(base),
-                               "gain": float(best["score"] - base), "trials": len(table),
+                               "gain": float(best["score"] - base), "n": int(best["n_samples"]), "trials": len(table),
                                "sample_evals": int(table["evaluated"].sum()), "best": best["config"]})
-            tdf = pd.DataFrame(t_rows)
-            lines += ["Tuned allocation vs uniform on the calibration split:", tdf.to_string(index=False), ""]
+            lines += ["Tune, on the tune split (the samples it searched on: optimistic; the test split decides):",
+                      pd.DataFrame(t_rows).to_string(index=False), ""]
             summary["tune"] = t_rows
         if calibrated:
             c_rows = [{"method": m, "alpha": c.alpha, "beta": c.beta, "tau": c.tau,
-                       **{k: v for k, v in rep.items() if not isinstance(v, list)}} for m, (c, rep) in calibrated.items()]
-            lines += ["Calibrators (fit on some contexts, checked on held-out ones):",
+                       **{k: v for k, v in rep.items() if not isinstance(v, list)},
+                       **{k: v for k, v in calibrator_beats_fixed(rep).items() if k != "n"}}
+                      for m, (c, rep) in calibrated.items()]
+            lines += ["Calibrators (fit on some contexts, checked on held-out ones; share_safe: predictions at or "
+                      "below the context's measured safe ratio; best_fixed_ratio: the largest single ratio safe for "
+                      "as large a share; a policy is 'calibrated' only when mean_ratio beats it):",
                       pd.DataFrame(c_rows).to_string(index=False), ""]
             summary["calibration"] = c_rows
-    def tuned_note(p) -> str:
-        m = p.metrics
-        if m.get("tune_score") is None or m.get("uniform_score") is None:
-            return ""
-        return f", tuned {m['tune_score']:.2f} vs uniform {m['uniform_score']:.2f}"
-
-    lines += ["Policies:"] + [f"  {p.policy_id}  ({p.method}, ratio {p.compression_ratio:.2f}{tuned_note(p)}"
-                              f"{', calibrated' if p.calibrator else ''})" for p in policies]
-    # the curl names the policy whose search gained most over uniform (the first one on a tie)
-    shown = max(policies, key=lambda p: (p.metrics.get("tune_score") or 0.0) - (p.metrics.get("uniform_score") or 0.0),
-                default=None)
+        if candidates:
+            v_rows = [validation_row(c, policies) for c in candidates]
+            lines += ["Validation on the test split (each candidate policy vs uniform budgets and the full cache, on "
+                      "the same samples; rounds add samples only where a verdict is undecided):",
+                      pd.DataFrame(v_rows).to_string(index=False), ""]
+            summary["validation"] = v_rows
+    lines += ["Recommendation:"] + [f"  {line}" for line in recommendations(candidates, policies, notes, dropped, tol)]
+    min_n = int(cfg["policy"].get("min_n", 0))
+    wide = [f"{c.method} ({c.protocol}, n={c.validation['n']})" for c in candidates if c.validation
+            and (c.validation["score_ci95"][1] - c.validation["score_ci95"][0] > 0.2 or c.validation["n"] < min_n)]
+    if wide:
+        lines.append(f"  Precision: the test score's interval is wider than +-0.1, or rests on fewer than {min_n} "
+                     f"samples, for {', '.join(wide)}; raise policy.rounds for tighter numbers.")
+    lines += ["", "Policies:"] + ([f"  {p.policy_id}  ({policy_line(p)})" for p in policies] or ["  (none)"])
+    # the curl names a policy that answers it, compressing most (then scoring best)
+    shown = max(policies, key=lambda p: (bool(p.validation.get("readme_example", {}).get("correct")),
+                                         p.compression_ratio, p.validation["score"]), default=None)
     from kvray.serve.app import example_curl
 
     store = out / "policies"

@@ -17,6 +17,7 @@ from .budget import BudgetPlan, rescale_plan
 from .presses import Press, list_methods, make_press
 
 POLICY_VERSION = 1
+VALIDATION_KEYS = ("split", "n", "score", "score_ci95", "full_score", "uniform_score", "gain_vs_uniform", "gain_ci95")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -28,7 +29,14 @@ class Policy(BaseModel):
     plan: optional `BudgetPlan.to_dict()` (keep fractions [layer][kv_head]);
     allocation: the parameters the plan came from (e.g. layer_slope, head_alpha);
     calibrator: optional `kvray.calibration.Calibrator.to_dict()` (context -> largest safe ratio);
-    metrics / provenance: scores on the calibration split, run id, creation time, ..."""
+    min_kept_tokens: a floor on the entries kept per KV head: a prompt whose compressed region
+    has N tokens is compressed at most to `1 - min_kept_tokens / N` (short prompts are kept
+    whole: compressing a 50-token prompt saves nothing and loses its facts); 0 = no floor;
+    metrics: how it was chosen (the selection split's scores, Tune's, the calibrator's check);
+    validation: its scores on a test split disjoint from every split it was tuned, fitted or
+    chosen on (`kvray.validation.validation_record`: split, n, score, score_ci95, full_score,
+    uniform_score, gain_vs_uniform, gain_ci95, ...); None for a policy written by hand;
+    provenance: run id, creation time, ..."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,7 +49,9 @@ class Policy(BaseModel):
     plan: dict | None = None
     allocation: dict[str, Any] = Field(default_factory=dict)
     calibrator: dict | None = None
+    min_kept_tokens: int = Field(0, ge=0)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    validation: dict[str, Any] | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)
     version: int = POLICY_VERSION
 
@@ -67,6 +77,16 @@ class Policy(BaseModel):
             BudgetPlan.from_dict(v)  # raises with what is wrong
         return v
 
+    @field_validator("validation")
+    @classmethod
+    def _check_validation(cls, v: dict | None) -> dict | None:
+        if v is not None:
+            missing = [k for k in VALIDATION_KEYS if k not in v]
+            if missing:
+                raise ValueError(f"validation lacks {', '.join(missing)}; a validation object has "
+                                 f"{', '.join(VALIDATION_KEYS)} (kvray.validation.validation_record)")
+        return v
+
     def budget_plan(self) -> BudgetPlan | None:
         return BudgetPlan.from_dict(self.plan) if self.plan is not None else None
 
@@ -80,6 +100,22 @@ class Policy(BaseModel):
                 plan = rescale_plan(plan, ratio)
             return make_press(self.method, plan=plan, **self.params)
         return make_press(self.method, compression_ratio=ratio, **self.params)
+
+    def ratio_for(self, n_tokens: int, compression_ratio: float | None = None) -> float:
+        """The ratio to run on a compressed region of `n_tokens` tokens: the policy's (or the
+        given one), lowered so that at least `min_kept_tokens` entries per head are kept."""
+        ratio = self.compression_ratio if compression_ratio is None else float(compression_ratio)
+        if self.min_kept_tokens and n_tokens > 0:
+            ratio = min(ratio, max(0.0, 1.0 - self.min_kept_tokens / n_tokens))
+        return ratio
+
+    def press_for(self, n_tokens: int, compression_ratio: float | None = None) -> Press:
+        """`press` at `ratio_for(n_tokens, compression_ratio)`: the full cache when the floor
+        keeps everything."""
+        ratio = self.ratio_for(n_tokens, compression_ratio)
+        if ratio <= 0.0:
+            return make_press("full")
+        return self.press(ratio)
 
     def calibrator_obj(self):
         if self.calibrator is None:
@@ -155,7 +191,7 @@ def policy_summary(policy: Policy) -> dict:
     """A short JSON-able view (for listings)."""
     return {"policy_id": policy.policy_id, "model": policy.model, "method": policy.method,
             "compression_ratio": policy.compression_ratio, "query_aware": policy.query_aware,
-            "calibrated": policy.calibrator is not None, "metrics": policy.metrics,
+            "calibrated": policy.calibrator is not None, "metrics": policy.metrics, "validation": policy.validation,
             "allocation": policy.allocation}
 
 

@@ -23,7 +23,6 @@ from matplotlib.lines import Line2D
 
 PARTS = ("evals/run_id=*/part-*.parquet", "tune/*.parquet", "calibration/*.json", "calibration/curves-*.parquet",
          "policies/*.json", "summary.json")
-LINESTYLES = ("-", "--", ":")
 MiB = 2**20
 
 _esc = html.escape
@@ -214,11 +213,6 @@ def _cells(ev: pd.DataFrame) -> pd.Series:
     return cell
 
 
-def _styles(labels) -> dict[str, tuple]:
-    cmap = colormaps["tab20"]
-    return {lab: (cmap(i % 20), LINESTYLES[i % len(LINESTYLES)]) for i, lab in enumerate(labels)}
-
-
 def _scores(run: _Run, img: _Images) -> str:
     title = "1. Score vs compression"
     if run.evals is None:
@@ -230,7 +224,6 @@ def _scores(run: _Run, img: _Images) -> str:
     if "query_aware" not in ev:
         ev["query_aware"] = False
     labels = sorted(ev["label"].unique(), key=lambda s: (s != "full", s))
-    styles = _styles(labels)
     body = ["<p>Mean score per task (one row per sample, config and protocol), x = compression ratio (fraction "
             "of the context's KV entries removed); the <code>full</code> cache's score is the x = 0 point of "
             "every curve. <i>mean over tasks</i> averages the per-task means. <i>kept</i> = kv_bytes_kept / "
@@ -240,45 +233,50 @@ def _scores(run: _Run, img: _Images) -> str:
         per_cell = part.groupby(["label", "compression_ratio", "cell"])["score"].mean().unstack("cell")
         cells = list(per_cell.columns)
         per_cell["mean over tasks"] = per_cell[cells].mean(axis=1)
-        shown = cells + (["mean over tasks"] if len(cells) > 1 else [])  # one task: its mean is itself
-        fig = _score_figure(per_cell, shown, [lab for lab in labels if lab in per_cell.index.get_level_values(0)],
-                            styles, xmax=max(1.0, float(part["compression_ratio"].max()) + 0.03))
-        fig.suptitle(f"Score vs compression ratio, {proto}", fontsize=11)
+        fig = _score_figure(part, [lab for lab in labels if lab in per_cell.index.get_level_values(0)],
+                            xmax=max(1.0, float(part["compression_ratio"].max()) + 0.03))
+        fig.suptitle(f"Score vs compression ratio, {proto}: mean over samples with its 95% bootstrap interval "
+                     "(grey: the full cache)", fontsize=11)
         body.append(f"<h3>{_esc(proto)}</h3>")
-        body.append(img(fig, f"scores-{proto}", f"score vs compression ratio, {proto}"))
+        body.append(img(fig, f"scores-{proto}", f"score vs compression ratio per method, {proto}"))
         body.append(_table(_score_table(part, per_cell, labels)))
     return _section("scores", title, body)
 
 
-def _score_figure(per_cell: pd.DataFrame, shown: list[str], labels: list[str], styles: dict, xmax: float) -> Figure:
-    """One subplot per column of `per_cell` (mean score, index (label, ratio)); the full
-    cache's score is drawn as a reference line and as the x = 0 point of every curve."""
-    nrows, ncols = _grid(len(shown))
-    fig = Figure(figsize=(4.2 * ncols + 2.2, 3.3 * nrows + 0.4), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    handles: dict[str, object] = {}
-    for ax, cell in zip(axes.flat, shown):
-        col = per_cell[cell]
-        full = col.xs("full", level="label").mean() if "full" in labels else float("nan")
-        if not np.isnan(full):
-            handles["full"] = ax.axhline(full, color="0.45", lw=0.9, ls=(0, (1, 3)), label="full")
-        for lab in labels:
-            s = col.xs(lab, level="label").dropna().sort_index() if lab != "full" else ()
-            if len(s) == 0:
-                continue
-            x, y = list(s.index), list(s.values)
-            if not np.isnan(full) and x[0] > 0:
-                x, y = [0.0] + x, [full] + y
-            color, ls = styles[lab]
-            (handles[lab],) = ax.plot(x, y, color=color, ls=ls, marker="o", ms=3.5, lw=1.6, label=lab)
-        ax.set_title(cell, fontsize=10)
-        ax.set_xlabel("compression ratio")
-        ax.set_ylabel("mean score")
+def _score_figure(part: pd.DataFrame, labels: list[str], xmax: float) -> Figure:
+    """One panel per method: its mean score over samples at each ratio with a 95% bootstrap
+    interval, over the full cache's mean and interval (a grey band), so no two curves overlap."""
+    from .stats import bootstrap_ci
+
+    def mean_ci(scores) -> tuple[float, float, float]:
+        lo, hi = bootstrap_ci(scores)
+        return float(np.mean(scores)), lo, hi
+
+    full = part[part["label"] == "full"]["score"].to_numpy()
+    methods = [lab for lab in labels if lab != "full"] or ["full"]
+    nrows, ncols = _grid(len(methods), ncols=4)
+    fig = Figure(figsize=(3.3 * ncols, 2.6 * nrows + 0.5), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+    f_mean, f_lo, f_hi = mean_ci(full) if len(full) else (np.nan, np.nan, np.nan)
+    for ax, lab in zip(axes.flat, methods):
+        if not np.isnan(f_mean):
+            ax.axhspan(f_lo, f_hi, color="0.85", lw=0)
+            ax.axhline(f_mean, color="0.45", lw=0.9, ls=(0, (1, 3)))
+        mine = part[part["label"] == lab]
+        stats = [(r, *mean_ci(g["score"].to_numpy()), len(g)) for r, g in mine.groupby("compression_ratio")]
+        if stats:
+            x, y, lo, hi, n = (np.array(v, dtype=float) for v in zip(*stats))
+            ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", ms=3.5, lw=1.4, capsize=2.5, color="C0")
+            ax.set_title(f"{lab} (n={int(n.min())}" + (f"-{int(n.max())}" if n.max() > n.min() else "") + ")",
+                         fontsize=9)
         ax.set_xlim(-0.03, xmax)
+        ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-    _hide_unused(axes, len(shown))
-    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, title="method",
-               title_fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("compression ratio")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("mean score")
+    _hide_unused(axes, len(methods))
     return fig
 
 
@@ -302,16 +300,13 @@ def _plans(run: _Run, img: _Images) -> str:
     if not run.policies:
         body.append(_absent("policies", "policies/*.json"))
     else:
-        rows = [{"policy": p.policy_id, "method": p.method, "target ratio": p.compression_ratio,
-                 "query-aware": p.query_aware, "plan": p.plan.get("name", "custom") if p.plan else "uniform",
-                 "tune score": p.metrics.get("tune_score"), "uniform score": p.metrics.get("uniform_score"),
-                 "calibrated": p.calibrator is not None,
-                 "allocation": json.dumps(p.allocation, sort_keys=True) if p.allocation else ""}
-                for p in run.policies]
-        body.append(_table(pd.DataFrame(rows)))
+        body.append("<p>Each policy's <i>test</i> columns are measured on a split disjoint from every split it "
+                    "was tuned, fitted or chosen on (the policy JSON's <code>validation</code>); [lo, hi] are 95% "
+                    "bootstrap intervals over those samples, paired for the gain over uniform budgets.</p>")
+        body.append(_table(pd.DataFrame([_policy_row(p) for p in run.policies])))
     for p in run.policies:
-        if p.plan is None:
-            continue
+        if p.plan is None or np.ptp(np.asarray(p.plan["keep"], dtype=float)) < 1e-9:
+            continue  # a uniform plan: a flat heatmap says nothing
         keep = np.asarray(p.plan["keep"], dtype=float)
         layers, heads = keep.shape
         fig = Figure(figsize=(max(5.5, 2.5 + 0.4 * heads), min(9.0, max(3.5, 1.6 + 0.13 * layers))),
@@ -319,13 +314,14 @@ def _plans(run: _Run, img: _Images) -> str:
         ax = fig.subplots()
         fig.colorbar(_keep_heatmap(ax, keep), ax=ax, label="fraction of KV entries kept")
         ax.set_ylabel("layer")
-        ts, us = p.metrics.get("tune_score"), p.metrics.get("uniform_score")
-        scores = (f"tune score {ts:.3f} vs uniform {us:.3f}" if isinstance(ts, (int, float))
-                  and isinstance(us, (int, float)) else "no tune scores")
+        v = p.validation or {}
+        scores = (f"test {v['score']:.3f} vs uniform {v['uniform_score']:.3f} (n={v['n']})" if v
+                  else "not validated")
         ax.set_title(f"{p.policy_id}\n{p.method}, target ratio {p.compression_ratio:g}; {scores}", fontsize=8)
         body.append(img(fig, f"plan-{p.policy_id}", f"keep fractions of policy {p.policy_id}"))
-    if run.policies and all(p.plan is None for p in run.policies):
-        body.append('<p class="absent">No policy has a per-layer / per-head plan (all uniform).</p>')
+    if run.policies and all(p.plan is None or np.ptp(np.asarray(p.plan["keep"], dtype=float)) < 1e-9
+                            for p in run.policies):
+        body.append('<p class="absent">No policy has a per-layer / per-head plan that is not uniform.</p>')
     body.append("<h3>Tune trials</h3>")
     if run.tune is None:
         body.append(_absent("Tune trials", "tune/*.parquet"))
@@ -333,6 +329,25 @@ def _plans(run: _Run, img: _Images) -> str:
         body.append(_tune(run.tune, img))
         body.append(_top_allocations(run, img))
     return _section("budgets", "2. Tuned budgets", body)
+
+
+def _ci(pair) -> str:
+    return f"[{pair[0]:.2f}, {pair[1]:.2f}]" if isinstance(pair, (list, tuple)) and len(pair) == 2 else ""
+
+
+def _policy_row(p) -> dict:
+    v = p.validation or {}
+    tune = p.metrics.get("tune") or {}
+    ex = v.get("readme_example") or {}
+    return {"policy": p.policy_id, "method": p.method, "ratio": p.compression_ratio, "query-aware": p.query_aware,
+            "plan": p.plan.get("name", "custom") if p.plan else "uniform",
+            "test n": str(v["n"]) if "n" in v else "", "test score": v.get("score"), "score 95%": _ci(v.get("score_ci95")),
+            "full": v.get("full_score"), "uniform": v.get("uniform_score"), "gain": v.get("gain_vs_uniform"),
+            "gain 95%": _ci(v.get("gain_ci95")), "verdict": v.get("verdict", "not validated"),
+            "tune score": tune.get("score", p.metrics.get("tune_score")),
+            "README example": ("ok" if ex.get("correct") else "wrong") if ex else "",
+            "calibrated": p.calibrator is not None,
+            "allocation": json.dumps(p.allocation, sort_keys=True) if p.allocation else ""}
 
 
 def _keep_heatmap(ax, keep: np.ndarray, **scale):
@@ -378,8 +393,9 @@ def _top_allocations(run: _Run, img: _Images, k: int = 4) -> str:
             except (ValueError, KeyError, TypeError):
                 continue
             plan = press.plan
-            keep = (np.asarray(plan.keep, dtype=float) if plan is not None
-                    else np.full((layers, heads), 1.0 - float(row["target_ratio"])))
+            if plan is None or np.ptp(np.asarray(plan.keep, dtype=float)) < 1e-9:
+                continue  # uniform budgets: nothing to draw
+            keep = np.asarray(plan.keep, dtype=float)
             alpha = float(config.get("head_alpha", 1.0))
             base = space.baseline()
             own = ", ".join(f"{k} {v}" for k, v in sorted(space.method_config(config).items()) if base.get(k) != v)
@@ -400,7 +416,9 @@ def _top_allocations(run: _Run, img: _Images, k: int = 4) -> str:
     note = ("<p>Layer budgets are the plan's; with head_alpha &lt; 1 AdaKV splits each layer's budget among its "
             "KV heads per context (at least head_alpha x the even share per head), so the head columns show "
             "the even split the run starts from.</p>")
-    return note + "\n".join(figs) if figs else ""
+    if not figs:
+        return '<p class="absent">Every allocation among the best trials is uniform: no heatmap.</p>'
+    return note + "\n".join(figs)
 
 
 def _tune(tune: pd.DataFrame, img: _Images) -> str:
@@ -559,15 +577,15 @@ def _throughput(run: _Run, img: _Images) -> str:
         table["KV MiB full"] = groups["kv_bytes_full"].mean() / MiB
     if has("kv_bytes_kept"):
         table["KV MiB kept"] = groups["kv_bytes_kept"].mean() / MiB
-    if has("peak_mem_bytes"):
-        table["peak MiB"] = groups["peak_mem_bytes"].max() / MiB
     table = table.reset_index()
     table["_order"] = table["label"].map({lab: i for i, lab in enumerate(labels)})
     table = (table.sort_values(["_order", "compression_ratio"]).drop(columns="_order")
              .rename(columns={"label": "method", "compression_ratio": "ratio"}))
     body = ["<p>Mean over samples and both protocols. The prefill is shared by every config of a sample, so it "
             "does not differ between methods; configs are decoded together in batches and <code>decode_s</code> "
-            "is the batch's wall time divided by its size, so per-token decode times are approximate.</p>"]
+            "is the batch's wall time divided by its size, so per-token decode times are approximate. Peak "
+            "memory is measured per sample (the shared prefill), not per config, so it is not shown per method; "
+            "the KV columns are each config's own.</p>"]
     if has("prefill_s", "context_tokens", "sample_id"):
         # one prefill of the whole prompt (context + question) serves both protocols of a sample
         pre = ev.groupby("sample_id").agg(prefill_s=("prefill_s", "first"), tokens=("context_tokens", "max"))

@@ -78,7 +78,11 @@ def make_full_run(run):
     plan = {"name": "slope-0.5", "keep": [[0.4, 0.6], [0.5, 0.5], [0.6, 0.4]]}
     Policy(policy_id="tiny-snapkv-r0.5-aaaa", model="tiny", method="snapkv", compression_ratio=0.5, plan=plan,
            allocation={"layer_slope": -0.5, "head_alpha": 1.0},
-           metrics={"tune_score": 0.7, "uniform_score": 0.5}).save(run / "policies")
+           metrics={"tune": {"score": 0.7, "uniform_score": 0.5}},
+           validation={"split": "test", "n": 40, "score": 0.65, "score_ci95": [0.5, 0.8], "full_score": 0.7,
+                       "uniform_score": 0.55, "gain_vs_uniform": 0.1, "gain_ci95": [0.02, 0.2],
+                       "verdict": "cannot tell", "readme_example": {"answer": "4711", "correct": True}}
+           ).save(run / "policies")
     Policy(policy_id="tiny-knorm-r0.5-bbbb", model="tiny", method="knorm", compression_ratio=0.5).save(
         run / "policies")
 
@@ -210,8 +214,11 @@ def test_policy_tune_and_calibration_tables(full_report):
     (policies,) = tables_with(page, "tune score")
     by_id = {r["policy"]: r for r in policies}
     assert set(by_id) == {"tiny-snapkv-r0.5-aaaa", "tiny-knorm-r0.5-bbbb"}
-    assert (by_id["tiny-snapkv-r0.5-aaaa"]["tune score"], by_id["tiny-snapkv-r0.5-aaaa"]["uniform score"]) == \
-        ("0.700", "0.500")
+    snap = by_id["tiny-snapkv-r0.5-aaaa"]
+    assert (snap["tune score"], snap["test score"], snap["uniform"], snap["full"]) == ("0.700", "0.650", "0.550", "0.700")
+    assert (snap["test n"], snap["score 95%"], snap["gain 95%"], snap["README example"]) == \
+        ("40", "[0.50, 0.80]", "[0.02, 0.20]", "ok")
+    assert by_id["tiny-knorm-r0.5-bbbb"]["verdict"] == "not validated"
     assert by_id["tiny-snapkv-r0.5-aaaa"]["plan"] == "slope-0.5"
     assert by_id["tiny-knorm-r0.5-bbbb"]["plan"] == "uniform"
     (trials,) = tables_with(page, "trial_id")
@@ -251,9 +258,11 @@ def test_evals_only_run_says_what_is_absent(tmp_path, capsys):
 def test_policies_only_run(tmp_path):
     run = tmp_path / "run"
     Policy(policy_id="p-1", model="tiny", method="snapkv", compression_ratio=0.25,
-           plan={"name": "x", "keep": [[0.75, 0.75]]}).save(run / "policies")
+           plan={"name": "x", "keep": [[0.7, 0.8]]}).save(run / "policies")
+    Policy(policy_id="p-flat", model="tiny", method="snapkv", compression_ratio=0.25,
+           plan={"name": "flat", "keep": [[0.75, 0.75]]}).save(run / "policies")
     page = write_report(run).read_text()
-    assert len(images(page)) == 1
+    assert len(images(page)) == 1  # the uniform plan's heatmap would be flat: not drawn
     assert "No eval rows in this run directory" in page and "No Tune trials" in page
 
 
@@ -289,10 +298,9 @@ def test_top_allocations_are_rebuilt_from_the_trials(tmp_path):
             return name
 
     assert "tune-allocations-snapkv" in _top_allocations(run, Capture(), k=2)
-    best, second = drawn["tune-allocations-snapkv"]  # scores 0.7 (slope -0.5), then 0.5 (uniform)
+    (best,) = drawn["tune-allocations-snapkv"]  # scores 0.7 (slope -0.5); the uniform 0.5 is not drawn
     expected = SearchSpace.default("snapkv", 0.5).plan({"layer_slope": -0.5}, 3, 2).keep
     assert np.allclose(best, expected) and best[0, 0] < best[-1, 0]
-    assert np.allclose(second, 0.5)
     run.policies = [p for p in run.policies if p.plan is None]
     assert "model shape is unknown" in _top_allocations(run, Capture())
     run.summary["num_layers"], run.summary["num_kv_heads"] = 4, 3

@@ -35,7 +35,7 @@ def test_paired_interval_cancels_what_the_samples_share():
 
 def _rows(method, ratio, scores):
     return [{"query_aware": False, "method": method, "compression_ratio": ratio, "sample_id": f"s{i}", "score": s,
-             "kv_bytes_kept": 100 * (1 - ratio), "kv_bytes_full": 100} for i, s in enumerate(scores)]
+             "kv_bytes_kept": 100 * (1 - ratio), "kv_bytes_full": 100, "plan_id": "uniform"} for i, s in enumerate(scores)]
 
 
 def test_largest_safe_ratio_says_when_the_data_cannot_tell():
@@ -50,8 +50,8 @@ def test_largest_safe_ratio_says_when_the_data_cannot_tell():
     worse = [0] * 48
     df = pd.DataFrame(_rows("full", 0.0, full) + _rows("a", 0.5, same) + _rows("a", 0.75, worse)
                       + _rows("b", 0.5, noisy) + _rows("c", 0.5, worse))
-    out = job.largest_safe_ratio(df).set_index("method")
-    assert out.loc["a", "max_ratio_within_1pt"] == 0.5 and out.loc["a", "verdict"] == "holds"
+    out = job.largest_safe_ratio(df, 0.01).set_index("method")
+    assert out.loc["a", "max_ratio_within_tol"] == 0.5 and out.loc["a", "verdict"] == "holds"
     assert out.loc["a", "diff_ci95"] == "[+0.00, +0.00]" and out.loc["a", "n"] == 48
     assert out.loc["b", "verdict"] == "cannot tell"  # mean within a point, the interval reaches below
-    assert out.loc["c", "verdict"] == "no ratio" and np.isnan(out.loc["c", "max_ratio_within_1pt"])
+    assert out.loc["c", "verdict"] == "no ratio" and np.isnan(out.loc["c", "max_ratio_within_tol"])

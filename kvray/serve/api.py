@@ -96,6 +96,12 @@ class RequestError(Exception):
         return self.detail
 
 
+def compressed_tokens(prompt, query_aware: bool) -> int:
+    """Tokens of a prompt's compressed region: the context (with the template's prefix), plus the
+    question when the question is compressed too."""
+    return len(prompt.context) + (len(prompt.question) if query_aware else 0)
+
+
 @dataclass(frozen=True)
 class GenerateJob:
     """One resolved generation request, JSON-able (it crosses the Serve handle): the policy (its
@@ -112,10 +118,15 @@ class GenerateJob:
     policy: dict | None = None
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
 
-    def press(self) -> Press:
-        """The press to run; ValueError (with what is allowed) when it cannot be built."""
+    def press(self, n_tokens: int | None = None) -> Press:
+        """The press to run on a compressed region of `n_tokens` tokens (a policy's
+        `min_kept_tokens` floor applies when it is given); ValueError (with what is allowed)
+        when it cannot be built."""
         if self.policy is not None:
-            return Policy.model_validate(self.policy).press(self.compression_ratio)
+            policy = Policy.model_validate(self.policy)
+            if n_tokens is not None:
+                return policy.press_for(n_tokens, self.compression_ratio)
+            return policy.press(self.compression_ratio)
         return make_press(self.method, compression_ratio=self.compression_ratio)
 
 
@@ -202,7 +213,12 @@ class ModelBackend:
         from ..runtime import build_prompt
 
         try:
-            press = job.press()
+            prompt = build_prompt(self.lm.tokenizer, job.context, job.question, job.answer_prefix)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        self._check_length(len(prompt), job.max_new_tokens)
+        try:
+            press = job.press(compressed_tokens(prompt, job.query_aware))
         except ValueError as exc:
             raise RequestError(f"cannot build the press: {exc}") from None
         plan = getattr(press, "plan", None)
@@ -211,11 +227,6 @@ class ModelBackend:
                 plan.check_model(self.lm.plan_layers, self.lm.num_kv_heads)
             except ValueError as exc:
                 raise RequestError(f"policy {job.policy_id!r} does not fit model {self.lm.name}: {exc}") from None
-        try:
-            prompt = build_prompt(self.lm.tokenizer, job.context, job.question, job.answer_prefix)
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
-        self._check_length(len(prompt), job.max_new_tokens)
         return press, prompt
 
     def generate_sync(self, job: GenerateJob) -> GenerateResult:

@@ -257,13 +257,17 @@ def local_url(host: str, port: int) -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
 
 
+# The README's example request (the job checks every policy it emits against it).
+EXAMPLE = {"context": "Our office moved twice this year. The vault code is 4711. The cafeteria opens at nine.",
+           "question": "What is the vault code?", "max_new_tokens": 16, "answer": "4711"}
+
+
 def example_curl(base_url: str, policy_id: str | None, api_key_set: bool = False) -> str:
     """A copy-pasteable request to /v1/generate (the README's, printed by `kvray serve`)."""
     import json
 
     body = {"policy": policy_id} if policy_id else {"method": "snapkv", "compression_ratio": 0.5}
-    body.update(context="Our office moved twice this year. The vault code is 4711. The cafeteria opens at nine.",
-                question="What is the vault code?", max_new_tokens=16)
+    body.update(context=EXAMPLE["context"], question=EXAMPLE["question"], max_new_tokens=EXAMPLE["max_new_tokens"])
     key = " -H \"x-api-key: $KVRAY_API_KEY\"" if api_key_set else ""
     return f"curl -s {base_url}/v1/generate -H 'content-type: application/json'{key} -d '{json.dumps(body)}'"
 
