@@ -20,6 +20,12 @@ def keep_count(n_tokens: int, compression_ratio: float) -> int:
     return int(round(n_tokens * (1.0 - compression_ratio)))
 
 
+def kvpress_keep_count(n_tokens: int, compression_ratio: float) -> int:
+    """Entries one head keeps in kvpress (`compute_n_kept`): `int(N * (1 - ratio))`, truncated
+    where `keep_count` rounds, and at least 1."""
+    return max(1, int(n_tokens * (1 - compression_ratio)))
+
+
 def round_preserving_sum(values: list[float], total: int, upper: int | None = None) -> list[int]:
     """Integers close to `values` summing exactly to `total` (largest remainder), each in [0, upper]."""
     if not values:
@@ -151,6 +157,38 @@ def pyramid_layer_counts(num_layers: int, n_tokens: int, compression_ratio: floa
     else:
         values = [hi - i * (hi - lo) / (num_layers - 1) for i in range(num_layers)]
     return round_preserving_sum(values, keep_count(n_tokens, compression_ratio) * num_layers, upper=n_tokens)
+
+
+def kvpress_pyramid_counts(num_layers: int, n_tokens: int, compression_ratio: float, window_size: int,
+                           beta: float) -> list[int]:
+    """kvpress's `PyramidKVPress.get_layer_budget` per layer (window included in each count): the
+    capacity `C = W + N * (1 - ratio)` of KVCache-Factory, min = (C - W) / beta, max = 2 (C - W) - min,
+    max clipped to N - W (min re-derived), each layer rounded on its own (Python's round: no exact
+    total); when not N >= max >= min >= W, every layer keeps `round(N * (1 - ratio))` (at least 1)."""
+    capacity = window_size + n_tokens * (1 - compression_ratio)
+    lo = (capacity - window_size) / beta
+    hi = (capacity - window_size) * 2 - lo
+    if hi >= n_tokens - window_size:
+        hi = n_tokens - window_size
+        lo = (capacity - window_size) * 2 - hi
+    if not n_tokens >= hi >= lo >= window_size:
+        return [max(1, round(n_tokens * (1 - compression_ratio)))] * num_layers
+    steps = (hi - lo) / (num_layers - 1) if num_layers > 1 else 0.0
+    return [round(hi - i * steps) for i in range(num_layers)]
+
+
+def kvpress_adakv_counts(scores: torch.Tensor, n_kept: int, alpha: float) -> list[int]:
+    """kvpress's `AdaKVPress` allocation inside one layer, `scores` [H, N]: each head's top
+    `max(1, int(n_kept * alpha))` are lifted to the dtype's max (its safeguard), then the
+    `H * (N - n_kept)` lowest (token, head) pairs of the layer are evicted; returns what each head
+    keeps (the heads' top scores)."""
+    H, N = scores.shape
+    n_safe = int(n_kept * alpha)
+    if alpha > 0:
+        n_safe = max(1, n_safe) if n_kept > 0 else 0
+    lifted = scores.clone().scatter_(-1, scores.topk(n_safe, dim=-1).indices, torch.finfo(scores.dtype).max)
+    evicted = torch.topk(-lifted.reshape(-1), H * (N - n_kept)).indices // N
+    return [N - c for c in torch.bincount(evicted, minlength=H).tolist()]
 
 
 def head_adaptive_counts(scores: torch.Tensor, layer_total: int, alpha: float = 0.2) -> list[int]:

@@ -32,14 +32,20 @@ def press_class(name: str) -> type[Press]:
 
 
 def method_params(name: str) -> list[str]:
-    """Parameter names `make_press(name, ...)` accepts."""
-    return [f.name for f in dataclasses.fields(press_class(name)) if f.init]
+    """Parameter names `make_press(name, ...)` accepts (`parity` where kvpress has the method)."""
+    cls = press_class(name)
+    return [f.name for f in dataclasses.fields(cls)
+            if f.init and (f.name != "parity" or cls.kvpress_defaults is not None)]
 
 
 def make_press(name: str, **params) -> Press:
     """A fresh press of method `name`. Unknown names or parameters raise a ValueError that
-    lists what exists. `adakv` also takes its scorer's parameters (e.g. `window_size`)."""
+    lists what exists. `adakv` also takes its scorer's parameters (e.g. `window_size`).
+    `parity="kvpress"` starts from kvpress's defaults (the class's `kvpress_defaults`), which the
+    given parameters override."""
     cls = press_class(name)
+    if params.get("parity") == "kvpress" and cls.kvpress_defaults is not None:
+        params = {**cls.kvpress_defaults, **params}
     allowed = method_params(name)
     unknown = [k for k in params if k not in allowed]
     if name == "adakv" and unknown:

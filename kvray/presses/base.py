@@ -13,6 +13,11 @@ region, W window queries, d head dim):
 
 Budgets are arguments: `allocate` returns integer keep counts per (layer, KV head) from the
 target ratio, an optional static `BudgetPlan` and the scores; nothing is mutated between layers.
+
+`parity="kvpress"` (presses with `kvpress_defaults`) reproduces NVIDIA kvpress 0.5.5's choices
+instead of kvray's: its scores op for op, its keep counts (`kvpress_keep_count`, truncated) and its
+selection (one `topk` over [B, H, N]), checked against kvpress's kept indices in
+tests/test_kvpress_parity.py.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from ..budget import BudgetPlan, uniform_counts
+from ..budget import BudgetPlan, kvpress_keep_count, uniform_counts
 from ..cache import KVRayCache, KVRayLayer, RaggedKV
 from ..runtime.prefill import LayerInputs, PrefillState
 
@@ -61,6 +66,17 @@ def select_indices(scores: torch.Tensor, counts: list[int]) -> list[torch.Tensor
     return out
 
 
+def kvpress_select_indices(scores: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """`select_indices` as kvpress picks: one `scores.topk(k, dim=-1)` over [B, H, N] when every
+    head keeps k (its ScorerPress), per head otherwise (what AdaKV's global cut leaves per head)."""
+    B, H, N = scores.shape
+    if len(set(counts)) == 1 and counts[0] < N:
+        kept = scores.topk(counts[0], dim=-1).indices.sort(dim=-1).values
+        return [kept[b, h] for b in range(B) for h in range(H)]
+    return [torch.arange(N, device=scores.device) if counts[h] >= N else
+            scores[b, h].topk(counts[h]).indices.sort().values for b in range(B) for h in range(H)]
+
+
 @dataclass(frozen=True)
 class Press:
     """Base of every compression method; subclasses are frozen dataclasses registered by name.
@@ -68,10 +84,14 @@ class Press:
     compression_ratio: fraction of context KV entries removed, in [0, 1) (0 keeps everything).
     plan: optional static `BudgetPlan` (per layer / KV head keep fractions); when given it sets
         the budgets and `compression_ratio` must be left at 0 or equal the plan's ratio.
+    parity: None (kvray's own choices) or "kvpress": reproduce kvpress 0.5.5's computation for
+        the press's parameters (see the module docstring); `make_press(name, parity="kvpress")`
+        also starts from kvpress's defaults (`kvpress_defaults`). Takes no plan.
     """
 
     compression_ratio: float = 0.0
     plan: BudgetPlan | None = field(default=None, compare=True)
+    parity: str | None = None
 
     name: ClassVar[str] = ""
     #: uses the queries of the last window (its result depends on the protocol)
@@ -84,6 +104,9 @@ class Press:
     #: changes the cache while decoding: the decoder calls `after_step(cache, step)` after every
     #: forward and decodes it in a lane of its own
     evicts_during_decoding: ClassVar[bool] = False
+    #: the parameters that differ in kvpress's defaults, applied by make_press(name, parity="kvpress");
+    #: None: the method has no kvpress counterpart
+    kvpress_defaults: ClassVar[dict | None] = None
 
     def __post_init__(self):
         r = self.compression_ratio
@@ -98,6 +121,16 @@ class Press:
                     f"{self.name}: compression_ratio={r} disagrees with the plan's ratio "
                     f"{self.plan.compression_ratio:.4f}; pass one or the other"
                 )
+        if self.parity is not None:
+            if self.parity != "kvpress":
+                raise ValueError(f"{self.name}: parity must be None or 'kvpress', got {self.parity!r}")
+            if self.kvpress_defaults is None:
+                from . import list_methods, press_class  # the registry lives in the package
+                have = [m for m in list_methods() if press_class(m).kvpress_defaults is not None]
+                raise ValueError(f"{self.name} has no kvpress counterpart; parity='kvpress' exists for: "
+                                 f"{', '.join(have)}")
+            if self.plan is not None:
+                raise ValueError(f"{self.name}: parity='kvpress' takes no plan (kvpress has no per-layer/head plans)")
 
     # -- what subclasses override -------------------------------------------------------------
 
@@ -110,6 +143,9 @@ class Press:
         if self.plan is not None:
             self.plan.check_model(state.num_layers, state.num_kv_heads)
             return self.plan.counts(state.n_tokens)
+        if self.parity == "kvpress":
+            k = kvpress_keep_count(state.n_tokens, self.compression_ratio)
+            return [[k] * state.num_kv_heads for _ in range(state.num_layers)]
         return uniform_counts(state.num_layers, state.num_kv_heads, state.n_tokens, self.compression_ratio)
 
     def allocate(self, state: PrefillState, scores: list[torch.Tensor]) -> list[list[int]]:
@@ -127,10 +163,10 @@ class Press:
         return self.plan.plan_id if self.plan is not None else "uniform"
 
     def params(self) -> dict:
-        """Method parameters (JSON-able), without the budget."""
+        """Method parameters (JSON-able), without the budget; `parity` only when set."""
         out = {}
         for f in dataclasses.fields(self):
-            if f.name in ("compression_ratio", "plan") or not f.init:
+            if f.name in ("compression_ratio", "plan") or not f.init or (f.name == "parity" and self.parity is None):
                 continue
             out[f.name] = getattr(self, f.name)
         return out
@@ -145,7 +181,8 @@ class Press:
             return [[full] * (state.batch * state.num_kv_heads) for _ in state.layers]
         scores = [self.score(layer) for layer in state.layers]
         counts = self.allocate(state, scores)
-        return [select_indices(s, c) for s, c in zip(scores, counts)]
+        pick = kvpress_select_indices if self.parity == "kvpress" else select_indices
+        return [pick(s, c) for s, c in zip(scores, counts)]
 
     def after_step(self, cache: KVRayCache, step: int) -> None:
         """Decode-time hook of presses with `evicts_during_decoding` (nothing otherwise)."""

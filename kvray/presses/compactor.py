@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..budget import head_adaptive_counts
 from .base import LayerInputs, PrefillState, Press, protect
@@ -128,6 +129,64 @@ def context_queries(module: torch.nn.Module, hidden: torch.Tensor, positions: to
     return apply_model_rope(module, _heads(module, hidden, "q_proj", "q_norm"), positions)
 
 
+_KVPRESS_SKETCHES: dict = {}
+
+
+def kvpress_sketch(seed: int, layer_idx: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The Phi [B, H, d, k] kvpress's LeverageScorePress draws at layer `layer_idx` when the global
+    CPU generator was seeded with `torch.manual_seed(seed)` before the prefill: one
+    `torch.randn(B, H, d, k)` per layer, in layer order, times 1 / sqrt(k) (replayed on a private
+    generator, never the global one; kept per (seed, shape, dtype): callers must not modify it)."""
+    gen, draws = _KVPRESS_SKETCHES.setdefault((seed, tuple(shape), dtype), (torch.Generator().manual_seed(seed), []))
+    while len(draws) <= layer_idx:
+        draws.append(torch.randn(*shape, generator=gen, dtype=dtype) * (1 / math.sqrt(shape[-1])))
+    return draws[layer_idx]
+
+
+def kvpress_leverage(keys: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """kvpress's approximate leverage of pre-RoPE `keys` [B, H, M, d] with `phi` [B, H, d, k] ->
+    [B, H, M] fp32: x = (K - mean) Phi (centred in the keys' dtype), `diag(x (x^T x + c I)^-1 x^T)`
+    by a Cholesky solve, the jitter c = 0.01, raised tenfold (up to 4 times) while the
+    factorisation fails; clamped at 0."""
+    x = torch.matmul(keys - keys.mean(dim=-2, keepdim=True), phi).to(torch.float32)
+    xt = x.transpose(-2, -1)
+    gram = xt @ x
+    gram = 0.5 * (gram + gram.transpose(-2, -1))
+    eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+    for jitter in (1e-2, 1e-1, 1.0, 10.0, 100.0):
+        chol, info = torch.linalg.cholesky_ex(gram + jitter * eye, upper=False)
+        if bool((info == 0).all()):
+            break
+    else:
+        raise RuntimeError("compactor (kvpress parity): the Cholesky factorisation failed with jitter up to 100")
+    return (x * torch.cholesky_solve(xt, chol, upper=False).transpose(-2, -1)).sum(dim=-1).clamp_min(0)
+
+
+def kvpress_chunk_attention(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """kvpress's non-causal chunked attention mass: queries [B, Hq, M, d], keys [B, H, M, d] ->
+    [B, Hq, M] fp32, no 1/sqrt(d). M is zero-padded to whole chunks; in the last chunk the padded
+    queries' logits are 0 and the padded keys' -1e-9, so padded keys take mass and padded queries
+    spread 1/chunk over every key; the mass each key gets is summed over its chunk's queries."""
+    B, Hq, M, d = queries.shape
+    keys = keys.repeat_interleave(Hq // keys.shape[1], dim=1)
+    n = -(-M // chunk_size)
+    pad = n * chunk_size - M
+    q = F.pad(queries, (0, 0, 0, pad)).reshape(B, Hq, n, chunk_size, d)
+    k = F.pad(keys, (0, 0, 0, pad)).reshape(B, Hq, n, chunk_size, d)
+    logits = torch.matmul(q, k.transpose(-2, -1))
+    if pad:
+        padded = torch.arange(chunk_size, device=q.device) >= chunk_size - pad
+        last = logits[:, :, -1]
+        last.masked_fill_(padded[:, None], 0)
+        last.masked_fill_(padded[None, :], -1e-9)
+    return torch.softmax(logits.to(torch.float32), dim=-1).sum(dim=-2).view(B, Hq, -1)[..., :M]
+
+
+def kvpress_zscore(x: torch.Tensor) -> torch.Tensor:
+    """kvpress's z-score: over the whole tensor (all batch rows, heads and tokens), unbiased std."""
+    return (x - x.mean()) / x.std().clamp_min(1e-6)
+
+
 @dataclass(frozen=True)
 class CompactorPress(Press):
     """Compactor (Chari & Van Durme, "Compactor: Calibrated Query-Agnostic KV Cache Compression
@@ -163,18 +222,29 @@ class CompactorPress(Press):
     kvpress, no 1/C mass from invalid rows as in vllm); no value-norm weighting or pooling of `a`
     (kvpress extras); protection with max + 1, never a tie (kvpress pads with max). Needs the
     prefill's hidden states (`needs_hidden`); the context-calibrated retention is not part of it.
+    blending=None: the target compression ratio (kvpress's heuristic).
+
+    parity="kvpress": kvpress's CompactorPress op for op (make_press sets blending=None; its other
+    defaults are kvray's): leverage by a Cholesky solve (`kvpress_leverage`) with a sketch that
+    replays kvpress's per-layer draws from torch's global CPU generator seeded with `seed`
+    (`kvpress_sketch`); the chunked attention with kvpress's padding (`kvpress_chunk_attention`),
+    averaged over the GQA group, times each value's norm, avg-pooled over 3 tokens (zero padding
+    counted); both z-scored over the whole layer (unbiased std), summed as
+    `blending * leverage + attention`; the protected tokens padded with the layer's max (a tie);
+    kvpress's truncated keep count. No head_adaptive (kvpress has none), no cap of sketch_dim at d.
     """
 
     sink_tokens: int = 8
     recent_tokens: int = 4
     chunk_size: int = 256
     sketch_dim: int = 48
-    blending: float = 0.3
+    blending: float | None = 0.3
     seed: int = 0
     head_adaptive: bool = False
     head_floor: float = 0.2
     name = "compactor"
     needs_hidden = True
+    kvpress_defaults = {"blending": None}
 
     def __post_init__(self):
         super().__post_init__()
@@ -187,22 +257,31 @@ class CompactorPress(Press):
             if not is_int(v) or v < lo:
                 raise ValueError(f"{self.name}: {f} must be an integer >= {lo}, got {v!r}")
         b = self.blending
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < math.inf:
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < math.inf):
             raise ValueError(f"{self.name}: blending (lambda, the weight of the leverage score) must be a "
-                             f"finite number >= 0, got {b!r}")
-        object.__setattr__(self, "blending", float(b))
+                             f"finite number >= 0 or None (the compression ratio), got {b!r}")
+        object.__setattr__(self, "blending", None if b is None else float(b))
         if not isinstance(self.head_adaptive, bool):
             raise ValueError(f"{self.name}: head_adaptive must be True or False, got {self.head_adaptive!r}")
         f = self.head_floor
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
             raise ValueError(f"{self.name}: head_floor must be a number in [0, 1], got {f!r}")
         object.__setattr__(self, "head_floor", float(f))
+        if self.parity == "kvpress" and self.head_adaptive:
+            raise ValueError(f"{self.name}: kvpress's Compactor has no head_adaptive variant (parity='kvpress')")
+
+    @property
+    def weight(self) -> float:
+        """The leverage score's weight: `blending`, or the target compression ratio when None."""
+        return self.target_ratio if self.blending is None else self.blending
 
     @torch.no_grad()
     def score(self, layer: LayerInputs) -> torch.Tensor:
         if layer.hidden is None or layer.module is None:
             raise ValueError(f"{self.name} needs each layer's attention inputs: prefill with capture_hidden=True "
                              "(kvray.generate.hidden_needed_for(presses) says when)")
+        if self.parity == "kvpress":
+            return self.kvpress_score(layer)
         B, H, N, d = layer.keys.shape
         first = min(self.sink_tokens, N)
         last = min(self.recent_tokens, N - first)
@@ -214,8 +293,27 @@ class CompactorPress(Press):
             leverage = approx_leverage(prerope_keys(layer.module, hidden), phi)
             queries = context_queries(layer.module, hidden, torch.arange(first, end))
             attention = noncausal_chunk_attention(queries, layer.keys[:, :, first:end], self.chunk_size)
-            scores[..., first:end] = zscore(attention) + self.blending * zscore(leverage)
+            scores[..., first:end] = zscore(attention) + self.weight * zscore(leverage)
         return protect(scores, first=first, last=last)
+
+    def kvpress_score(self, layer: LayerInputs) -> torch.Tensor:
+        """The scores of kvpress's CompactorPress (see the class docstring)."""
+        B, H, N, d = layer.keys.shape
+        first = min(self.sink_tokens, N)
+        last = min(self.recent_tokens, N - first)
+        end = N - last
+        if end <= first:
+            raise ValueError(f"{self.name}: kvpress needs tokens between the {first} sinks and the {last} recent ones")
+        hidden, module = layer.hidden[:, first:end], layer.module
+        keys = prerope_keys(module, hidden)
+        phi = kvpress_sketch(self.seed, layer.layer_idx, (B, H, d, self.sketch_dim), keys.dtype).to(keys.device)
+        leverage = kvpress_zscore(kvpress_leverage(keys, phi))
+        queries = context_queries(module, hidden, torch.arange(first, end))
+        mass = kvpress_chunk_attention(queries, layer.keys[:, :, first:end], self.chunk_size)
+        mass = mass.view(B, H, -1, end - first).mean(dim=-2) * layer.values[:, :, first:end].norm(dim=-1)
+        attention = kvpress_zscore(F.avg_pool1d(mass, kernel_size=3, padding=1, stride=1))
+        scores = self.weight * leverage + attention
+        return F.pad(scores, (first, last), value=scores.max().item())
 
     def allocate(self, state: PrefillState, scores: list[torch.Tensor]) -> list[list[int]]:
         if not self.head_adaptive:

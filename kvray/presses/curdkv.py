@@ -79,6 +79,11 @@ class CurDKVPress(Press):
     N mod 16 tokens are no longer inflated (kvpress gives a single leftover token 1.0, i.e.
     16x an average token); (b) sinks get `protect` (max + 3, above the window's max + 1.5 to max + 2) instead of 1.0, which could tie;
     (c) the Gaussian sketch is seeded (kvpress draws a new G on every call).
+
+    parity="kvpress": kvpress's CURPress (same defaults): squared norms in the keys' dtype, each
+    divided by its zero-padded window's sum, the product normalised to sum 1 per head, the sinks
+    set to 1.0, and kvpress's truncated keep count. estimator="norm" only (kvpress's Gaussian
+    sketch is drawn unseeded from the global generator, its SVD does not exist).
     """
 
     num_sinks: int = 4
@@ -89,6 +94,7 @@ class CurDKVPress(Press):
     seed: int = 0
     name = "curdkv"
     needs_queries = False
+    kvpress_defaults = {}
 
     def __post_init__(self):
         super().__post_init__()
@@ -102,6 +108,8 @@ class CurDKVPress(Press):
                 raise ValueError(f"curdkv: {field_name} must be an integer >= {low}, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"curdkv: seed must be an integer, got {self.seed!r}")
+        if self.parity == "kvpress" and self.estimator != "norm":
+            raise ValueError(f"curdkv: parity='kvpress' reproduces estimator='norm' only, got {self.estimator!r}")
 
     def sketch(self, layer_idx: int, head_dim: int, device) -> torch.Tensor:
         """The Gaussian projection G [d, rank] of one layer, N(0, 1/rank), seeded."""
@@ -109,6 +117,8 @@ class CurDKVPress(Press):
         return (torch.randn(head_dim, self.rank, generator=gen) / self.rank**0.5).to(device)
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
+        if self.parity == "kvpress":
+            return self.kvpress_score(layer)
         G = None
         if self.estimator == "gaussian":
             G = self.sketch(layer.layer_idx, layer.keys.shape[-1], layer.keys.device)
@@ -127,3 +137,25 @@ class CurDKVPress(Press):
             scores = parts[0]
         scores = scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
         return protect(scores, first=self.num_sinks)
+
+    def kvpress_score(self, layer: LayerInputs) -> torch.Tensor:
+        """The scores of kvpress's CURPress (see the class docstring)."""
+        w = self.local_window_size
+        parts = []
+        if self.leverage != "value":
+            parts.append((layer.keys ** 2).sum(dim=-1))
+        if self.leverage != "key":
+            parts.append((layer.values ** 2).sum(dim=-1))
+        if w:
+            B, H, N = parts[0].shape
+            windows = [torch.nn.functional.pad(p, (0, (-N) % w)).reshape(B, H, -1, w) for p in parts]
+            parts = [(x / x.sum(dim=-1, keepdim=True)).reshape(B, H, -1)[..., :N] for x in windows]
+        if self.leverage == "kv_product":
+            scores = parts[0] * parts[1]
+        elif self.leverage == "kv_avg":
+            scores = (parts[0] + parts[1]) / 2
+        else:
+            scores = parts[0]
+        scores = scores / scores.sum(dim=-1, keepdim=True)
+        scores[..., :self.num_sinks] = 1.0
+        return scores

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -96,3 +98,32 @@ def pool(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
     else:
         raise ValueError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)}")
     return out[..., : shape[-1]].reshape(shape)
+
+
+def kvpress_window_scores(layer: LayerInputs, window_size: int, kernel_size: int) -> torch.Tensor:
+    """[B, H, N] the scores of kvpress's SnapKVPress, op for op (the dtype casts and reduction
+    order decide near-ties): the last `window_size` captured queries against the query-head-
+    repeated keys, `QK^T / sqrt(d)` plus an upper-triangular -inf mask, softmax in fp32 cast back
+    to the queries' dtype; over the N - W prefix columns, the mean over the window rows, then
+    per query head `avg_pool1d` (zero padding counted), then the mean over each KV head's group;
+    the window padded with the layer's max + 1.
+
+    kvpress recomputes the window's queries from the hidden states (q_proj, RoPE), kvray captures
+    the model's own: the same ops on the same rows."""
+    if layer.queries is None:
+        raise ValueError("this method needs the window queries, but the prefill captured none")
+    B, H, N, d = layer.keys.shape
+    W = window_size
+    if N <= W:
+        raise ValueError(f"kvpress's SnapKV needs more than window_size={W} tokens, got {N}")
+    if layer.queries.shape[2] < W:
+        raise ValueError(f"the prefill captured {layer.queries.shape[2]} window queries, kvpress's SnapKV reads {W}")
+    q = layer.queries[:, :, -W:]
+    G = q.shape[1] // H
+    keys = layer.keys[:, :, None].expand(B, H, G, N, d).reshape(B, H * G, N, d)
+    logits = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(d)
+    logits += torch.triu(torch.full_like(logits, float("-inf")), diagonal=N - W + 1)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+    scores = F.avg_pool1d(probs[..., :-W].mean(dim=-2), kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
+    scores = scores.view(B, H, G, N - W).mean(2)
+    return F.pad(scores, (0, W), value=scores.max().item() + 1)

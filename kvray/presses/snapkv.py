@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import pyramid_layer_counts
+from ..budget import kvpress_pyramid_counts, pyramid_layer_counts
 from .base import LayerInputs, PrefillState, Press, protect
-from .scoring import check_window_params, pool, reduce_gqa, window_scores
+from .scoring import check_window_params, kvpress_window_scores, pool, reduce_gqa, window_scores
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,12 @@ class SnapKVPress(Press):
     "last"). The paper's premise is that the window holds the question. Without a compressed
     question (query-agnostic protocol, empty question) it is the last `window_size` tokens, as
     with "last".
+
+    parity="kvpress": kvpress's SnapKVPress (`kvpress_window_scores`: its op order, avg-pooling
+    that counts the zero padding and runs per query head before the group mean, the window
+    padded with max + 1, no other protection) and its truncated keep count; make_press gives it
+    kvpress's window 64, kernel 5, avg-pool. pooling must be "avg", gqa_reduction "mean",
+    observation "last" (kvpress has no other).
     """
 
     window_size: int = 32
@@ -43,13 +49,20 @@ class SnapKVPress(Press):
     observation: str = "last"
     name = "snapkv"
     needs_queries = True
+    kvpress_defaults = {"window_size": 64, "kernel_size": 5, "pooling": "avg"}
 
     def __post_init__(self):
         super().__post_init__()
         check_window_params(self.name, window_size=self.window_size, kernel_size=self.kernel_size,
                             pooling=self.pooling, gqa_reduction=self.gqa_reduction, observation=self.observation)
+        if self.parity == "kvpress" and (self.pooling, self.gqa_reduction, self.observation) != ("avg", "mean", "last"):
+            raise ValueError(f"{self.name}: kvpress pools with avg, reduces GQA groups by mean and observes the last "
+                             f"window; got pooling={self.pooling!r}, gqa_reduction={self.gqa_reduction!r}, "
+                             f"observation={self.observation!r}")
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
+        if self.parity == "kvpress":
+            return kvpress_window_scores(layer, self.window_size, self.kernel_size)
         mean, W = window_scores(layer, self.window_size, self.observation)  # [B, Hq, N]
         scores = reduce_gqa(mean, layer.num_kv_heads, self.gqa_reduction)
         scores = pool(scores, self.kernel_size, self.pooling)
@@ -65,7 +78,12 @@ class PyramidKVPress(SnapKVPress):
     """PyramidKV (Cai et al. 2024, arXiv 2406.02069): SnapKV scores, layer budgets decreasing
     linearly with depth (min = mean / beta, max = 2 * mean - min, as kvpress / KVCache-Factory),
     averaging exactly the uniform budget so the compression ratio holds. A static plan, if given,
-    replaces the pyramid."""
+    replaces the pyramid. beta=20 is KVCache-Factory's and kvpress's.
+
+    parity="kvpress": SnapKV's kvpress scores and kvpress's per-layer budgets
+    (`kvpress_pyramid_counts`: the window counted in, each layer rounded on its own, and a fall
+    back to uniform budgets when the pyramid does not fit: at W=64, beta=20 and ratio 0.75 below
+    5120 tokens), so the achieved ratio may differ slightly from the target."""
 
     beta: float = 20.0
     name = "pyramidkv"
@@ -78,5 +96,9 @@ class PyramidKVPress(SnapKVPress):
     def layer_counts(self, state: PrefillState) -> list[list[int]]:
         if self.plan is not None:
             return super().layer_counts(state)
+        if self.parity == "kvpress":
+            per_layer = kvpress_pyramid_counts(state.num_layers, state.n_tokens, self.compression_ratio,
+                                               self.window_size, self.beta)
+            return [[k] * state.num_kv_heads for k in per_layer]
         per_layer = pyramid_layer_counts(state.num_layers, state.n_tokens, self.compression_ratio, self.beta)
         return [[k] * state.num_kv_heads for k in per_layer]
