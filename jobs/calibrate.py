@@ -348,14 +348,15 @@ def stage_validate(cfg, pool, run_id, run_path, count_tokens, candidates: list[C
     frames, todo, prev = [], list(candidates), 0
     for k, n in enumerate(rounds):
         batch = [s for t in pol["tasks"] for s in by_task[t][prev:n]]
-        aware = sorted({c.aware for c in todo})
-        presses = list({p.name + p.params_json() + p.plan_id + f"{p.target_ratio:g}": p
-                        for c in todo for p in (full, c.uniform, c.tuned) if p is not None}.values())
-        print(f"[validate] round {k + 1}/{len(rounds)}: {len(batch)} test samples x {len(presses)} configs for "
+        print(f"[validate] round {k + 1}/{len(rounds)}: {len(batch)} test samples for "
               f"{', '.join(f'{c.method} ({c.protocol})' for c in todo)}", flush=True)
-        _, rows = run_eval_distributed(pool, batch, presses, out_dir=run_path / "validation", protocols=aware,
-                                       run_id=f"{run_id}-test{k + 1}")
-        frames.append(rows)
+        for aware in sorted({c.aware for c in todo}):  # one call per protocol: no config decoded in vain
+            presses = list({press_config_id(p, aware): p for c in todo if c.aware == aware
+                            for p in (full, c.uniform, c.tuned) if p is not None}.values())
+            _, rows = run_eval_distributed(pool, batch, presses, out_dir=run_path / "validation",
+                                           protocols=[aware],
+                                           run_id=f"{run_id}-test{k + 1}-{'aware' if aware else 'agnostic'}")
+            frames.append(rows)
         prev = n
         rows = pd.concat(frames, ignore_index=True)
         for c in todo:
@@ -367,17 +368,21 @@ def stage_validate(cfg, pool, run_id, run_path, count_tokens, candidates: list[C
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def undecided_cells(df, tol: float, min_n: int) -> list[tuple[bool, str, float]]:
+def undecided_cells(df, tol: float, min_n: int, keep: int = 0) -> list[tuple[bool, str, float]]:
     """(protocol, method, ratio) cells of the eval grid whose verdict against the full cache the
     samples so far cannot settle: the interval straddles -tol, or it clears it on fewer than
     `min_n` samples (a bootstrap on a dozen 0/1 scores is overconfident). Clear failures stop,
-    and so do ratios below one that already holds."""
+    and so do ratios below one that already holds; with `keep` > 0, so do ratios below the
+    `keep`-th largest ratio that any method meets on its mean (they cannot reach the top `keep`)."""
     from kvray.stats import paired_bootstrap_ci
 
     out = []
     for aware, part in df.groupby("query_aware"):
         full = part[part["method"] == "full"].groupby("sample_id")["score"].mean()
         cells = part[(part["method"] != "full") & (part["plan_id"] == "uniform")]
+        met = sorted((r for r in (largest_ratio(part, m, tol)["ratio"] for m in cells["method"].unique())
+                      if r is not None), reverse=True)
+        floor = met[keep - 1] if keep and len(met) >= keep else 0.0
         for method, m in cells.groupby("method"):
             held = None
             verdicts = {}
@@ -390,7 +395,7 @@ def undecided_cells(df, tol: float, min_n: int) -> list[tuple[bool, str, float]]
                     held = ratio
                 verdicts[ratio] = (verdict, len(common))
             for ratio, (verdict, n) in verdicts.items():
-                if held is not None and ratio <= held:
+                if (held is not None and ratio <= held) or ratio < floor:
                     continue
                 if verdict == CANNOT_TELL or (verdict == HOLDS and n < min_n):
                     out.append((bool(aware), method, float(ratio)))
@@ -416,18 +421,19 @@ def stage_select(cfg, pool, run_id, run_path, count_tokens, df):
         by_task.setdefault(s.task, []).append(s)
     prev, frames = int(ev["samples"]), [df]
     for k, n in enumerate(sorted(rounds)):
-        cells = undecided_cells(pd.concat(frames, ignore_index=True), tol, min_n)
+        cells = undecided_cells(pd.concat(frames, ignore_index=True), tol, min_n,
+                                keep=int(cfg["policy"].get("candidates", 1)))
         if not cells:
             break
         batch = [s for t in ev["tasks"] for s in by_task[t][prev:n]]
-        presses = [kvray.make_press("full")] + list({(m, r): kvray.make_press(m, compression_ratio=r)
-                                                      for _, m, r in cells}.values())
-        aware = sorted({a for a, _, _ in cells})
         print(f"[select] round {k + 1}: {len(batch)} more samples for {len(cells)} undecided cells: "
               + ", ".join(f"{m}@{r:g} ({'aware' if a else 'agnostic'})" for a, m, r in cells), flush=True)
-        _, rows = run_eval_distributed(pool, batch, presses, out_dir=run_path / "evals", protocols=aware,
-                                       run_id=f"{run_id}-select{k + 1}")
-        frames.append(rows)
+        for aware in sorted({a for a, _, _ in cells}):  # one call per protocol: no config decoded in vain
+            presses = [kvray.make_press("full")] + [kvray.make_press(m, compression_ratio=r)
+                                                    for a, m, r in cells if a == aware]
+            _, rows = run_eval_distributed(pool, batch, presses, out_dir=run_path / "evals", protocols=[aware],
+                                           run_id=f"{run_id}-select{k + 1}-{'aware' if aware else 'agnostic'}")
+            frames.append(rows)
         prev = n
     return pd.concat(frames, ignore_index=True)
 

@@ -185,6 +185,8 @@ def test_undecided_cells_get_more_samples_only_while_open(job):
     assert set(job.undecided_cells(rows, 0.05, min_n=12)) == {(False, "a", 0.5)}
     assert set(job.undecided_cells(rows, 0.05, min_n=30)) == {(False, "a", 0.25), (False, "a", 0.5),
                                                               (False, "c", 0.25), (False, "c", 0.5)}
+    # only c meets the target at 0.5 on its mean: with one candidate to pick, ratios below 0.5 cannot win
+    assert set(job.undecided_cells(rows, 0.05, min_n=30, keep=1)) == {(False, "a", 0.5), (False, "c", 0.5)}
 
 
 def test_serve_applies_the_floor_to_the_prompt_it_runs():
