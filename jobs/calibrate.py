@@ -41,7 +41,8 @@ DEFAULT_CONFIG = Path(__file__).with_name("calibrate.yaml")
 SMOKE = {
     "eval": {"methods": ["full", "snapkv", "knorm"], "ratios": [0.1, 0.5], "tasks": ["niah_single"], "length": 500,
              "samples": 2, "rounds": [4]},
-    "tune": {"methods": ["snapkv", "knorm"], "length": 500, "samples": 3, "trials": 3, "grace_period": 1},
+    "tune": {"methods": ["snapkv", "compactor"], "tasks": ["niah_single"], "length": 500, "samples": 3, "trials": 3,
+             "grace_period": 1},
     "calibration": {"methods": ["snapkv"], "tasks": ["niah_single"], "length": 500, "contexts": 2, "heldout": 1,
                     "retentions": [0.25, 0.5, 0.75]},
     # a looser target, so that the plumbing (selection, test split, policies) runs end to end
@@ -100,12 +101,24 @@ def tune_space(tu: dict, method: str):
     return SearchSpace.default(method, float(tu["compression_ratio"]), **extra)
 
 
+def tune_aware(tu: dict, method: str) -> bool:
+    """Tune's protocol for `method`: `tune.query_aware` is one bool for all, or {method: bool}."""
+    qa = tu["query_aware"]
+    if isinstance(qa, dict):
+        if method not in qa:
+            raise SystemExit(f"tune.query_aware names no protocol for {method}: give it a bool for every method in "
+                             f"tune.methods ({', '.join(tu['methods'])}), or one bool for all")
+        return bool(qa[method])
+    return bool(qa)
+
+
 def check_tune_spaces(cfg: dict) -> None:
     """Build every tuned method's space before any work starts, so a bad `tune.space` costs nothing."""
     tu = cfg["tune"]
     if not isinstance(tu.get("space") or {}, dict):
         raise SystemExit(f"tune.space must map method names to {{parameter: [values]}}, got {tu['space']!r}")
     for method in tu["methods"]:
+        tune_aware(tu, method)
         try:
             tune_space(tu, method)
         except ValueError as e:
@@ -215,7 +228,7 @@ def stage_tune(cfg, run_id, run_path, count_tokens, cpus_per_trial):
               f"{len(samples)} calibration samples", flush=True)
         res = search_budgets(space, samples, model=cfg["model"], num_trials=int(tu["trials"]),
                              max_concurrent=int(cfg["workers"]), cpus_per_trial=cpus_per_trial,
-                             query_aware=bool(tu["query_aware"]), grace_period=int(tu["grace_period"]),
+                             query_aware=tune_aware(tu, method), grace_period=int(tu["grace_period"]),
                              reduction_factor=float(tu["reduction_factor"]), seed=int(cfg["seed"]),
                              storage_path=str(out / "ray"), name=f"{run_id}-{method}", run=run_id, verbose=0,
                              progress=lambda line: print(line, flush=True))
@@ -293,8 +306,8 @@ def build_candidates(cfg, df, tuned, num_layers, num_kv_heads) -> tuple[list[Can
                     best["method"], bool(aware), best["ratio"],
                     f"rank {rank} on the eval grid ({proto}): its largest ratio within {tol:g}",
                     kvray.make_press(best["method"], compression_ratio=best["ratio"]), selection=best)
-    aware = bool(tu["query_aware"])
     for method, table in tuned.items():
+        aware = tune_aware(tu, method)
         sel = select(aware, method)
         if sel is not None and sel["ratio"] is None:
             notes.append(f"{method} (tuned, {'aware' if aware else 'agnostic'}): no ratio of the eval grid stays "

@@ -13,8 +13,6 @@ kv_bytes_windowed), as everywhere in kvray.
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ except ImportError:  # a plain source tree
     import kvray
 
 from kvray.eval.tasks import make_samples
+from kvray.report import replace_section, results_job
 from kvray.results import new_run_id, read_results
 from kvray.stats import bootstrap_ci
 
@@ -121,31 +120,18 @@ def render(base: str) -> str:
         END,
     ]
     section = "\n".join(lines)
-    page = ROOT / "docs" / "results.md"
-    text = page.read_text()
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    page.write_text(text)
+    replace_section(ROOT / "docs" / "results.md", START, END, section)
     return section
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=10, help="per task")
-    ap.add_argument("--tasks", type=lambda s: s.split(","), default=["niah_single:15", "niah_multikey:15", "vt:10"],
-                    help="comma list of task or task:samples")
-    ap.add_argument("--length", type=int, default=1000)
-    ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--seed", type=int, default=11)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--run-id", default=None, help="resume this run")
-    ap.add_argument("--render", default=None, metavar="RUN_ID", help="only re-render the page from existing Parquet")
-    args = ap.parse_args(argv)
-    base = args.render or run(args)
-    print(render(base))
-    return 0
+    def options(ap):
+        ap.add_argument("--samples", type=int, default=10, help="per task")
+        ap.add_argument("--tasks", type=lambda s: s.split(","), default=["niah_single:15", "niah_multikey:15", "vt:10"],
+                        help="comma list of task or task:samples")
+        ap.add_argument("--ratio", type=float, default=0.5)
+
+    return results_job(argv, __doc__, run, render, seed=11, add_arguments=options)
 
 
 if __name__ == "__main__":

@@ -642,6 +642,34 @@ nav { margin: 1em 0; } code, pre { background: #f5f5f5; padding: 1px 4px; }
 """
 
 
+def results_job(argv, doc: str, run, render, *, seed: int, add_arguments=None) -> int:
+    """The command line the results jobs share (jobs/results_*.py): their own options
+    (`add_arguments(parser)`), then --length, --seed, --threads, --run-id, --render; runs
+    `run(args)` unless --render names a run, then prints `render(run_id)`."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if add_arguments is not None:
+        add_arguments(ap)
+    ap.add_argument("--length", type=int, default=1000, help="target context tokens")
+    ap.add_argument("--seed", type=int, default=seed)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--run-id", default=None, help="resume this run")
+    ap.add_argument("--render", default=None, metavar="RUN_ID", help="only re-render the page from existing Parquet")
+    args = ap.parse_args(argv)
+    print(render(args.render or run(args)))
+    return 0
+
+
+def replace_section(page: Path, start: str, end: str, section: str) -> None:
+    """Put `section` (which begins with `start` and ends with `end`) into the Markdown page,
+    replacing what lies between the markers there, or appended when they are absent."""
+    text = page.read_text()
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    page.write_text(text)
+
+
 def write_report(run_dir, out=None) -> Path:
     """Write the HTML report of `run_dir` to `out` (default `<run_dir>/report.html`) and its PNGs
     to `<out's folder>/report_img/`; returns the page's path. Raises FileNotFoundError when

@@ -62,7 +62,7 @@ def test_space_grid_baseline_and_errors():
     space = SearchSpace.default("snapkv", 0.5, window_size=[8, 16])
     assert 32 in space.choices["window_size"]  # the default joins so the uniform baseline is in the space
     grid = space.grid()
-    assert len(grid) == 4 * 3 * 3 * 3
+    assert len(grid) == 4 * 3 * 3 * 3 * 2  # slope x alpha x window x kernel x pooling
     assert sum(space.is_baseline(c) for c in grid) == 1
     with pytest.raises(ValueError, match="not a search parameter"):
         SearchSpace.default("snapkv", 0.5, windw_size=[8])
@@ -171,9 +171,31 @@ def test_job_config_overrides():
     job.apply_set(cfg, "tune.space.snapkv.observation=[last, everything]")
     with pytest.raises(SystemExit, match="observation must be one of"):
         job.check_tune_spaces(cfg)
-    job.apply_set(cfg, "tune.space={knorm: {window_size: [8]}}")
-    with pytest.raises(SystemExit, match="'window_size' is not a search parameter of knorm"):
+    job.apply_set(cfg, "tune.space={compactor: {window_size: [8]}}")
+    with pytest.raises(SystemExit, match="'window_size' is not a search parameter of compactor"):
         job.check_tune_spaces(cfg)
+    job.apply_set(cfg, "tune.space={}")
+    job.apply_set(cfg, "tune.methods=[snapkv, knorm]")  # knorm has no protocol in tune.query_aware's mapping
+    with pytest.raises(SystemExit, match="names no protocol for knorm"):
+        job.check_tune_spaces(cfg)
+    job.apply_set(cfg, "tune.query_aware=true")  # one bool for all
+    job.check_tune_spaces(cfg)
+    assert job.tune_aware(cfg["tune"], "knorm") is True
     job.apply_set(cfg, "tune.space=[snapkv]")
     with pytest.raises(SystemExit, match="tune.space must map method names"):
         job.check_tune_spaces(cfg)
+
+
+def test_compactor_space_searches_its_own_choices():
+    from kvray.presses.compactor import CompactorPress
+    from kvray.tune.space import SearchSpace
+
+    space = SearchSpace.default("compactor", 0.5)
+    assert space.choices["blending"] == (0.3, None) and space.choices["head_alpha"] == (1.0,)
+    assert space.baseline() == {"layer_slope": 0.0, "head_alpha": 1.0, "blending": 0.3, "head_adaptive": False}
+    presses = [space.press(c, 4, 2) for c in space.grid()]
+    assert len(presses) == 4 * 2 * 2 and all(isinstance(p, CompactorPress) for p in presses)
+    sloped = space.press({"layer_slope": 0.5, "head_alpha": 1.0, "blending": None, "head_adaptive": True}, 4, 2)
+    assert sloped.plan is not None and sloped.blending is None and sloped.weight == 0.5  # lambda = the ratio
+    with pytest.raises(ValueError, match="head_alpha is fixed"):
+        SearchSpace.default("compactor", 0.5, head_alpha=[0.5, 1.0])

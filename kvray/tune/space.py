@@ -5,7 +5,8 @@ deterministically into a press with a per-layer x per-KV-head budget at a fixed 
   0 = uniform, > 0 = more to early layers as PyramidKV), mean held at the target;
 - `head_alpha` in [0, 1]: the AdaKV head floor inside each layer (1 = every head the same
   budget; lower = budgets follow the scorer's cross-head comparison, real per-head memory);
-- the method's own hyperparameters where they matter (SnapKV's window and pooling kernel).
+- the method's own hyperparameters where they matter: SnapKV's window, pooling kernel and
+  pooling; Compactor's blending (lambda 0.3 or the ratio) and its head-adaptive budgets.
 
 `baseline()` is the uniform allocation with the method's defaults: always a candidate.
 """
@@ -24,9 +25,14 @@ ALLOCATION_CHOICES: dict[str, tuple] = {
     "head_alpha": (0.2, 0.5, 1.0),
 }
 METHOD_CHOICES: dict[str, dict[str, tuple]] = {
-    "snapkv": {"window_size": (16, 32, 64), "kernel_size": (1, 3, 7)},
+    "snapkv": {"window_size": (16, 32, 64), "kernel_size": (1, 3, 7), "pooling": ("max", "avg")},
+    # blending: the paper's lambda 0.3, or None = the compression ratio (kvpress); head_adaptive:
+    # the layer's budget split across its KV heads by score (compactor's own; AdaKV does not wrap it)
+    "compactor": {"blending": (0.3, None), "head_adaptive": (False, True)},
 }
-SEARCHABLE = ("knorm", "random", "streaming_llm", "snapkv")  # scorers whose layer budgets come from the plan
+#: per method, allocation choices that do not apply (compactor splits heads itself)
+FIXED: dict[str, dict[str, tuple]] = {"compactor": {"head_alpha": (1.0,)}}
+SEARCHABLE = ("knorm", "random", "streaming_llm", "snapkv", "compactor")  # layer budgets come from the plan
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class SearchSpace:
                              f"sets); got {method!r}")
         if not 0.0 < compression_ratio < 1.0:
             raise ValueError(f"compression_ratio must lie in (0, 1) for a budget search, got {compression_ratio}")
-        choices = {**ALLOCATION_CHOICES, **METHOD_CHOICES.get(method, {})}
+        choices = {**ALLOCATION_CHOICES, **METHOD_CHOICES.get(method, {}), **FIXED.get(method, {})}
         known = (set(choices) | set(method_params(method))) - {"compression_ratio", "plan"}
         for name, values in overrides.items():
             if name not in known:
@@ -57,6 +63,10 @@ class SearchSpace:
                 for value in values:  # a bad value fails here, not in a trial halfway through a search
                     make_press(method, compression_ratio=compression_ratio, **{name: value})
             choices[name] = values
+        for name, values in FIXED.get(method, {}).items():
+            if tuple(choices[name]) != values:
+                raise ValueError(f"{name} is fixed at {values} for {method} (it allocates its heads itself); "
+                                 f"got {tuple(choices[name])}")
         space = cls(method, float(compression_ratio), choices)
         # the uniform baseline (method defaults) is always a point of the space
         for name, value in space.baseline().items():
