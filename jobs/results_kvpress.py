@@ -1,8 +1,8 @@
 """kvray's defaults against kvpress's choices, on the project's suite: Compactor query-agnostic and
 SnapKV query-aware at ratios 0.5 / 0.75 / 0.9, each as kvray's default, as kvpress 0.5.5 chooses
 (`parity="kvpress"`: the same kept entries as kvpress, tests/test_kvpress_parity.py) and with the
-one choice that differs most (compactor's blending = the ratio; snapkv's window on the question),
-on the same samples, then the section "Defaults vs kvpress" of docs/results.md with n and 95%
+choices that differ (compactor: the paper's scoring and lambda; snapkv: the window on the
+question), on the same samples, then the section "Defaults vs kvpress" of docs/results.md with n and 95%
 intervals (paired bootstrap for the differences).
 
     python jobs/results_kvpress.py                      # niah_single, niah_multikey, vt x 17 (n = 51 per cell)
@@ -35,7 +35,8 @@ START, END = "<!-- defaults-vs-kvpress:start -->", "<!-- defaults-vs-kvpress:end
 #: protocol -> method -> {label: parameters}; the first label is kvray's default
 VARIANTS = {
     False: ("compactor", {"kvray default": {}, "kvpress (parity)": {"parity": "kvpress"},
-                          "kvray, blending = ratio": {"blending": None}}),
+                          "paper (lambda 0.3; kvray's default before)": {"scoring": "paper", "blending": 0.3},
+                          "paper, blending = ratio": {"scoring": "paper", "blending": None}}),
     True: ("snapkv", {"kvray default": {}, "kvpress (parity)": {"parity": "kvpress"},
                       "kvray, observation = question": {"observation": "question"}}),
 }

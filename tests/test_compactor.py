@@ -212,7 +212,7 @@ def test_score_is_the_protected_blend(llama_pre):
     state = pre.state(False)
     N = state.n_tokens
     lam, first, last, chunk = 0.3, 8, 4, 64
-    press = CompactorPress(compression_ratio=0.5, chunk_size=chunk, blending=lam)
+    press = CompactorPress(compression_ratio=0.5, chunk_size=chunk, blending=lam, scoring="paper")
     for layer in state.layers:
         got = press.score(layer)
         H, d = layer.num_kv_heads, layer.keys.shape[-1]
@@ -234,19 +234,20 @@ def test_score_is_the_protected_blend(llama_pre):
         assert (got[..., :first] > top + 0.5).all() and (got[..., N - last:] > top + 0.5).all()
     # lambda weighs the leverage term: 0 ranks by attention alone
     layer = state.layers[1]
-    only_attn = CompactorPress(blending=0.0, chunk_size=chunk).score(layer)[..., first:N - last]
+    only_attn = CompactorPress(blending=0.0, chunk_size=chunk, scoring="paper").score(layer)[..., first:N - last]
     q = context_queries(layer.module, layer.hidden[:, first:N - last], torch.arange(first, N - last))
     att = noncausal_chunk_attention(q, layer.keys[:, :, first:N - last], chunk)
     assert torch.allclose(only_attn, zscore(att), atol=1e-5)
 
 
-def test_protection_on_tiny_inputs(llama_pre):
+@pytest.mark.parametrize("scoring", ["kvpress", "paper"])
+def test_protection_on_tiny_inputs(llama_pre, scoring):
     _, pre = llama_pre
     layer = pre.state(False).layers[0]
     for N in (5, 12, 13):  # everything protected, nothing left over, one scored token
         small = LayerInputs(0, layer.keys[:, :, :N], layer.values[:, :, :N], module=layer.module,
                             hidden=layer.hidden[:, :N])
-        s = CompactorPress(compression_ratio=0.5).score(small)
+        s = CompactorPress(compression_ratio=0.5, scoring=scoring).score(small)
         assert s.shape == (1, 2, N) and torch.isfinite(s).all()
         ref = protect(torch.zeros(1, 2, N), first=min(8, N), last=min(4, N - min(8, N)))
         assert torch.equal(s, ref)
@@ -292,13 +293,14 @@ def test_parameters_validated_and_jsonable():
     p = CompactorPress(compression_ratio=0.5)
     assert p.name == "compactor" and p.needs_hidden and not p.needs_queries
     assert json.loads(p.params_json()) == {"sink_tokens": 8, "recent_tokens": 4, "chunk_size": 256,
-                                           "sketch_dim": 48, "blending": 0.3, "seed": 0,
-                                           "head_adaptive": False, "head_floor": 0.2}
+                                           "sketch_dim": 48, "blending": None, "seed": 0,
+                                           "head_adaptive": False, "head_floor": 0.2, "scoring": "kvpress"}
     for bad, word in (({"chunk_size": 0}, "chunk_size"), ({"sketch_dim": 0}, "sketch_dim"),
                       ({"sink_tokens": -1}, "sink_tokens"), ({"recent_tokens": 2.5}, "recent_tokens"),
                       ({"blending": -0.1}, "blending"), ({"blending": float("inf")}, "blending"),
                       ({"seed": -1}, "seed"), ({"head_adaptive": 1}, "head_adaptive"),
-                      ({"head_floor": 1.5}, "head_floor"), ({"compression_ratio": 1.0}, "compression_ratio")):
+                      ({"head_floor": 1.5}, "head_floor"), ({"compression_ratio": 1.0}, "compression_ratio"),
+                      ({"scoring": "vllm"}, "scoring"), ({"parity": "kvpress", "scoring": "paper"}, "scoring")):
         with pytest.raises(ValueError, match=word):
             CompactorPress(**bad)
 

@@ -191,11 +191,13 @@ def test_compactor_space_searches_its_own_choices():
     from kvray.tune.space import SearchSpace
 
     space = SearchSpace.default("compactor", 0.5)
-    assert space.choices["blending"] == (0.3, None) and space.choices["head_alpha"] == (1.0,)
-    assert space.baseline() == {"layer_slope": 0.0, "head_alpha": 1.0, "blending": 0.3, "head_adaptive": False}
+    assert space.choices["blending"] == (None, 0.3) and space.choices["head_alpha"] == (1.0,)
+    assert space.baseline() == {"layer_slope": 0.0, "head_alpha": 1.0, "blending": None, "head_adaptive": False,
+                                "scoring": "kvpress"}
     presses = [space.press(c, 4, 2) for c in space.grid()]
-    assert len(presses) == 4 * 2 * 2 and all(isinstance(p, CompactorPress) for p in presses)
-    sloped = space.press({"layer_slope": 0.5, "head_alpha": 1.0, "blending": None, "head_adaptive": True}, 4, 2)
+    assert len(presses) == 4 * 2 * 2 * 2 and all(isinstance(p, CompactorPress) for p in presses)
+    sloped = space.press({"layer_slope": 0.5, "head_alpha": 1.0, "blending": None, "head_adaptive": True,
+                          "scoring": "kvpress"}, 4, 2)
     assert sloped.plan is not None and sloped.blending is None and sloped.weight == 0.5  # lambda = the ratio
     with pytest.raises(ValueError, match="head_alpha is fixed"):
         SearchSpace.default("compactor", 0.5, head_alpha=[0.5, 1.0])

@@ -6,7 +6,8 @@ deterministically into a press with a per-layer x per-KV-head budget at a fixed 
 - `head_alpha` in [0, 1]: the AdaKV head floor inside each layer (1 = every head the same
   budget; lower = budgets follow the scorer's cross-head comparison, real per-head memory);
 - the method's own hyperparameters where they matter: SnapKV's window, pooling kernel and
-  pooling; Compactor's blending (lambda 0.3 or the ratio) and its head-adaptive budgets.
+  pooling; Compactor's scoring (kvpress's or the paper's), blending (the ratio or lambda 0.3)
+  and its head-adaptive budgets.
 
 `baseline()` is the uniform allocation with the method's defaults: always a candidate.
 """
@@ -26,9 +27,10 @@ ALLOCATION_CHOICES: dict[str, tuple] = {
 }
 METHOD_CHOICES: dict[str, dict[str, tuple]] = {
     "snapkv": {"window_size": (16, 32, 64), "kernel_size": (1, 3, 7), "pooling": ("max", "avg")},
-    # blending: the paper's lambda 0.3, or None = the compression ratio (kvpress); head_adaptive:
+    # scoring: kvpress's (value-norm weighting, avg-pool 3, z-score over the layer) or the paper's;
+    # blending: None = the compression ratio (kvpress) or the paper's lambda 0.3; head_adaptive:
     # the layer's budget split across its KV heads by score (compactor's own; AdaKV does not wrap it)
-    "compactor": {"blending": (0.3, None), "head_adaptive": (False, True)},
+    "compactor": {"scoring": ("kvpress", "paper"), "blending": (None, 0.3), "head_adaptive": (False, True)},
 }
 #: per method, allocation choices that do not apply (compactor splits heads itself)
 FIXED: dict[str, dict[str, tuple]] = {"compactor": {"head_alpha": (1.0,)}}
