@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import socket
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -314,6 +315,7 @@ def test_calibrate_job_serve_deploys_then_hot_reloads(served, tiny_dir, tmp_path
 
     spec = importlib.util.spec_from_file_location("calibrate_job", ROOT / "jobs" / "calibrate.py")
     job = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = job  # its dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(job)
     store = tmp_path / "policies"
     Policy(policy_id="run1", model="tiny-llama", method="knorm", compression_ratio=0.5).save(store)
