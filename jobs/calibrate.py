@@ -309,6 +309,8 @@ def build_candidates(cfg, df, tuned, num_layers, num_kv_heads) -> tuple[list[Can
     for method, table in tuned.items():
         aware = tune_aware(tu, method)
         sel = select(aware, method)
+        if sel is not None and not sel["scores"]:
+            sel = None  # not on the eval grid: no ratio was chosen for it
         if sel is not None and sel["ratio"] is None:
             notes.append(f"{method} (tuned, {'aware' if aware else 'agnostic'}): no ratio of the eval grid stays "
                          f"within {tol:g} of the full cache (scores {_fmt_scores(sel['scores'])} vs full "
@@ -325,7 +327,7 @@ def build_candidates(cfg, df, tuned, num_layers, num_kv_heads) -> tuple[list[Can
         cand = out.get(key) or Candidate(method, aware, ratio, f"tuned ({method})",
                                          kvray.make_press(method, compression_ratio=ratio), selection=sel or {})
         cand.why = cand.why if key in out else (f"tuned, at the eval grid's largest ratio within {tol:g}"
-                                                if sel is not None else "tuned, at Tune's ratio (the eval grid was skipped)")
+                                                if sel is not None else "tuned, at Tune's ratio (not on the eval grid)")
         cand.tuned, cand.allocation = at_tune.press(ratio), config
         cand.tune = {"ratio": float(best["target_ratio"]), "score": float(best["score"]),
                      "uniform_score": float(base["score"].max()) if len(base) else None,

@@ -198,3 +198,22 @@ def test_serve_applies_the_floor_to_the_prompt_it_runs():
     assert job.press().target_ratio == 0.75  # request-time check: the policy's own ratio
     assert job.press(60).name == "full" and job.press(512).target_ratio == pytest.approx(0.75)
     assert job.press(256).target_ratio == pytest.approx(0.5)
+
+
+def test_build_candidates_ranks_the_grid_and_keeps_tuned_methods_off_it(job):
+    grid = pd.DataFrame(_rows("F", [1] * 10, method="full", ratio=0.0)
+                        + _rows("s25", [1] * 10, method="snapkv", ratio=0.25)
+                        + _rows("s50", [0] * 10, method="snapkv", ratio=0.5)
+                        + _rows("k25", [0] * 10, method="knorm", ratio=0.25))
+    table = pd.DataFrame({"is_best": [True, False], "is_baseline": [False, True], "score": [0.6, 0.5],
+                          "target_ratio": [0.5, 0.5], "n_samples": [9, 9],
+                          "config": [json.dumps({"layer_slope": 0.5, "head_alpha": 1.0}),
+                                     json.dumps({"layer_slope": 0.0, "head_alpha": 1.0})]})
+    cfg = {"policy": {"tolerance": 0.05, "candidates": 2},
+           "tune": {"compression_ratio": 0.5, "query_aware": False, "space": {}}}
+    cands, notes = job.build_candidates(cfg, grid, {"random": table, "knorm": table}, 4, 2)
+    by = {c.method: c for c in cands}
+    assert by["snapkv"].ratio == 0.25 and by["snapkv"].tuned is None and "rank 1" in by["snapkv"].why
+    # random is not on the grid: tested at Tune's ratio; knorm is, and holds no ratio: no candidate
+    assert by["random"].ratio == 0.5 and by["random"].tuned.plan is not None and "not on the eval grid" in by["random"].why
+    assert "knorm" not in by and any(n.startswith("knorm (tuned, agnostic): no ratio") for n in notes)
