@@ -33,7 +33,8 @@ except ImportError:  # a plain source tree (e.g. a working_dir without kvray ins
     import kvray
 
 from kvray.eval.tasks import make_samples
-from kvray.results import new_run_id
+from kvray.results import new_run_id, press_config_id
+from kvray.stats import format_ci as _ci
 from kvray.validation import (CANNOT_TELL, DEFAULT_TOLERANCE, HOLDS, PLAN_WINS, largest_ratio, plan_verdict, recommend,
                               target_verdict, validation_record)
 
@@ -147,6 +148,16 @@ def samples_for(section: dict, seed: int, count_tokens, offset: int = 0) -> list
         out += make_samples(task, n, length=int(section["length"]), seed=seed + 1000 * offset + j,
                             count_tokens=count_tokens)
     return out
+
+
+def round_samples(section: dict, seed: int, count_tokens, offset: int, counts: list[int]) -> list[list]:
+    """The samples each round adds: per task of `section`, those from the previous cumulative
+    count to the next (`counts`, per task, the first one already there), from the split's seed
+    (`make_samples` is prefix-stable, so round k's samples extend round k-1's)."""
+    by_task: dict[str, list] = {}
+    for s in samples_for(dict(section, samples=counts[-1]), seed, count_tokens, offset=offset):
+        by_task.setdefault(s.task, []).append(s)
+    return [[s for t in section["tasks"] for s in by_task[t][a:b]] for a, b in zip(counts, counts[1:])]
 
 
 def stage_eval(cfg, pool, run_id, run_path, count_tokens):
@@ -266,12 +277,6 @@ class Candidate:
         return self.tuned if self.tuned is not None and self.plan_verdict == PLAN_WINS else self.uniform
 
 
-def press_config_id(press, aware: bool) -> str:
-    from kvray.results import config_id
-
-    return config_id(press.name, press.params_json(), press.target_ratio, press.plan_id, bool(aware))
-
-
 def build_candidates(cfg, df, tuned, num_layers, num_kv_heads) -> tuple[list[Candidate], list[str]]:
     """Per protocol of the eval grid, the method holding the largest ratio within the tolerance
     (the selection split); per tuned method, its own largest such ratio in Tune's protocol.
@@ -354,15 +359,11 @@ def stage_validate(cfg, pool, run_id, run_path, count_tokens, candidates: list[C
     rounds = sorted({int(n) for n in pol["rounds"]})
     if not rounds or rounds[0] < 1:
         raise SystemExit(f"policy.rounds must be increasing positive sample counts per task, got {pol['rounds']!r}")
-    pool_samples = samples_for({"tasks": pol["tasks"], "length": pol["length"], "samples": rounds[-1]},
-                               cfg["seed"], count_tokens, offset=3)
-    by_task: dict[str, list] = {}
-    for s in pool_samples:
-        by_task.setdefault(s.task, []).append(s)
+    batches = round_samples({"tasks": pol["tasks"], "length": pol["length"]}, cfg["seed"], count_tokens, 3,
+                            [0] + rounds)
     full = kvray.make_press("full")
-    frames, todo, prev = [], list(candidates), 0
-    for k, n in enumerate(rounds):
-        batch = [s for t in pol["tasks"] for s in by_task[t][prev:n]]
+    frames, todo = [], list(candidates)
+    for k, batch in enumerate(batches):
         print(f"[validate] round {k + 1}/{len(rounds)}: {len(batch)} test samples for "
               f"{', '.join(f'{c.method} ({c.protocol})' for c in todo)}", flush=True)
         for aware in sorted({c.aware for c in todo}):  # one call per protocol: no config decoded in vain
@@ -372,7 +373,6 @@ def stage_validate(cfg, pool, run_id, run_path, count_tokens, candidates: list[C
                                            protocols=[aware],
                                            run_id=f"{run_id}-test{k + 1}-{'aware' if aware else 'agnostic'}")
             frames.append(rows)
-        prev = n
         rows = pd.concat(frames, ignore_index=True)
         for c in todo:
             validate_candidate(c, rows, full, tol)
@@ -430,17 +430,12 @@ def stage_select(cfg, pool, run_id, run_path, count_tokens, df):
     rounds = [int(n) for n in ev.get("rounds") or [] if int(n) > int(ev["samples"])]
     if not rounds:
         return df
-    pool_samples = samples_for(dict(ev, samples=max(rounds)), cfg["seed"], count_tokens, offset=0)
-    by_task: dict[str, list] = {}
-    for s in pool_samples:
-        by_task.setdefault(s.task, []).append(s)
-    prev, frames = int(ev["samples"]), [df]
-    for k, n in enumerate(sorted(rounds)):
+    frames = [df]
+    for k, batch in enumerate(round_samples(ev, cfg["seed"], count_tokens, 0, [int(ev["samples"])] + sorted(rounds))):
         cells = undecided_cells(pd.concat(frames, ignore_index=True), tol, min_n,
                                 keep=int(cfg["policy"].get("candidates", 1)))
         if not cells:
             break
-        batch = [s for t in ev["tasks"] for s in by_task[t][prev:n]]
         print(f"[select] round {k + 1}: {len(batch)} more samples for {len(cells)} undecided cells: "
               + ", ".join(f"{m}@{r:g} ({'aware' if a else 'agnostic'})" for a, m, r in cells), flush=True)
         for aware in sorted({a for a, _, _ in cells}):  # one call per protocol: no config decoded in vain
@@ -449,7 +444,6 @@ def stage_select(cfg, pool, run_id, run_path, count_tokens, df):
             _, rows = run_eval_distributed(pool, batch, presses, out_dir=run_path / "evals", protocols=[aware],
                                            run_id=f"{run_id}-select{k + 1}-{'aware' if aware else 'agnostic'}")
             frames.append(rows)
-        prev = n
     return pd.concat(frames, ignore_index=True)
 
 
@@ -617,10 +611,6 @@ def largest_safe_ratio(df, tolerance: float = DEFAULT_TOLERANCE) -> "object":
                 row[f"score@{ratio:g}"] = float(score)
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _ci(pair) -> str:
-    return f"[{pair[0]:.2f}, {pair[1]:.2f}]"
 
 
 def validation_row(c: Candidate, policies) -> dict:

@@ -25,7 +25,7 @@ except ImportError:  # a plain source tree
 
 from kvray.eval.tasks import make_samples
 from kvray.report import replace_section, results_job
-from kvray.results import new_run_id, read_results
+from kvray.results import new_run_id, press_config_id, read_results
 from kvray.stats import bootstrap_ci, paired_bootstrap_ci
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,15 +70,9 @@ def run(args) -> str:
 
 def labels(aware: bool) -> dict[str, str]:
     """config_id -> variant label, for one protocol's presses."""
-    from kvray.results import config_id
-
     method, variants = VARIANTS[aware]
-    out = {}
-    for label, params in variants.items():
-        for r in RATIOS:
-            p = kvray.make_press(method, compression_ratio=r, **params)
-            out[config_id(p.name, p.params_json(), p.target_ratio, p.plan_id, aware)] = label
-    return out
+    return {press_config_id(kvray.make_press(method, compression_ratio=r, **params), aware): label
+            for label, params in variants.items() for r in RATIOS}
 
 
 def render(base: str) -> str:

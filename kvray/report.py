@@ -21,6 +21,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure  # no pyplot: nothing global (backend, figure registry) changes
 from matplotlib.lines import Line2D
 
+from .stats import bootstrap_ci, format_ci
+
 PARTS = ("evals/run_id=*/part-*.parquet", "tune/*.parquet", "calibration/*.json", "calibration/curves-*.parquet",
          "policies/*.json", "summary.json")
 MiB = 2**20
@@ -246,8 +248,6 @@ def _scores(run: _Run, img: _Images) -> str:
 def _score_figure(part: pd.DataFrame, labels: list[str], xmax: float) -> Figure:
     """One panel per method: its mean score over samples at each ratio with a 95% bootstrap
     interval, over the full cache's mean and interval (a grey band), so no two curves overlap."""
-    from .stats import bootstrap_ci
-
     def mean_ci(scores) -> tuple[float, float, float]:
         lo, hi = bootstrap_ci(scores)
         return float(np.mean(scores)), lo, hi
@@ -331,19 +331,15 @@ def _plans(run: _Run, img: _Images) -> str:
     return _section("budgets", "2. Tuned budgets", body)
 
 
-def _ci(pair) -> str:
-    return f"[{pair[0]:.2f}, {pair[1]:.2f}]" if isinstance(pair, (list, tuple)) and len(pair) == 2 else ""
-
-
 def _policy_row(p) -> dict:
     v = p.validation or {}
     tune = p.metrics.get("tune") or {}
     ex = v.get("readme_example") or {}
     return {"policy": p.policy_id, "method": p.method, "ratio": p.compression_ratio, "query-aware": p.query_aware,
             "plan": p.plan.get("name", "custom") if p.plan else "uniform",
-            "test n": str(v["n"]) if "n" in v else "", "test score": v.get("score"), "score 95%": _ci(v.get("score_ci95")),
+            "test n": str(v["n"]) if "n" in v else "", "test score": v.get("score"), "score 95%": format_ci(v.get("score_ci95")),
             "full": v.get("full_score"), "uniform": v.get("uniform_score"), "gain": v.get("gain_vs_uniform"),
-            "gain 95%": _ci(v.get("gain_ci95")), "verdict": v.get("verdict", "not validated"),
+            "gain 95%": format_ci(v.get("gain_ci95")), "verdict": v.get("verdict", "not validated"),
             "tune score": tune.get("score", p.metrics.get("tune_score")),
             "README example": ("ok" if ex.get("correct") else "wrong") if ex else "",
             "calibrated": p.calibrator is not None,

@@ -58,6 +58,11 @@ def config_id(method: str, params_json: str, ratio: float, plan_id: str, query_a
     return short_hash(method, params_json, f"{ratio:.6f}", plan_id, int(query_aware))
 
 
+def press_config_id(press, query_aware: bool) -> str:
+    """`config_id` of a press (a `kvray.Press`) in one protocol: the id its eval rows carry."""
+    return config_id(press.name, press.params_json(), press.target_ratio, press.plan_id, query_aware)
+
+
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 

@@ -17,6 +17,11 @@ def bootstrap_ci(values, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, fl
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def format_ci(pair) -> str:
+    """`[lo, hi]` with two decimals; "" for anything that is not a pair."""
+    return f"[{pair[0]:.2f}, {pair[1]:.2f}]" if isinstance(pair, (list, tuple)) and len(pair) == 2 else ""
+
+
 def paired_bootstrap_ci(a, b, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float]:
     """95% interval of mean(a - b) for scores of the same samples (a[i] and b[i] on sample i):
     the samples are resampled together, so what both share cancels."""

@@ -16,7 +16,7 @@ from ..generate import run_configs
 from ..runtime import Prefill, build_prompt, capture_window_for, hidden_needed_for, prefill
 from ..models import LanguageModel, load_model
 from ..presses import Press, make_press
-from ..results import (SCHEMA_VERSION, config_id, new_run_id, now_utc, read_results, run_dir, shard_exists,
+from ..results import (SCHEMA_VERSION, new_run_id, press_config_id, now_utc, read_results, run_dir, shard_exists,
                        short_hash, write_manifest, write_shard)
 from .metrics import score_sample
 from .tasks import Sample
@@ -75,7 +75,7 @@ class ModelHost:
     def _row(self, run_id, sample, press, query_aware, out) -> dict:
         s = out.stats
         params_json = press.params_json()
-        cid = config_id(press.name, params_json, press.target_ratio, press.plan_id, query_aware)
+        cid = press_config_id(press, query_aware)
         return {
             "run_id": run_id, "created_at": now_utc(), "kvray_version": __version__,
             "schema_version": SCHEMA_VERSION, "item_id": short_hash(cid, sample.sample_id), "config_id": cid,

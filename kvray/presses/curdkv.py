@@ -129,14 +129,17 @@ class CurDKVPress(Press):
             parts.append(row_leverage(layer.values, self.estimator, self.rank, G))
         if self.local_window_size:
             parts = [local_normalise(p, self.local_window_size) for p in parts]
-        if self.leverage == "kv_product":
-            scores = parts[0] * parts[1]
-        elif self.leverage == "kv_avg":
-            scores = (parts[0] + parts[1]) / 2
-        else:
-            scores = parts[0]
+        scores = self._combine(parts)
         scores = scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
         return protect(scores, first=self.num_sinks)
+
+    def _combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The key and value parts by `leverage`: their product, their mean, or the one there is."""
+        if self.leverage == "kv_product":
+            return parts[0] * parts[1]
+        if self.leverage == "kv_avg":
+            return (parts[0] + parts[1]) / 2
+        return parts[0]
 
     def kvpress_score(self, layer: LayerInputs) -> torch.Tensor:
         """The scores of kvpress's CURPress (see the class docstring)."""
@@ -150,12 +153,7 @@ class CurDKVPress(Press):
             B, H, N = parts[0].shape
             windows = [torch.nn.functional.pad(p, (0, (-N) % w)).reshape(B, H, -1, w) for p in parts]
             parts = [(x / x.sum(dim=-1, keepdim=True)).reshape(B, H, -1)[..., :N] for x in windows]
-        if self.leverage == "kv_product":
-            scores = parts[0] * parts[1]
-        elif self.leverage == "kv_avg":
-            scores = (parts[0] + parts[1]) / 2
-        else:
-            scores = parts[0]
+        scores = self._combine(parts)
         scores = scores / scores.sum(dim=-1, keepdim=True)
         scores[..., :self.num_sinks] = 1.0
         return scores
