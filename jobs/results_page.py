@@ -2,7 +2,7 @@
 in both protocols on Ray actors (one prefill per sample), then write docs/results.md and PNG
 plots (score vs compression per method and task) from the Parquet it wrote.
 
-    python jobs/results_page.py                         # >= 20 samples per cell at 1k, plus a 2k point
+    python jobs/results_page.py                         # >= 50 samples per cell at 1k and at the 2k point
     python jobs/results_page.py --quick                 # a few samples, to check the pipeline
     python jobs/results_page.py --render RUN_DIR        # only re-render the page from existing Parquet
     python jobs/results_page.py --run-id ID             # resume an interrupted run
@@ -26,15 +26,12 @@ except ImportError:  # a plain source tree
 
 from kvray.eval.tasks import make_samples
 from kvray.results import new_run_id, read_results
+from kvray.stats import bootstrap_ci, format_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = [0.5, 0.75, 0.9]
 TASKS_1K = ["niah_single", "niah_multikey", "vt"]
 TASKS_2K = ["niah_single"]
-CAL_METHODS = ["compactor", "snapkv"]
-CAL_TASKS = ["niah_single", "vt", "cwe", "fwe"]
-CAL_RETENTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-CAL_TAU = 0.95
 
 
 def run(args) -> Path:
@@ -64,52 +61,9 @@ def run(args) -> Path:
             print(f"[results] {length} tokens: {len(samples)} samples x {len(presses)} configs x 2 protocols", flush=True)
             run_eval_distributed(pool, samples, presses, out_dir=out, protocols=[False, True],
                                  run_id=f"{run_id}-{length}")
-        calibrate(pool, out / f"calibration-{run_id}", count, 2 if args.quick else args.cal_contexts)
     finally:
         pool.shutdown()
     return out, run_id
-
-
-def calibrate(pool, out: Path, count, per_task: int) -> None:
-    """Fit a calibrator per method on half of the contexts, check it on the other half: the
-    share of held-out contexts whose NLL ratio stays >= tau at their predicted ratio, vs the best
-    single fixed ratio with the same share."""
-    import json
-
-    import pandas as pd
-
-    from kvray.actors import measure_curves_distributed
-    from kvray.calibration import compare_with_fixed, fit_calibrator, validate_calibrator
-
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "report.json").is_file():
-        return
-    samples = []
-    for j, task in enumerate(CAL_TASKS):
-        samples += make_samples(task, 2 * per_task, length=1000, seed=500 + j, count_tokens=count)
-    fit_ids = {s.sample_id for i, s in enumerate(samples) if (i % (2 * per_task)) < per_task}
-    held = [s for s in samples if s.sample_id not in fit_ids]
-    print(f"[results] calibration: {len(samples)} contexts x {len(CAL_METHODS)} methods", flush=True)
-    rows = pd.DataFrame(measure_curves_distributed(pool, samples, {m: {} for m in CAL_METHODS}, CAL_RETENTIONS))
-    rows["split"] = rows["sample_id"].map(lambda s: "fit" if s in fit_ids else "heldout")
-    rows.to_parquet(out / "curves.parquet", index=False)
-    report = {}
-    for m in CAL_METHODS:
-        mine = rows[rows["method"] == m]
-        cal = fit_calibrator(mine[mine["split"] == "fit"].to_dict("records"), m, tau=CAL_TAU)
-        cal.save(out / f"{m}.json")
-        heldout = mine[mine["split"] == "heldout"]
-        nll = heldout.drop_duplicates("sample_id").set_index("sample_id")["context_nll"]
-        # each held-out context measured at its own predicted retention
-        predicted = {s.sample_id: [max(float(cal.predict_retention(float(nll[s.sample_id]))), 1e-3)] for s in held}
-        at_pred = measure_curves_distributed(pool, held, {m: {}}, [1.0], per_sample=predicted, progress=False)
-        report[m] = {"calibrator": cal.to_dict(),
-                     "validation": {k: v for k, v in validate_calibrator(cal, heldout.to_dict("records")).items()
-                                    if k != "contexts"},
-                     "vs_fixed": compare_with_fixed(cal, heldout.to_dict("records"), at_pred),
-                     "context_nll_range": [float(nll.min()), float(nll.max())]}
-        pd.DataFrame(at_pred).to_parquet(out / f"at_predicted-{m}.parquet", index=False)
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
 
 
 def long_generation(out: Path, run_id: str, model: str | None, quick: bool = False) -> None:
@@ -187,6 +141,7 @@ def render(out: Path, run_id: str, page: Path, quick: bool = False) -> None:
     table = df.pivot_table(index=["protocol", "method", "compression_ratio"], columns="cell", values="score",
                            aggfunc="mean")
     table["mean"] = df.groupby(["protocol", "method", "compression_ratio"])["score"].mean()
+    ci = df.groupby(["protocol", "method", "compression_ratio"])["score"].apply(lambda x: format_ci(bootstrap_ci(x.values)))
     kept = df.groupby(["protocol", "method", "compression_ratio"]).apply(
         lambda g: g["kv_bytes_kept"].sum() / g["kv_bytes_full"].sum(), include_groups=False)
     table["kv_kept"] = kept
@@ -198,34 +153,20 @@ def render(out: Path, run_id: str, page: Path, quick: bool = False) -> None:
         f"Generated by `python jobs/results_page.py` (run `{run_id}`, {time.strftime('%Y-%m-%d')}) on the "
         f"embedded SmolLM2-135M-Instruct, CPU in {_dtype_name()}, greedy decoding; rows in Parquet under "
         f"`runs/results/run_id={run_id}-*`. {n_per_cell.min()}-{n_per_cell.max()} samples per cell "
-        "(method x ratio x task x protocol). Score = RULER string match; `kv_kept` = KV bytes held / full "
+        "(method x ratio x task x protocol); `mean` is over all tasks, with its 95% bootstrap interval over samples. "
+        "Score = RULER string match; `kv_kept` = KV bytes held / full "
         "(real memory: per-head budgets included).", "",
         *(["**Quick run (3 samples per cell): not for conclusions.**", ""] if quick else []),
     ]
     for protocol, name in images:
         lines += [f"![{protocol}](img/{name})", ""]
-    lines += ["| protocol | method | ratio | " + " | ".join(table.columns) + " |",
-              "|---|---|---|" + "---|" * len(table.columns)]
-    for (protocol, method, ratio), row in table.iterrows():
-        lines.append(f"| {protocol} | {method} | {ratio:g} | " + " | ".join(f"{v:.2f}" for v in row.values) + " |")
-    cal_report = out / f"calibration-{run_id}" / "report.json"
-    if cal_report.is_file():
-        import json
-
-        rep = json.loads(cal_report.read_text())
-        lines += ["", "## Context-calibrated compression (held-out contexts)", "",
-                  f"Calibrators fitted on half of the contexts of {', '.join(CAL_TASKS)} (~1k tokens, query-agnostic, "
-                  f"NLL ratio of the reference answer, tau = {CAL_TAU}) and checked on the other half: each held-out "
-                  "context is compressed at the ratio its calibrator predicts; the best single fixed ratio is the "
-                  "largest ratio of the grid whose share of held-out contexts with NLL ratio >= tau is at least as "
-                  "large. Raw rows: `calibration-*/curves.parquet`, `at_predicted-*.parquet`.", "",
-                  "| method | alpha | beta | held-out contexts | share within tau at predicted ratio | mean predicted "
-                  "ratio | best fixed ratio (its share) | NLL(c) range |", "|---|---|---|---|---|---|---|---|"]
-        for m, r in rep.items():
-            v = r["vs_fixed"]
-            lines.append(f"| {m} | {r['calibrator']['alpha']:.2f} | {r['calibrator']['beta']:.2f} | {v['n_contexts']} | "
-                         f"{v['share_ok']:.2f} | {v['mean_predicted_ratio']:.3f} | {v['best_fixed_ratio']:.2f} "
-                         f"({v['best_fixed_share']:.2f}) | {r['context_nll_range'][0]:.2f}-{r['context_nll_range'][1]:.2f} |")
+    cols = list(table.columns)
+    lines += ["| protocol | method | ratio | " + " | ".join(cols[:-1]) + " | mean 95% CI | kv_kept |",
+              "|---|---|---|" + "---|" * (len(cols) + 1)]
+    for key, row in table.iterrows():
+        protocol, method, ratio = key
+        cells = [f"{v:.2f}" for v in row.values]
+        lines.append(f"| {protocol} | {method} | {ratio:g} | " + " | ".join(cells[:-1]) + f" | {ci[key]} | {cells[-1]} |")
     lg_path = out / f"longgen-{run_id}.parquet"
     if lg_path.is_file():
         lg = pd.read_parquet(lg_path)
@@ -253,9 +194,8 @@ def render(out: Path, run_id: str, page: Path, quick: bool = False) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--samples", type=int, default=20, help="samples per task at 1k tokens")
-    ap.add_argument("--samples-2k", type=int, default=10, help="samples per task at 2k tokens")
-    ap.add_argument("--cal-contexts", type=int, default=6, help="calibration: fit contexts per task (as many held out)")
+    ap.add_argument("--samples", type=int, default=50, help="samples per task at 1k tokens")
+    ap.add_argument("--samples-2k", type=int, default=50, help="samples per task at 2k tokens")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "runs" / "results"))
     ap.add_argument("--run-id", default=None)

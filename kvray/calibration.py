@@ -54,7 +54,9 @@ import torch.nn.functional as F
 
 from .runtime import Prefill, PromptTokens, build_prompt, capture_window_for, forward, hidden_needed_for, prefill
 from .models import LanguageModel
+from .cache import KVRayCache
 from .presses import Press, make_press
+from .probe import ProbeSpec, choose_spans, probe_feed
 
 _SMALL_B = 1e-6          # |b| below this: second-order Taylor expansion around b = 0
 CALIBRATOR_KIND = "kvray.calibrator"
@@ -203,12 +205,12 @@ def nll_from_hidden(lm: LanguageModel, hidden: torch.Tensor, targets: Sequence[i
 
 
 @torch.inference_mode()
-def prefill_with_context_nll(lm: LanguageModel, prompt: PromptTokens, *, skip: int = 0,
-                             capture_window: int | None = None, with_question: bool = False,
-                             chunk_size: int = 512, capture_hidden_states: bool = False) -> tuple[Prefill, float]:
-    """`kvray.generate.prefill` plus NLL(c), the context's own token-averaged NLL, taken from
-    the same forward: mean over i in [max(skip, 1), n) of -log p(context[i] | context[:i]), where
-    `skip` is the template prefix length (`PromptTokens.template_prefix`)."""
+def prefill_with_token_nll(lm: LanguageModel, prompt: PromptTokens, *, skip: int = 0,
+                           capture_window: int | None = None, with_question: bool = False,
+                           chunk_size: int = 512, capture_hidden_states: bool = False) -> tuple[Prefill, torch.Tensor, int]:
+    """`kvray.generate.prefill` plus the context's per-token NLL from the same forward: returns
+    (prefill, nll, start) where nll[j] = -log p(context[start + j] | context[:start + j]) for
+    start = max(skip, 1) (`skip`: the template prefix length, `PromptTokens.template_prefix`)."""
     n = len(prompt.context)
     start = max(int(skip), 1)
     if start >= n:
@@ -218,10 +220,23 @@ def prefill_with_context_nll(lm: LanguageModel, prompt: PromptTokens, *, skip: i
         pre = prefill(lm, prompt, with_question=with_question, capture_hidden=capture_hidden_states, **kwargs)
     if not captured or captured[0].shape[1] != n:
         raise RuntimeError("the decoder hook did not see the context forward")
-    hidden = captured[0][0]  # [n, d], the first forward is the context alone
+    hidden = captured[0][0][start - 1:n - 1]  # [n - start, d], the first forward is the context alone
     targets = torch.tensor(prompt.context[start:], device=hidden.device)
-    nll = nll_from_hidden(lm, hidden[start - 1:n - 1], targets, chunk_size=chunk_size)
-    return pre, nll
+    nll = torch.cat([F.cross_entropy(_head_logits(lm, hidden[s:s + chunk_size]), targets[s:s + chunk_size],
+                                     reduction="none") for s in range(0, len(targets), chunk_size)])
+    return pre, nll, start
+
+
+def prefill_with_context_nll(lm: LanguageModel, prompt: PromptTokens, *, skip: int = 0,
+                             capture_window: int | None = None, with_question: bool = False,
+                             chunk_size: int = 512, capture_hidden_states: bool = False) -> tuple[Prefill, float]:
+    """`kvray.generate.prefill` plus NLL(c), the context's own token-averaged NLL, taken from
+    the same forward: mean over i in [max(skip, 1), n) of -log p(context[i] | context[:i]), where
+    `skip` is the template prefix length (`PromptTokens.template_prefix`)."""
+    pre, nll, _ = prefill_with_token_nll(lm, prompt, skip=skip, capture_window=capture_window,
+                                         with_question=with_question, chunk_size=chunk_size,
+                                         capture_hidden_states=capture_hidden_states)
+    return pre, float(nll.double().mean())
 
 
 def context_nll(lm: LanguageModel, context: str, question: str = "", answer_prefix: str = "", *,
@@ -241,24 +256,6 @@ def answer_text(sample) -> str:
     if prefix and not prefix[-1].isspace():
         text = " " + text
     return text
-
-
-def _answer_nll(lm: LanguageModel, cache, rest: list[int], answer: list[int],
-                first_logits: torch.Tensor | None) -> float:
-    """Token-averaged NLL of `answer` by teacher forcing on `cache` (which it extends): feed
-    `rest + answer[:-1]` and score the last len(answer) positions. With nothing to feed first,
-    the first answer token is scored from `first_logits` (the query-aware protocol)."""
-    target = torch.tensor(answer, device=lm.device)
-    if rest:
-        logits = forward(lm, [rest + answer[:-1]], cache, logits_to_keep=len(answer)).reshape(len(answer), -1)
-    else:
-        if first_logits is None:
-            raise ValueError("nothing to feed and no first-token logits")
-        parts = [first_logits.reshape(1, -1)]
-        if len(answer) > 1:
-            parts.append(forward(lm, [answer[:-1]], cache, logits_to_keep=len(answer) - 1).reshape(len(answer) - 1, -1))
-        logits = torch.cat([p.float() for p in parts])
-    return float(F.cross_entropy(logits.float(), target, reduction="mean"))
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -289,13 +286,62 @@ def measure_curve(lm: LanguageModel, sample, method: str, retentions: Sequence[f
     return measure_curves(lm, sample, {method: method_params or {}}, retentions, query_aware=query_aware)
 
 
+def _rows_nll(lm: LanguageModel, caches: list, ids: list[int], picks: list[int], targets: list[int],
+              max_rows: int = 8) -> list[torch.Tensor]:
+    """Teacher forcing on several caches at once: feed `ids` after each cache (copies, merged
+    `max_rows` at a time into one batch of ragged rows) and return per cache the NLL of each of
+    `targets` ([len(targets)], float32), predicted at positions `picks` of `ids` (the LM head
+    runs on those positions only)."""
+    pick = torch.tensor(picks, device=lm.device)
+    target = torch.tensor(targets, device=lm.device)
+    out: list[torch.Tensor] = []
+    for s in range(0, len(caches), max_rows):
+        batch = KVRayCache.merge(caches[s:s + max_rows])  # a copy: the sources are never extended
+        positions = batch.next_positions() if batch.layers[0].rows is not None else None
+        with capture_hidden(lm) as captured:
+            forward(lm, [ids] * batch.batch, batch, positions=positions, logits_to_keep=1)
+        logits = _head_logits(lm, captured[0][:, pick])  # [B, len(picks), vocab]
+        out += list(F.cross_entropy(logits.transpose(1, 2), target.expand(batch.batch, -1), reduction="none"))
+    return out
+
+
+def _answer_rows_nll(lm: LanguageModel, caches: list, rest: list[int], answer: list[int],
+                     first_logits: torch.Tensor | None) -> list[float]:
+    """Token-averaged NLL of `answer` by teacher forcing on each cache (copies; never extended):
+    feed `rest + answer[:-1]` and score the last len(answer) positions. With nothing to feed
+    first, the first answer token is scored from `first_logits` (the query-aware protocol)."""
+    if rest:
+        ids = rest + answer[:-1]
+        return [float(x.mean()) for x in _rows_nll(lm, caches, ids, list(range(len(rest) - 1, len(ids))), answer)]
+    if first_logits is None:
+        raise ValueError("nothing to feed and no first-token logits")
+    first = float(F.cross_entropy(first_logits.reshape(1, -1).float(), torch.tensor(answer[:1], device=lm.device)))
+    if len(answer) == 1:
+        return [first] * len(caches)
+    rest_nll = _rows_nll(lm, caches, answer[:-1], list(range(len(answer) - 1)), answer[1:])
+    return [(first + float(x.sum())) / len(answer) for x in rest_nll]
+
+
 @torch.inference_mode()
 def measure_curves(lm: LanguageModel, sample, methods: dict[str, dict], retentions: Sequence[float], *,
-                   query_aware: bool = False) -> list[dict]:
-    """`measure_curve` for several methods ({name: params}) on one prefill of `sample`."""
+                   query_aware: bool = False, probe: ProbeSpec | dict | None = None,
+                   score: bool = False) -> list[dict]:
+    """`measure_curve` for several methods ({name: params}) on one prefill of `sample`; all
+    retentions are teacher-forced as the rows of batched forwards.
+
+    `probe` (a `kvray.probe.ProbeSpec`, or its fields): also reproduce spans of the context on
+    every compressed cache (query-agnostic: the answer is not used) and add probe_nll_full,
+    probe_nll, probe_ratio (= probe_nll_full / probe_nll; means over the target tokens of all
+    spans), probe_spans, and per span its start, the NLL of its first target token in the
+    context and its mean NLLs (probe_span_starts, probe_span_surprisal, probe_span_nll_full,
+    probe_span_nll) to the rows.
+
+    `score`: also decode every cache greedily (`sample.max_new_tokens`, all on one `Decoder`) and
+    add the task metric: prediction, score and score_full (the full cache's)."""
     retentions = _check_retentions(retentions)
     if not methods:
         raise ValueError("no methods to measure")
+    spec = None if probe is None else (probe if isinstance(probe, ProbeSpec) else ProbeSpec.from_dict(probe))
     presses = {m: [None if r >= 1.0 else make_press(m, compression_ratio=1.0 - r, **dict(params or {}))
                    for r in retentions] for m, params in methods.items()}
     prompt = build_prompt(lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
@@ -304,28 +350,105 @@ def measure_curves(lm: LanguageModel, sample, methods: dict[str, dict], retentio
         raise ValueError(f"sample {sample.sample_id}: the answer tokenises to nothing")
     skip = prompt.template_prefix
     every = [p for ps in presses.values() for p in ps if p is not None]
-    pre, c_nll = prefill_with_context_nll(lm, prompt, skip=skip, with_question=query_aware,
-                                          capture_window=capture_window_for(every),
-                                          capture_hidden_states=hidden_needed_for(every))
+    pre, token_nll, start = prefill_with_token_nll(lm, prompt, skip=skip, with_question=query_aware,
+                                                   capture_window=capture_window_for(every),
+                                                   capture_hidden_states=hidden_needed_for(every))
+    c_nll = float(token_nll.double().mean())
     state = pre.state(query_aware)
     rest, first = pre.rest(query_aware), pre.first_logits(query_aware)
-    nll_full = _answer_nll(lm, make_press("full").compress(state), rest, answer, first)
-    rows = []
+    full = make_press("full").compress(state)
+    caches = [full] + [press.compress_prefill(lm, pre, query_aware) for ps in presses.values() for press in ps
+                       if press is not None]
+    answer_nll = _answer_rows_nll(lm, caches, rest, answer, first)
+    starts, probe_nll = _probe(lm, prompt, token_nll, start, pre.n_context, caches, spec) if spec is not None else ([], None)
+    scores: list[tuple[str, float]] | None = _decode_scores(lm, sample, caches, rest, first) if score else None
+    nll_full = answer_nll[0]
+    rows, k = [], 1
     for method, method_presses in presses.items():
         for r, press in zip(retentions, method_presses):
-            nll_c = nll_full if press is None else _answer_nll(lm, press.compress_prefill(lm, pre, query_aware), rest, answer, first)
-            if nll_c > 0:
-                ratio = nll_full / nll_c
-            else:
-                ratio = 1.0 if nll_full <= 0 else math.inf
-            rows.append({
+            j = 0 if press is None else k
+            k += press is not None
+            nll_c = answer_nll[j]
+            row = {
                 "sample_id": sample.sample_id, "task": sample.task, "method": method,
                 "retention": r, "compression_ratio": 1.0 - r if press is not None else 0.0,
                 "context_tokens": pre.n_context, "context_nll": c_nll,
-                "nll_full": nll_full, "nll_compressed": nll_c, "nll_ratio": ratio,
+                "nll_full": nll_full, "nll_compressed": nll_c, "nll_ratio": _ratio(nll_full, nll_c),
                 "query_aware": bool(query_aware), "compressed_tokens": state.n_tokens, "answer_tokens": len(answer),
-            })
+            }
+            if scores is not None:
+                row.update(prediction=scores[j][0], score=scores[j][1], score_full=scores[0][1])
+            if spec is not None:
+                pf = float(probe_nll[0].mean()) if probe_nll else math.nan
+                pc = float(probe_nll[j].mean()) if probe_nll else math.nan
+                row.update(probe_nll_full=pf, probe_nll=pc, probe_ratio=_ratio(pf, pc) if probe_nll else math.nan,
+                           probe_spans=len(starts), probe_span_starts=list(starts),
+                           probe_span_surprisal=[float(token_nll[c - start]) for c in starts],
+                           probe_span_nll_full=probe_nll[0].tolist() if probe_nll else [],
+                           probe_span_nll=probe_nll[j].tolist() if probe_nll else [])
+            rows.append(row)
     return rows
+
+
+def _decode_scores(lm: LanguageModel, sample, caches: list, rest: list[int],
+                   first: torch.Tensor | None) -> list[tuple[str, float]]:
+    """Greedy answers on every cache (the caches become the decoder's) and their task scores."""
+    from .eval.metrics import score_sample
+    from .runtime import Decoder
+
+    dec = Decoder(lm)
+    rows = [dec.add(c, feed=rest, first_logits=first, max_new_tokens=sample.max_new_tokens)[0] for c in caches]
+    dec.run()
+    out = []
+    for row in rows:
+        if row.error is not None:
+            raise row.error
+        text = lm.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        out.append((text, score_sample(sample, text)))
+    return out
+
+
+def _probe(lm: LanguageModel, prompt: PromptTokens, token_nll: torch.Tensor, start: int, n_context: int,
+           caches: list, spec: ProbeSpec) -> tuple[list[int], list[torch.Tensor] | None]:
+    """The probe's span starts and, per cache, each span's mean target NLL ([spans]); None when
+    the context is too short for one span."""
+    starts = choose_spans(token_nll.tolist(), start, n_context, spec)
+    if not starts:
+        return starts, None
+    sep = lm.tokenizer("\n", add_special_tokens=False).input_ids
+    ids, picks, targets = probe_feed(prompt.context, starts, spec, sep)
+    return starts, [x.reshape(len(starts), spec.target).mean(dim=1) for x in _rows_nll(lm, caches, ids, picks, targets)]
+
+
+@torch.inference_mode()
+def probe_curve(lm: LanguageModel, context: str, method: str, ratios: Sequence[float], *,
+                probe: ProbeSpec | dict | None = None, method_params: dict | None = None) -> dict[float, float]:
+    """The probe of one context, as a deployed `kvray.probe.ProbeCalibrator` needs it: one
+    prefill of the context alone, `method` at each compression ratio, and the probe's spans
+    teacher-forced on every compressed cache in batched forwards. Returns ratio -> probe ratio
+    (probe NLL on the full cache / on the compressed one); NaN everywhere for a context too
+    short for one span."""
+    spec = probe if isinstance(probe, ProbeSpec) else ProbeSpec.from_dict(probe)
+    ratios = [float(r) for r in ratios]
+    if not ratios or not all(0.0 < r < 1.0 for r in ratios):
+        raise ValueError(f"ratios must be compression ratios in (0, 1), got {ratios!r}")
+    presses = [make_press(method, compression_ratio=r, **dict(method_params or {})) for r in ratios]
+    prompt = build_prompt(lm.tokenizer, context, "")
+    pre, token_nll, start = prefill_with_token_nll(lm, prompt, skip=prompt.template_prefix,
+                                                   capture_window=capture_window_for(presses),
+                                                   capture_hidden_states=hidden_needed_for(presses))
+    caches = [make_press("full").compress(pre.state(False))] + [p.compress_prefill(lm, pre, False) for p in presses]
+    _, nll = _probe(lm, prompt, token_nll, start, pre.n_context, caches, spec)
+    if nll is None:
+        return {r: math.nan for r in ratios}
+    full = float(nll[0].mean())
+    return {r: _ratio(full, float(x.mean())) for r, x in zip(ratios, nll[1:])}
+
+
+def _ratio(full: float, compressed: float) -> float:
+    if compressed > 0:
+        return full / compressed
+    return 1.0 if full <= 0 else math.inf
 
 
 # ----------------------------------------------------------------------------- the calibrator
@@ -612,6 +735,6 @@ def compare_with_fixed(cal: Calibrator, heldout_rows: Iterable[dict], at_predict
 
 __all__ = [
     "compare_with_fixed", "measure_curves", "retention_curve", "min_retention", "capture_hidden", "nll_from_hidden",
-    "prefill_with_context_nll", "context_nll", "answer_text", "measure_curve", "Calibrator",
+    "prefill_with_context_nll", "prefill_with_token_nll", "probe_curve", "context_nll", "answer_text", "measure_curve", "Calibrator",
     "fit_calibrator", "safe_compression_ratio", "validate_calibrator", "CALIBRATOR_KIND", "CALIBRATOR_VERSION",
 ]

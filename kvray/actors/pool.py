@@ -84,10 +84,12 @@ class ModelWorker:
         return os.getpid(), rows
 
     def measure_curves(self, sample: Sample, methods: dict[str, dict], retentions: Sequence[float],
-                       query_aware: bool = False) -> tuple[int, list[dict]]:
+                       query_aware: bool = False, probe: dict | None = None,
+                       score: bool = False) -> tuple[int, list[dict]]:
         from ..calibration import measure_curves
 
-        return os.getpid(), measure_curves(self.host.lm, sample, methods, retentions, query_aware=query_aware)
+        return os.getpid(), measure_curves(self.host.lm, sample, methods, retentions, query_aware=query_aware,
+                                           probe=probe, score=score)
 
 
 @dataclass
@@ -302,13 +304,16 @@ def run_eval_distributed(pool: WorkerPool, samples: Sequence[Sample], presses: S
 
 def measure_curves_distributed(pool: WorkerPool, samples: Sequence[Sample], methods: dict[str, dict],
                                retentions: Sequence[float], *, query_aware: bool = False,
-                               progress: bool = True, per_sample: dict[str, Sequence[float]] | None = None) -> list[dict]:
+                               progress: bool = True, per_sample: dict[str, Sequence[float]] | None = None,
+                               probe: dict | None = None, score: bool = False) -> list[dict]:
     """NLL-ratio curves (`kvray.calibration.measure_curves`) of every (sample, method) in
     parallel over the pool, one prefill per sample. `methods` maps a method name to its
-    parameters; `per_sample` (sample_id -> retentions) replaces `retentions` for those samples."""
+    parameters; `per_sample` (sample_id -> retentions) replaces `retentions` for those samples;
+    `probe` (the fields of a `kvray.probe.ProbeSpec`) adds the reconstruction probe's columns,
+    `score` the greedy answers' task scores."""
     per_sample = per_sample or {}
     items = [(s.sample_id, "measure_curves", (s, dict(methods), list(per_sample.get(s.sample_id, retentions)),
-                                              query_aware)) for s in samples]
+                                              query_aware, probe, score)) for s in samples]
     rows: list[dict] = []
     bar = _Progress(len(items), "calibration", "context", enabled=progress)
 
