@@ -2,7 +2,7 @@
 best fixed ratio, side by side on held-out contexts (docs/results.md, section "Calibration vs a
 fixed ratio").
 
-    python jobs/results_calibration.py                 # 5 tasks x (12 calibration + 20 held-out) contexts
+    python jobs/results_calibration.py                 # 5 tasks x (28 calibration + 20 held-out) contexts
     python jobs/results_calibration.py --quick         # a few contexts, to check the pipeline
     python jobs/results_calibration.py --render DIR    # re-render the page section from DIR's Parquet
     python jobs/results_calibration.py --run-id ID     # resume: tasks already measured are kept
@@ -45,20 +45,33 @@ TAU = 0.95
 TOLERANCE = 0.05
 CRITERIA = ["score", "nll"]
 TARGET_SHARES = [0.8, 0.9]
+NEIGHBOUR_CHOOSER = "probe-neighbours calibrator"
+TASK_CHOOSER = "per-task fixed ratio (told the task: not a calibrator, a bound)"
 PROBE = {"spans": 12, "cue": 6, "target": 6, "select": "mixed"}
 SEED = 700
 
 
 def collect(out: Path, n_fit: int, n_heldout: int, workers: int, model: str | None) -> Path:
-    """Measure every task's contexts (one Parquet per task and split, so an interrupted run
-    keeps what it finished); returns the folder."""
+    """Measure every task's contexts, one Parquet per task and split written atomically, so an
+    interrupted run keeps what it finished; a rerun with more contexts measures only the new
+    ones (the samples of a seed are prefix-stable). Returns the folder."""
     import pandas as pd
     import ray
 
     from kvray.actors import measure_curves_distributed, start_workers
 
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(t, split) for t in TASKS for split in ("fit", "heldout") if not (out / f"curves-{t}-{split}.parquet").is_file()]
+
+    def have(task, split):
+        path = out / f"curves-{task}-{split}.parquet"
+        return pd.read_parquet(path) if path.is_file() else None
+
+    todo = []
+    for task in TASKS:
+        for split, n in (("fit", n_fit), ("heldout", n_heldout)):
+            old = have(task, split)
+            if old is None or old["sample_id"].nunique() < n:
+                todo.append((task, split, n))
     if not todo:
         return out
     tok = kvray.load_tokenizer(model)
@@ -70,19 +83,22 @@ def collect(out: Path, n_fit: int, n_heldout: int, workers: int, model: str | No
     pool = start_workers(workers, model, cpus_per_worker=1)
     retentions = [round(1.0 - r, 6) for r in RATIOS]
     try:
-        for task, split in todo:
-            j = TASKS.index(task)
-            n = n_fit if split == "fit" else n_heldout
-            seed = SEED + 2 * j + (split == "heldout")
-            samples = make_samples(task, n, length=1000, seed=seed, count_tokens=count)
+        for task, split, n in todo:
+            old = have(task, split)
+            done = set() if old is None else set(old["sample_id"])
+            seed = SEED + 2 * TASKS.index(task) + (split == "heldout")
+            samples = [s for s in make_samples(task, n, length=1000, seed=seed, count_tokens=count) if s.sample_id not in done]
             t0 = time.time()
             rows = measure_curves_distributed(pool, samples, {m: {} for m in METHODS}, retentions, probe=PROBE, score=True)
             df = pd.DataFrame(rows)
             df["split"] = split
+            if old is not None:
+                df = pd.concat([old, df], ignore_index=True)
             tmp = out / f".curves-{task}-{split}.parquet"
             df.to_parquet(tmp, index=False)
             tmp.rename(out / f"curves-{task}-{split}.parquet")
-            print(f"[calibration] {task} {split}: {n} contexts in {time.time() - t0:.0f} s", flush=True)
+            print(f"[calibration] {task} {split}: {len(samples)} contexts in {time.time() - t0:.0f} s "
+                  f"({df['sample_id'].nunique()} in all)", flush=True)
     finally:
         pool.shutdown()
         ray.shutdown()
@@ -127,8 +143,8 @@ def analyse(run_dir: Path) -> dict:
     import numpy as np
 
     from kvray.calibration import fit_calibrator
-    from kvray.probe import (best_knob, context_table, floor_to_grid, frontier_at_share, knob_matrix, outcomes,
-                             probe_safe_ratio, summarize_outcomes)
+    from kvray.probe import (best_knob, context_table, fit_neighbour_calibrator, floor_to_grid, frontier_at_share,
+                             knob_matrix, neighbour_chooser, outcomes, probe_safe_ratio, summarize_outcomes)
 
     rows = load(run_dir)
     method = METHODS[0]
@@ -160,9 +176,27 @@ def analyse(run_dir: Path) -> dict:
             values = sorted({v for c in f.values() for v in c["probe"].values() if math.isfinite(v)})
             choosers[f"probe calibrator ({view} spans)"] = (lambda t: (lambda c: probe_safe_ratio(c["probe"], t)),
                                                              [math.inf] + values[::-1], f, h)
+        f, h = tables("all")
+        nb = fit_neighbour_calibrator(rows[rows["split"] == "fit"].assign(probe_ratio=views["all"]).to_dict("records"),
+                                      method, tau=TAU, tolerance=TOLERANCE, target_share=0.9, criterion=criterion,
+                                      probe=PROBE)
+        nb.save(run_dir / f"neighbours-{criterion}.json")
+        choosers[NEIGHBOUR_CHOOSER] = (neighbour_chooser(nb), [i / 40 for i in range(41)], f, h)
+        # not a calibrator: it is told the task. Per task, the largest ratio whose share on that
+        # task's calibration contexts is >= the knob: what telling context kinds apart could give
+        per_task_ok = {}
+        for c in fit.values():
+            for r, ok in c["ok"].items():
+                per_task_ok.setdefault(c["task"], {}).setdefault(r, []).append(ok)
+
+        def per_task(k):
+            best = {t: max([r for r, oks in curve.items() if np.mean(oks) >= k - 1e-12], default=0.0)
+                    for t, curve in per_task_ok.items()}
+            return lambda c: best.get(c["task"], 0.0)
+        choosers[TASK_CHOOSER] = (per_task, [round(x, 3) for x in np.linspace(0.0, 1.0, 101)], fit, held)
         oracle = lambda c: max([r for r, ok in c["ok"].items() if ok], default=0.0)  # noqa: E731
         out = {"oracle": summarize_outcomes("oracle", *outcomes(held, oracle)), "frontier": {}, "targets": {},
-               "matched": {}}
+               "matched": {}, "neighbours": {"k": nb.k, "features": nb.features, "q": nb.q}}
         mats = {name: knob_matrix(h, chooser, knobs) for name, (chooser, knobs, f, h) in choosers.items()}
         for name, (R, W) in mats.items():  # every knob on held-out: the plot and the matched-share table
             out["frontier"][name] = [[float(w), float(r)] for r, w in zip(R.mean(axis=1), W.mean(axis=1))]
@@ -225,7 +259,7 @@ def plot(report: dict, path: Path) -> None:
     for ax, crit in zip(axes[0], crits):
         part = report["criteria"][crit]
         styles = {"fixed ratio": ("k", "o-"), "NLL-curve calibrator": ("tab:blue", "-")}
-        colors = iter(["tab:orange", "tab:green", "tab:red"])
+        colors = iter(["tab:orange", "tab:green", "tab:red", "tab:brown", "tab:gray"])
         for name, pts in part["frontier"].items():
             color, style = styles[name] if name in styles else (next(colors), "-")
             pts = sorted(pts, key=lambda p: (p[1], p[0]))
@@ -299,9 +333,12 @@ def _matched(part: dict) -> list[str]:
         cells = []
         for s in shares:
             e = part["matched"][s][name]
-            v = "none reaches it" if not math.isfinite(e["mean_ratio"]) else f"{e['mean_ratio']:.3f}"
+            if not math.isfinite(e["mean_ratio"]):
+                cells += ["no knob reaches it", ""]
+                continue
             ci = _ci(e["mean_ratio_ci95"]) if e["mean_ratio_ci95"] else ""
-            gain = ("(the baseline)" if "gain" not in e else
+            v = f"{e['mean_ratio']:.3f}"
+            gain = ("(the baseline)" if "gain" not in e else "" if not math.isfinite(e["gain"]) else
                     f"{e['gain']:+.3f} {_ci(e['gain_ci95'], True) if e['gain_ci95'] else ''}")
             cells += [f"{v} {ci}", gain]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -347,7 +384,7 @@ def verdict(report: dict) -> str:
             if "mean_ratio" not in fixed:
                 continue
             for name, e in entry.items():
-                if name == "fixed ratio" or "ratio_gain" not in e:
+                if name in ("fixed ratio", TASK_CHOOSER) or "ratio_gain" not in e:
                     continue
                 lo, hi = e["ratio_gain_ci95"]
                 slo, shi = e["share_diff_ci95"]
@@ -363,7 +400,7 @@ def verdict(report: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 + 3 contexts per task")
-    ap.add_argument("--fit", type=int, default=12, help="calibration contexts per task")
+    ap.add_argument("--fit", type=int, default=28, help="calibration contexts per task")
     ap.add_argument("--heldout", type=int, default=20, help="held-out contexts per task")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--model", default=None)

@@ -422,12 +422,12 @@ def _probe(lm: LanguageModel, prompt: PromptTokens, token_nll: torch.Tensor, sta
 
 @torch.inference_mode()
 def probe_curve(lm: LanguageModel, context: str, method: str, ratios: Sequence[float], *,
-                probe: ProbeSpec | dict | None = None, method_params: dict | None = None) -> dict[float, float]:
-    """The probe of one context, as a deployed `kvray.probe.ProbeCalibrator` needs it: one
+                probe: ProbeSpec | dict | None = None, method_params: dict | None = None) -> tuple[dict[float, float], float]:
+    """The probe of one context, as a deployed measured calibrator (`kvray.probe`) needs it: one
     prefill of the context alone, `method` at each compression ratio, and the probe's spans
-    teacher-forced on every compressed cache in batched forwards. Returns ratio -> probe ratio
-    (probe NLL on the full cache / on the compressed one); NaN everywhere for a context too
-    short for one span."""
+    teacher-forced on every compressed cache in batched forwards. Returns (ratio -> probe ratio
+    (probe NLL on the full cache / on the compressed one), NLL(c)); the ratios are NaN for a
+    context too short for one span."""
     spec = probe if isinstance(probe, ProbeSpec) else ProbeSpec.from_dict(probe)
     ratios = [float(r) for r in ratios]
     if not ratios or not all(0.0 < r < 1.0 for r in ratios):
@@ -439,10 +439,11 @@ def probe_curve(lm: LanguageModel, context: str, method: str, ratios: Sequence[f
                                                    capture_hidden_states=hidden_needed_for(presses))
     caches = [make_press("full").compress(pre.state(False))] + [p.compress_prefill(lm, pre, False) for p in presses]
     _, nll = _probe(lm, prompt, token_nll, start, pre.n_context, caches, spec)
+    c_nll = float(token_nll.double().mean())
     if nll is None:
-        return {r: math.nan for r in ratios}
+        return {r: math.nan for r in ratios}, c_nll
     full = float(nll[0].mean())
-    return {r: _ratio(full, float(x.mean())) for r, x in zip(ratios, nll[1:])}
+    return {r: _ratio(full, float(x.mean())) for r, x in zip(ratios, nll[1:])}, c_nll
 
 
 def _ratio(full: float, compressed: float) -> float:

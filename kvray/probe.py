@@ -35,16 +35,17 @@ import json
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from .stats import bootstrap_ci, paired_bootstrap_ci
 
 PROBE_KIND = "kvray.probe_calibrator"
-PROBE_VERSION = 1
+NEIGHBOUR_KIND = "kvray.neighbour_calibrator"
+MEASURED_VERSION = 1
 SELECTIONS = ("surprisal", "uniform", "mixed")
 CRITERIA = ("nll", "score")
 
@@ -130,10 +131,86 @@ def probe_safe_ratio(curve: dict[float, float], theta: float) -> float:
     return safe
 
 
+class _Measured:
+    """What the measured calibrators share: the probe spec, deploy-time use, and the JSON form
+    (a `kind` and `version` plus the dataclass fields; unknown fields are refused)."""
+
+    KIND: ClassVar[str] = ""
+
+    @property
+    def spec(self) -> ProbeSpec:
+        return ProbeSpec.from_dict(self.probe)
+
+    def _check_common(self) -> None:
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(f"{self.KIND} field 'method' must be a method name, got {self.method!r}")
+        ratios = tuple(sorted(float(r) for r in self.ratios))
+        if not ratios or not all(0.0 < r < 1.0 for r in ratios):
+            raise ValueError(f"{self.KIND} 'ratios' must be compression ratios in (0, 1), got {self.ratios!r}")
+        object.__setattr__(self, "ratios", ratios)
+        object.__setattr__(self, "probe", asdict(ProbeSpec.from_dict(self.probe)))
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"{self.KIND} 'criterion' must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+
+    def _curve(self, curve: dict[float, float]) -> list[float]:
+        """The probe ratios on this calibrator's grid, in its order."""
+        out = []
+        for r in self.ratios:
+            hit = [v for k, v in curve.items() if abs(float(k) - r) < 1e-9]
+            if not hit:
+                raise ValueError(f"the probe curve lacks the calibrator's ratio {r:g} (it has {sorted(curve)})")
+            out.append(float(hit[0]))
+        return out
+
+    def predict(self, curve: dict[float, float], context_nll: float) -> float:
+        raise NotImplementedError
+
+    def ratio_for(self, lm, context: str, method_params: dict | None = None) -> float:
+        """Probe `context` with the model (`kvray.calibration.probe_curve`) and return its ratio."""
+        from .calibration import probe_curve
+
+        curve, nll = probe_curve(lm, context, self.method, self.ratios, probe=self.spec, method_params=method_params)
+        return self.predict(curve, nll)
+
+    def press_for(self, lm, context: str, **method_params):
+        """A press of this calibrator's method at the ratio the probe allows for `context`."""
+        from .presses import make_press
+
+        return make_press(self.method, compression_ratio=self.ratio_for(lm, context, method_params), **method_params)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return {"kind": self.KIND, "version": MEASURED_VERSION,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any):
+        if not isinstance(data, dict):
+            raise ValueError(f"a {cls.KIND} must be a JSON object, got {type(data).__name__}")
+        if data.get("kind") != cls.KIND or data.get("version") != MEASURED_VERSION:
+            raise ValueError(f"not a {cls.KIND} version {MEASURED_VERSION}: kind={data.get('kind')!r}, "
+                             f"version={data.get('version')!r}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names - {"kind", "version"})
+        if unknown:
+            raise ValueError(f"{cls.KIND} JSON has unknown field(s) {', '.join(map(repr, unknown))}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
 @dataclass(frozen=True)
-class ProbeCalibrator:
+class ProbeCalibrator(_Measured):
     """Compress a context to the largest grid ratio its probe keeps at >= theta."""
 
+    KIND: ClassVar[str] = PROBE_KIND
     method: str
     theta: float
     ratios: tuple[float, ...]
@@ -146,67 +223,86 @@ class ProbeCalibrator:
     criterion: str = "nll"
 
     def __post_init__(self):
-        if not isinstance(self.method, str) or not self.method:
-            raise ValueError(f"probe calibrator field 'method' must be a method name, got {self.method!r}")
         if not isinstance(self.theta, (int, float)) or isinstance(self.theta, bool) or math.isnan(self.theta):
             raise ValueError(f"probe calibrator field 'theta' must be a number, got {self.theta!r}")
-        ratios = tuple(sorted(float(r) for r in self.ratios))
-        if not ratios or not all(0.0 < r < 1.0 for r in ratios):
-            raise ValueError(f"probe calibrator 'ratios' must be compression ratios in (0, 1), got {self.ratios!r}")
-        object.__setattr__(self, "ratios", ratios)
-        object.__setattr__(self, "probe", asdict(ProbeSpec.from_dict(self.probe)))
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"probe calibrator 'criterion' must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
-
-    @property
-    def spec(self) -> ProbeSpec:
-        return ProbeSpec.from_dict(self.probe)
+        self._check_common()
 
     def predict_ratio(self, curve: dict[float, float]) -> float:
         """The compression ratio for a context whose probe measured `curve` (ratio -> probe
         ratio, on `self.ratios`)."""
-        missing = [r for r in self.ratios if not any(abs(r - k) < 1e-9 for k in curve)]
-        if missing:
-            raise ValueError(f"the probe curve lacks the calibrator's ratios {missing}")
-        return probe_safe_ratio({r: v for r, v in curve.items() if any(abs(r - k) < 1e-9 for k in self.ratios)}, self.theta)
+        return probe_safe_ratio(dict(zip(self.ratios, self._curve(curve))), self.theta)
 
-    def ratio_for(self, lm, context: str, method_params: dict | None = None) -> float:
-        """Probe `context` with the model (`kvray.calibration.probe_curve`) and return its ratio."""
-        from .calibration import probe_curve
+    def predict(self, curve: dict[float, float], context_nll: float) -> float:
+        return self.predict_ratio(curve)
 
-        return self.predict_ratio(probe_curve(lm, context, self.method, self.ratios, probe=self.spec,
-                                              method_params=method_params))
 
-    def press_for(self, lm, context: str, **method_params):
-        """A press of this calibrator's method at the ratio the probe allows for `context`."""
-        from .presses import make_press
+FEATURES = ("probe", "probe+nll")
 
-        return make_press(self.method, compression_ratio=self.ratio_for(lm, context, method_params), **method_params)
 
-    def to_dict(self) -> dict:
-        return {"kind": PROBE_KIND, "version": PROBE_VERSION, **asdict(self), "ratios": list(self.ratios)}
+@dataclass(frozen=True)
+class NeighbourCalibrator(_Measured):
+    """The probe's curve as a fingerprint of the context: compress to the largest grid ratio at
+    which at least a share `q` of its `k` nearest calibration contexts (Euclidean distance of
+    standardised features: the probe curve, and NLL(c) with `features="probe+nll"`) kept their
+    quality. It stores those contexts' features and outcomes (`points`, `ok`, `ids`)."""
 
-    @classmethod
-    def from_dict(cls, data: Any) -> "ProbeCalibrator":
-        if not isinstance(data, dict):
-            raise ValueError(f"a probe calibrator must be a JSON object, got {type(data).__name__}")
-        if data.get("kind") != PROBE_KIND or data.get("version") != PROBE_VERSION:
-            raise ValueError(f"not a {PROBE_KIND} version {PROBE_VERSION}: kind={data.get('kind')!r}, "
-                             f"version={data.get('version')!r}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names - {"kind", "version"})
-        if unknown:
-            raise ValueError(f"probe calibrator JSON has unknown field(s) {', '.join(map(repr, unknown))}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+    KIND: ClassVar[str] = NEIGHBOUR_KIND
+    method: str
+    ratios: tuple[float, ...]
+    k: int
+    q: float
+    features: str
+    center: tuple[float, ...]
+    scale: tuple[float, ...]
+    points: tuple[tuple[float, ...], ...]
+    ok: tuple[tuple[bool, ...], ...]
+    ids: tuple[str, ...] = ()
+    tau: float = 0.95
+    tolerance: float = 0.05
+    target_share: float = 0.9
+    probe: dict = field(default_factory=dict)
+    fit_share: float | None = None
+    fit_mean_ratio: float | None = None
+    criterion: str = "nll"
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-        return path
+    def __post_init__(self):
+        self._check_common()
+        if self.features not in FEATURES:
+            raise ValueError(f"neighbour calibrator 'features' must be one of {', '.join(FEATURES)}, got {self.features!r}")
+        n_feat = len(self.ratios) + (self.features == "probe+nll")
+        points = tuple(tuple(float(x) for x in p) for p in self.points)
+        ok = tuple(tuple(bool(x) for x in o) for o in self.ok)
+        if not points or any(len(p) != n_feat for p in points) or len(ok) != len(points) or \
+                any(len(o) != len(self.ratios) for o in ok):
+            raise ValueError(f"neighbour calibrator: every point needs {n_feat} features and an outcome per ratio")
+        if len(self.center) != n_feat or len(self.scale) != n_feat or any(float(x) <= 0 for x in self.scale):
+            raise ValueError("neighbour calibrator: center and scale need one entry per feature, scale > 0")
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"neighbour calibrator 'k' must be an integer >= 1, got {self.k!r}")
+        object.__setattr__(self, "points", points)
+        object.__setattr__(self, "ok", ok)
+        object.__setattr__(self, "center", tuple(float(x) for x in self.center))
+        object.__setattr__(self, "scale", tuple(float(x) for x in self.scale))
+        object.__setattr__(self, "ids", tuple(str(x) for x in self.ids))
 
-    @classmethod
-    def load(cls, path: str | Path) -> "ProbeCalibrator":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    def vector(self, curve: dict[float, float], context_nll: float) -> np.ndarray:
+        v = self._curve(curve) + ([float(context_nll)] if self.features == "probe+nll" else [])
+        return (np.asarray(v) - np.asarray(self.center)) / np.asarray(self.scale)
+
+    def predict(self, curve: dict[float, float], context_nll: float, exclude: str | None = None) -> float:
+        """The ratio for a context (its probe `curve` and NLL(c)); `exclude`: leave that
+        calibration context out of the neighbours (leave-one-out on the calibration split)."""
+        z = self.vector(curve, context_nll)
+        if not np.all(np.isfinite(z)):
+            return 0.0  # a context the probe could not measure: keep everything
+        pts = np.asarray(self.points)
+        keep = np.asarray([i != exclude for i in self.ids]) if exclude is not None and self.ids else np.ones(len(pts), bool)
+        d = ((pts - z) ** 2).sum(axis=1)
+        d[~keep] = np.inf
+        near = np.argsort(d, kind="stable")[:min(self.k, int(keep.sum()))]
+        share = np.asarray(self.ok, dtype=float)[near].mean(axis=0)
+        good = [r for r, s in zip(self.ratios, share) if s >= self.q - 1e-12]
+        return max(good, default=0.0)
 
 
 # ----------------------------------------------------------------------------- held-out comparison
@@ -224,8 +320,8 @@ def context_table(rows: Iterable[dict], *, criterion: str = "nll", tau: float = 
     out: dict[Any, dict] = {}
     for row in rows:
         ratio = round(float(row["compression_ratio"]), 6)
-        c = out.setdefault(row["sample_id"], {"task": row.get("task"), "context_nll": float(row["context_nll"]),
-                                              "ok": {}, "probe": {}})
+        c = out.setdefault(row["sample_id"], {"sample_id": row["sample_id"], "task": row.get("task"),
+                                              "context_nll": float(row["context_nll"]), "ok": {}, "probe": {}})
         if ratio <= 0.0:
             continue
         if criterion == "nll":
@@ -301,6 +397,54 @@ def fit_probe_calibrator(rows: Iterable[dict], method: str, *, tau: float = 0.95
                            fit_share=share, fit_mean_ratio=mean, criterion=criterion)
 
 
+def neighbour_chooser(cal: NeighbourCalibrator) -> Callable[[float], Callable[[dict], float]]:
+    """knob q -> the ratio chooser of `cal` at share q, for `context_table` entries (a
+    calibration context is left out of its own neighbours)."""
+    def at(q: float) -> Callable[[dict], float]:
+        at_q = replace(cal, q=q)
+        return lambda c: at_q.predict(c["probe"], c["context_nll"], exclude=c["sample_id"])
+    return at
+
+
+def fit_neighbour_calibrator(rows: Iterable[dict], method: str, *, tau: float = 0.95, tolerance: float = 0.05,
+                             target_share: float = 0.9, criterion: str = "nll", probe: ProbeSpec | dict | None = None,
+                             ks: Sequence[int] = (5, 10, 20), features: Sequence[str] = FEATURES) -> NeighbourCalibrator:
+    """Fit on calibration rows (`measure_curves(..., probe=..., score=...)` output of `method`):
+    for every k in `ks` and feature set, the share q is the most aggressive one whose
+    leave-one-out share of calibration contexts that keep their quality is >= target_share;
+    the (k, features, q) with the largest leave-one-out mean ratio wins (ties: the smaller k).
+    Everything is chosen on the calibration contexts alone. When no q reaches the share, q > 1
+    (never compress)."""
+    rows = [r for r in rows if r.get("method", method) == method]
+    table = context_table(rows, criterion=criterion, tau=tau, tolerance=tolerance)
+    if len(table) < 2:
+        raise ValueError(f"need at least 2 calibration contexts for method {method!r}, got {len(table)}")
+    if any(not c["probe"] for c in table.values()):
+        raise ValueError("the rows carry no probe ratios: measure them with measure_curves(..., probe=ProbeSpec())")
+    grid = tuple(sorted({r for c in table.values() for r in c["probe"]}))
+    contexts = [c for c in table.values() if all(r in c["probe"] and math.isfinite(c["probe"][r]) for r in grid)]
+    spec = probe if isinstance(probe, ProbeSpec) else ProbeSpec.from_dict(probe)
+    qs = [i / 40 for i in range(41)]
+    best = None
+    for feats in features:
+        raw = np.asarray([[c["probe"][r] for r in grid] + ([c["context_nll"]] if feats == "probe+nll" else [])
+                          for c in contexts])
+        center, scale = raw.mean(axis=0), raw.std(axis=0)
+        scale = np.where(scale > 1e-12, scale, 1.0)
+        for k in ks:
+            cal = NeighbourCalibrator(
+                method=method, ratios=grid, k=int(k), q=1.0, features=feats, center=tuple(center), scale=tuple(scale),
+                points=tuple(tuple((x - center) / scale) for x in raw),
+                ok=tuple(tuple(c["ok"][r] for r in grid) for c in contexts), ids=tuple(str(c["sample_id"]) for c in contexts),
+                tau=tau, tolerance=tolerance, target_share=target_share, probe=asdict(spec), criterion=criterion)
+            q, share, mean = best_knob(table, neighbour_chooser(cal), qs, target_share)
+            if q is None:
+                q, share, mean = 1.01, 1.0, 0.0
+            if best is None or mean > best[0] + 1e-12:
+                best = (mean, replace(cal, q=float(q), fit_share=share, fit_mean_ratio=mean))
+    return best[1]
+
+
 def summarize_outcomes(name: str, ratios: np.ndarray, within: np.ndarray, base: tuple[np.ndarray, np.ndarray] | None = None,
                        seed: int = 0) -> dict:
     """Share of contexts that keep their quality (`share_within`) and mean ratio with 95% bootstrap intervals over contexts; with `base`
@@ -344,5 +488,6 @@ def frontier_at_share(ratios: np.ndarray, ok: np.ndarray, share: float, n_boot: 
 
 __all__ = [
     "ProbeSpec", "choose_spans", "probe_feed", "probe_safe_ratio", "ProbeCalibrator", "fit_probe_calibrator",
+    "NeighbourCalibrator", "fit_neighbour_calibrator", "neighbour_chooser", "FEATURES",
     "CRITERIA", "context_table", "floor_to_grid", "outcomes", "best_knob", "summarize_outcomes", "knob_matrix", "frontier_at_share", "SELECTIONS",
 ]

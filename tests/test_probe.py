@@ -16,7 +16,8 @@ from kvray.eval.tasks import make_samples
 from kvray.generate import build_prompt
 from kvray.presses import make_press
 from kvray.probe import (
-    ProbeCalibrator, ProbeSpec, best_knob, choose_spans, context_table, fit_probe_calibrator, floor_to_grid,
+    PROBE_KIND, NeighbourCalibrator, ProbeCalibrator, ProbeSpec, best_knob, choose_spans, context_table,
+    fit_neighbour_calibrator, fit_probe_calibrator, floor_to_grid, neighbour_chooser,
     frontier_at_share, knob_matrix, outcomes, probe_feed, probe_safe_ratio, summarize_outcomes,
 )
 from kvray.runtime import enable_kvray_attention, forward, prefill
@@ -213,7 +214,8 @@ def test_probe_curve_and_press_for(tiny_llama):
     sample = make_samples("vt", 1, 260, seed=4)[0]
     spec = ProbeSpec(spans=3, cue=4, target=3)
     rows = measure_curves(lm, sample, {"knorm": {}}, [0.6, 0.3], probe=spec)
-    curve = probe_curve(lm, sample.context, "knorm", [0.4, 0.7], probe=spec)
+    curve, nll = probe_curve(lm, sample.context, "knorm", [0.4, 0.7], probe=spec)
+    assert nll == pytest.approx(rows[0]["context_nll"], rel=1e-3)
     assert list(curve) == [0.4, 0.7]
     assert curve[0.4] == pytest.approx(rows[0]["probe_ratio"], rel=1e-4)
     assert curve[0.7] == pytest.approx(rows[1]["probe_ratio"], rel=1e-4)
@@ -225,7 +227,7 @@ def test_probe_curve_and_press_for(tiny_llama):
     assert strict.press_for(lm, sample.context).compression_ratio == 0.0
     with pytest.raises(ValueError, match="compression ratios"):
         probe_curve(lm, sample.context, "knorm", [0.0], probe=spec)
-    assert all(math.isnan(v) for v in probe_curve(lm, "Hi.", "knorm", [0.5], probe=spec).values())
+    assert all(math.isnan(v) for v in probe_curve(lm, "Hi.", "knorm", [0.5], probe=spec)[0].values())
 
 
 def test_frontier_at_share():
@@ -248,3 +250,43 @@ def test_frontier_at_share():
     assert diff is not None and np.all(np.isfinite(diff))
     none, _ = frontier_at_share(R[:1] + 0.5, W[:1] * 0, 0.9, n_boot=0)
     assert none == -np.inf
+
+
+def _kinds(n=8):
+    # two context kinds told apart by their probe curves alone: "flat" ones (probe stays high)
+    # keep quality to 0.75, "steep" ones (probe drops) only to 0.25
+    rows = []
+    for i in range(n):
+        rows += _rows(f"f{i}", "flat", [1.0, 1.0, 1.0], [0.99, 0.98 - 0.001 * i, 0.97])
+        rows += _rows(f"s{i}", "steep", [1.0, 0.5, 0.2], [0.8, 0.5 + 0.01 * i, 0.3])
+    return rows
+
+
+def test_neighbour_calibrator_fit_predict_round_trip(tmp_path):
+    rows = _kinds()
+    cal = fit_neighbour_calibrator(rows, "m", target_share=1.0, ks=(3, 5), features=("probe",))
+    assert cal.k in (3, 5) and cal.features == "probe" and cal.ratios == (0.25, 0.5, 0.75)
+    assert cal.fit_share == 1.0 and cal.fit_mean_ratio == pytest.approx(0.5)  # flat -> 0.75, steep -> 0.25
+    assert cal.predict({0.25: 0.99, 0.5: 0.98, 0.75: 0.97}, 1.0) == 0.75
+    assert cal.predict({0.25: 0.8, 0.5: 0.5, 0.75: 0.3}, 1.0) == 0.25
+    assert cal.predict({0.25: math.nan, 0.5: 0.5, 0.75: 0.3}, 1.0) == 0.0  # unmeasured: keep everything
+    # leave-one-out: a calibration context is not its own neighbour
+    alone = NeighbourCalibrator(method="m", ratios=(0.5,), k=1, q=1.0, features="probe", center=(0.0,), scale=(1.0,),
+                                points=((0.0,), (5.0,)), ok=((True,), (False,)), ids=("a", "b"))
+    assert alone.predict({0.5: 0.0}, 1.0) == 0.5 and alone.predict({0.5: 0.0}, 1.0, exclude="a") == 0.0
+    again = NeighbourCalibrator.load(cal.save(tmp_path / "nb.json"))
+    assert again == cal
+    with pytest.raises(ValueError, match="kvray.neighbour_calibrator"):
+        NeighbourCalibrator.from_dict(cal.to_dict() | {"kind": PROBE_KIND})
+    with pytest.raises(ValueError, match="features"):
+        NeighbourCalibrator.from_dict(cal.to_dict() | {"features": "nll"})
+    with pytest.raises(ValueError, match="lacks"):
+        cal.predict({0.25: 1.0}, 1.0)
+    # with NLL(c) as a feature the fit still separates the kinds; a share nothing reaches: never compress
+    assert fit_neighbour_calibrator(rows, "m", target_share=1.0, ks=(3,)).fit_mean_ratio == pytest.approx(0.5)
+    never = fit_neighbour_calibrator([dict(r, nll_ratio=0.1) for r in rows], "m", target_share=1.0, ks=(3,))
+    assert never.fit_mean_ratio == 0.0 and never.predict({0.25: 0.99, 0.5: 0.98, 0.75: 0.97}, 1.0) == 0.0
+    # a fixed ratio cannot do as well on these contexts: 0.25 is the largest that keeps all
+    fixed = lambda rho: (lambda c: rho)  # noqa: E731
+    assert best_knob(context_table(rows), fixed, [0.25, 0.5, 0.75], 1.0)[2] == 0.25
+    assert best_knob(context_table(rows), neighbour_chooser(cal), [cal.q], 1.0)[2] == pytest.approx(0.5)
