@@ -25,6 +25,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 try:
@@ -34,6 +35,7 @@ except ImportError:  # a plain source tree
     import kvray
 
 from kvray.eval.tasks import make_samples
+from kvray.probe import ProbeSpec
 from kvray.report import replace_section
 from kvray.results import new_run_id
 
@@ -47,7 +49,7 @@ CRITERIA = ["score", "nll"]
 TARGET_SHARES = [0.8, 0.9]
 NEIGHBOUR_CHOOSER = "probe-neighbours calibrator"
 TASK_CHOOSER = "per-task fixed ratio (told the task: not a calibrator, a bound)"
-PROBE = {"spans": 12, "cue": 6, "target": 6, "select": "mixed"}
+PROBE = asdict(ProbeSpec())  # 12 spans of 6 cue + 6 target tokens, half surprisal-chosen, half drawn
 SEED = 700
 
 

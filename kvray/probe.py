@@ -7,11 +7,11 @@ number, the context's own NLL. This one measures it instead, after KVzip's idea 
 cache that still holds a context can reproduce it. Per context:
 
 1. From the prefill (which also gives each context token's NLL), choose `spans` short spans of
-   the context: `cue` tokens followed by `target` tokens. `select="surprisal"` (the default)
-   starts the targets at the context's most surprising tokens (needles, numbers, names: what a
+   the context: `cue` tokens followed by `target` tokens. `select="surprisal"` starts the
+   targets at the context's most surprising tokens (needles, numbers, names: what a
    question is likely to ask for, and what eviction loses first), non-overlapping;
-   `"uniform"` draws them at random (seeded), as KVzip's reconstruction does; `"mixed"` takes
-   half of each.
+   `"uniform"` draws them at random (seeded), as KVzip's reconstruction does; `"mixed"` (the
+   default: 12 spans of 6 + 6 tokens, what docs/results.md measured) takes half of each.
 2. Compress the context at every ratio of a grid and teacher-force the spans (each after a
    newline) on every compressed cache and on the full one, all ratios as the rows of one
    batched forward: `probe_nll` is the mean NLL of the target tokens, and the probe ratio is
@@ -22,6 +22,12 @@ cache that still holds a context can reproduce it. Per context:
    most aggressive value whose share of contexts that keep their quality at the chosen ratio
    (answer NLL ratio >= tau, or the task score within a tolerance of the full cache's) is at
    least the target share.
+
+`NeighbourCalibrator` reads the probe curve (and NLL(c)) as a fingerprint instead: the largest
+ratio at which a share q of the k nearest calibration contexts kept their quality;
+`fit_neighbour_calibrator` picks k, the features and q leave-one-out on the calibration
+contexts. Both store what they need as JSON (`save` / `load`) and pick a press for a new context
+with `press_for(lm, context)`.
 
 The answer is never seen by the probe: it is query-agnostic, like the NLL-curve calibrator.
 
@@ -54,10 +60,10 @@ CRITERIA = ("nll", "score")
 class ProbeSpec:
     """Which spans of the context the probe reproduces (see the module docstring)."""
 
-    spans: int = 8
-    cue: int = 8
-    target: int = 8
-    select: str = "surprisal"
+    spans: int = 12
+    cue: int = 6
+    target: int = 6
+    select: str = "mixed"
     seed: int = 0
 
     def __post_init__(self):

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -139,6 +140,25 @@ class SearchResult:
         return self.best_score - self.baseline_score
 
 
+@contextmanager
+def _quiet(verbose: int):
+    """verbose=0: nothing from Tune on the console. Ray's newer console output prints its
+    "Configuration for experiment" box at every verbosity; its legacy reporter is silent at 0
+    (the tables stay in the Tune folder and the dashboard). Restored afterwards."""
+    if verbose:
+        yield
+        return
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
 def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str | None = None,
                    num_trials: int = 32, max_concurrent: int = 2, cpus_per_trial: float = 1,
                    use_gpu: bool | None = None, query_aware: bool = True, grace_period: int = 2,
@@ -187,7 +207,8 @@ def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str 
                                   callbacks=[_progress_callback(space, num_trials, len(samples), progress)] if progress else None,
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
     )
-    grid = tuner.fit()
+    with _quiet(verbose):
+        grid = tuner.fit()
     elapsed = time.perf_counter() - t0
     records = []
     for r in grid:  # last reported result of each trial (no file loggers needed)
