@@ -56,7 +56,7 @@ from .runtime import Prefill, PromptTokens, build_prompt, capture_window_for, fo
 from .models import LanguageModel
 from .cache import KVRayCache
 from .presses import Press, make_press
-from .probe import ProbeSpec, choose_spans, probe_feed
+from .probe import NeighbourCalibrator, ProbeCalibrator, ProbeSpec, choose_spans, probe_feed
 
 _SMALL_B = 1e-6          # |b| below this: second-order Taylor expansion around b = 0
 CALIBRATOR_KIND = "kvray.calibrator"
@@ -561,6 +561,16 @@ class Calibrator:
         return cls.from_json(Path(path).read_text())
 
 
+def load_calibrator(data: Any):
+    """A calibrator from its JSON object, by its `kind`: the NLL-curve `Calibrator`, or a
+    measured one (`kvray.probe.ProbeCalibrator`, `kvray.probe.NeighbourCalibrator`)."""
+    kinds = {CALIBRATOR_KIND: Calibrator, ProbeCalibrator.KIND: ProbeCalibrator, NeighbourCalibrator.KIND: NeighbourCalibrator}
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in kinds:
+        raise ValueError(f"unknown calibrator kind {kind!r}; known: {', '.join(kinds)}")
+    return kinds[kind].from_dict(data)
+
+
 # ----------------------------------------------------------------------------- fitting
 
 
@@ -737,5 +747,5 @@ def compare_with_fixed(cal: Calibrator, heldout_rows: Iterable[dict], at_predict
 __all__ = [
     "compare_with_fixed", "measure_curves", "retention_curve", "min_retention", "capture_hidden", "nll_from_hidden",
     "prefill_with_context_nll", "prefill_with_token_nll", "probe_curve", "context_nll", "answer_text", "measure_curve", "Calibrator",
-    "fit_calibrator", "safe_compression_ratio", "validate_calibrator", "CALIBRATOR_KIND", "CALIBRATOR_VERSION",
+    "fit_calibrator", "load_calibrator", "safe_compression_ratio", "validate_calibrator", "CALIBRATOR_KIND", "CALIBRATOR_VERSION",
 ]

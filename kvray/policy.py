@@ -28,7 +28,8 @@ class Policy(BaseModel):
     compression_ratio: the mean fraction of context KV entries removed;
     plan: optional `BudgetPlan.to_dict()` (keep fractions [layer][kv_head]);
     allocation: the parameters the plan came from (e.g. layer_slope, head_alpha);
-    calibrator: optional `kvray.calibration.Calibrator.to_dict()` (context -> largest safe ratio);
+    calibrator: optional `to_dict()` of a calibrator (context -> largest safe ratio): the NLL-curve
+    `kvray.calibration.Calibrator` or a measured one from `kvray.probe`;
     min_kept_tokens: a floor on the entries kept per KV head: a prompt whose compressed region
     has N tokens is compressed at most to `1 - min_kept_tokens / N` (short prompts are kept
     whole: compressing a 50-token prompt saves nothing and loses its facts); 0 = no floor;
@@ -120,9 +121,9 @@ class Policy(BaseModel):
     def calibrator_obj(self):
         if self.calibrator is None:
             return None
-        from .calibration import Calibrator
+        from .calibration import load_calibrator
 
-        return Calibrator.from_dict(self.calibrator)
+        return load_calibrator(self.calibrator)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)

@@ -19,8 +19,9 @@ pytest.importorskip("httpx")  # fastapi.testclient needs it (the `dev` extra)
 from fastapi.testclient import TestClient  # noqa: E402
 
 from kvray.budget import BudgetPlan  # noqa: E402
-from kvray.calibration import Calibrator, retention_curve  # noqa: E402
+from kvray.calibration import Calibrator, probe_curve, retention_curve  # noqa: E402
 from kvray.policy import Policy  # noqa: E402
+from kvray.probe import ProbeCalibrator  # noqa: E402
 from kvray.presses import list_methods  # noqa: E402
 from kvray.serve.api import (MAX_CONTEXT_CHARS, GenerateJob, GenerateResult, ModelBackend, RequestError,  # noqa: E402
                              build_api, get_backend)
@@ -63,6 +64,11 @@ class FakeBackend:
         if "TOO_LONG" in context:
             raise RequestError("prompt is 5000 tokens; model fake-lm supports at most 4096 tokens", 413)
         return 2.5
+
+    async def probe(self, context: str, calibrator: dict):
+        self.contexts.append(context)
+        self.probed = calibrator
+        return {0.25: 0.99, 0.5: 0.97, 0.75: 0.5}, 2.5
 
 
 def _policies(store: Path) -> None:
@@ -187,6 +193,31 @@ def test_calibrate(client, fake):
     r = client.post("/v1/calibrate", json={"context": "some long document", "tolerance": 0.99})
     assert r.status_code == 200 and r.json()["policy"] == "knorm-cal"
     assert r.json()["max_compression_ratio"] < expected
+
+
+def test_calibrate_measured(client, fake, store):
+    """A policy with a measured calibrator: the replica probes the context, the ingress picks the
+    ratio; no `tolerance` (it was fitted for its own target)."""
+    probe = ProbeCalibrator(method="knorm", theta=0.95, ratios=(0.25, 0.5, 0.75), probe={"spans": 4})
+    Policy(policy_id="probe-cal", model="fake-lm", method="knorm", compression_ratio=0.5,
+           calibrator=probe.to_dict()).save(store)
+    r = client.post("/v1/calibrate", json={"context": "some long document", "policy": "probe-cal"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["calibrator"] == "kvray.probe_calibrator" and body["method"] == "knorm"
+    assert body["max_compression_ratio"] == 0.5 and body["retention"] == 0.5  # 0.75 has probe 0.5 < theta
+    assert body["probe_curve"] == {"0.25": 0.99, "0.5": 0.97, "0.75": 0.5} and body["context_nll"] == 2.5
+    assert body["curve_b"] is None and body["predicted_quality"] is None
+    assert fake.probed == probe.to_dict() and fake.contexts[-1] == "some long document"
+    r = client.post("/v1/calibrate", json={"context": "doc", "policy": "probe-cal", "tolerance": 0.9})
+    assert r.status_code == 422 and "takes no `tolerance`" in _detail(r)
+    # the NLL-curve policy says which kind it is
+    r = client.post("/v1/calibrate", json={"context": "doc", "policy": "knorm-cal"})
+    assert r.status_code == 200 and r.json()["calibrator"] == "kvray.calibrator" and r.json()["probe_curve"] is None
+    Policy(policy_id="bad-cal", model="fake-lm", method="knorm", compression_ratio=0.5,
+           calibrator={"kind": "kvray.guess"}).save(store)
+    r = client.post("/v1/calibrate", json={"context": "doc", "policy": "bad-cal"})
+    assert r.status_code == 500 and "unknown calibrator kind 'kvray.guess'" in _detail(r)
 
 
 def test_chat_completions(client, fake):
@@ -504,6 +535,16 @@ def test_model_backend_on_tiny_model(tiny_llama, tmp_path):
     nll = r.json()["context_nll"]
     assert nll > 0 and r.json()["max_compression_ratio"] == pytest.approx(
         min(float(CAL.max_compression_ratio(nll)), 0.99))
+
+    probe = ProbeCalibrator(method="knorm", theta=0.5, ratios=(0.3, 0.6), probe={"spans": 3, "cue": 4, "target": 3})
+    Policy(policy_id="probe-cal", model="tiny-llama", method="knorm", compression_ratio=0.3,
+           calibrator=probe.to_dict()).save(store)
+    r = client.post("/v1/calibrate", json={"context": context, "policy": "probe-cal"})
+    assert r.status_code == 200, r.text
+    curve, c_nll = probe_curve(tiny_llama, context, "knorm", [0.3, 0.6], probe=probe.spec)
+    assert r.json()["max_compression_ratio"] == probe.predict(curve, c_nll)
+    assert r.json()["probe_curve"] == pytest.approx({f"{k:g}": v for k, v in curve.items()}, rel=1e-5)
+    assert r.json()["context_nll"] == pytest.approx(nll, rel=1e-4)
 
     r = client.post("/v1/chat/completions", json={"kv_policy": "knorm-cal", "max_tokens": 2, "messages": [
         {"role": "system", "content": context}, {"role": "user", "content": "What is key 3?"}]})

@@ -28,7 +28,8 @@ policy (as JSON) with the job, so model replicas need no access to the store.
 
 The model work goes through a backend obtained with `Depends(get_backend)`: any object with
 `async generate(job)`, the async generator `generate_stream(job)` (text deltas, then the
-`GenerateResult`), `async context_nll(context)` and optionally `stats()`. `ModelBackend` is the
+`GenerateResult`), `async context_nll(context)`, `async probe(context, calibrator)` (for measured
+calibrators) and optionally `stats()`. `ModelBackend` is the
 in-process one (continuous batching on a `kvray.serve.engine.BatchingEngine`, or one request at
 a time with `batching=False`); under Ray Serve (`kvray.serve.app`) the backend forwards to the
 `CompressedLM` deployment. Tests replace it with `app.dependency_overrides[get_backend]`.
@@ -157,6 +158,9 @@ class Backend(Protocol):
         """Text deltas (str) as they are decoded, then the GenerateResult."""
 
     async def context_nll(self, context: str) -> float: ...
+
+    async def probe(self, context: str, calibrator: dict) -> tuple[dict[float, float], float]:
+        """A measured calibrator's probe curve of `context` and its NLL(c)."""
 
 
 class ModelBackend:
@@ -303,6 +307,20 @@ class ModelBackend:
         self._check_length(len(prompt))
         return float(self._guard(lambda: context_nll(self.lm, context)))
 
+    def probe_sync(self, context: str, calibrator: dict) -> tuple[dict[float, float], float]:
+        """A measured calibrator's probe of `context` (`kvray.calibration.probe_curve`): its
+        curve (ratio -> probe ratio) and NLL(c)."""
+        from ..calibration import load_calibrator, probe_curve
+        from ..runtime import build_prompt
+
+        cal = load_calibrator(calibrator)
+        try:
+            prompt = build_prompt(self.lm.tokenizer, context, "")
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        self._check_length(len(prompt))
+        return self._guard(lambda: probe_curve(self.lm, context, cal.method, cal.ratios, probe=cal.spec))
+
     def _guard(self, work: Callable):
         try:
             return work()
@@ -334,6 +352,11 @@ class ModelBackend:
         if self.batching:  # in the engine's thread, between two decode steps
             return await self.engine.call(self.context_nll_sync, context)
         return await self._in_thread(self.context_nll_sync, context)
+
+    async def probe(self, context: str, calibrator: dict) -> tuple[dict[float, float], float]:
+        if self.batching:
+            return await self.engine.call(self.probe_sync, context, calibrator)
+        return await self._in_thread(self.probe_sync, context, calibrator)
 
 
 def get_backend(request: Request) -> Backend:
@@ -459,13 +482,20 @@ class CalibrateRequest(_Strict):
 class CalibrateResponse(BaseModel):
     policy: str
     method: str
-    tolerance: float
+    calibrator: str = Field(description="the calibrator's kind: kvray.calibrator (the NLL curve) or a measured "
+                                        "one (kvray.probe_calibrator, kvray.neighbour_calibrator)")
+    tolerance: float = Field(description="the NLL-curve calibrator's tau; a measured calibrator's own (fitted) tau")
     context_nll: float = Field(description="the context's token-averaged NLL under the model")
     max_compression_ratio: float = Field(description="the largest ratio predicted to keep `tolerance` "
                                                      f"(at most {MAX_SERVED_RATIO})")
     retention: float = Field(description="1 - max_compression_ratio")
-    predicted_quality: float = Field(description="the calibrator's retention curve at that ratio (predicted NLL ratio)")
-    curve_b: float = Field(description="the curve parameter b = alpha * context_nll + beta")
+    predicted_quality: float | None = Field(None, description="the NLL curve at that ratio (predicted NLL ratio); "
+                                                              "None for a measured calibrator")
+    curve_b: float | None = Field(None, description="the curve parameter b = alpha * context_nll + beta; None for a "
+                                                    "measured calibrator")
+    probe_curve: dict[str, float] | None = Field(None, description="a measured calibrator's probe: compression ratio "
+                                                                   "-> probe ratio (NLL of the context's spans, full / "
+                                                                   "compressed)")
 
 
 class TextPart(_Strict):
@@ -797,7 +827,7 @@ def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None
     async def calibrate(req: CalibrateRequest, backend: Backend = Depends(get_backend)) -> CalibrateResponse:
         """The largest compression ratio predicted to keep `tolerance` of the quality on this
         context (one prefill to measure its NLL), from the policy's calibrator."""
-        from ..calibration import retention_curve
+        from ..calibration import CALIBRATOR_KIND, retention_curve
 
         if req.policy is None:
             calibrated = [p for p in store.ids() if _has_calibrator(store, p)]
@@ -815,12 +845,23 @@ def build_api(store_dir: str | os.PathLike | None = None, *, api_key: str | None
             calibrated = [p for p in store.ids() if _has_calibrator(store, p)]
             raise HTTPException(422, f"policy {policy.policy_id!r} has no calibrator (it was not calibrated); "
                                      f"calibrated policies: {', '.join(calibrated) if calibrated else '(none)'}")
+        kind = policy.calibrator["kind"]
+        if kind != CALIBRATOR_KIND:  # a measured calibrator: probe the context on the model
+            if req.tolerance is not None:
+                raise HTTPException(422, f"policy {policy.policy_id!r} has a measured calibrator ({kind}), fitted "
+                                         f"for its own quality target (tau {cal.tau:g}, share {cal.target_share:g}); "
+                                         "it takes no `tolerance`: leave it out")
+            curve, nll = await run(backend.probe(req.context, policy.calibrator), "probing the context")
+            ratio = min(max(float(cal.predict(curve, nll)), 0.0), MAX_SERVED_RATIO)
+            return CalibrateResponse(policy=policy.policy_id, method=cal.method, calibrator=kind, tolerance=cal.tau,
+                                     context_nll=float(nll), max_compression_ratio=ratio, retention=1.0 - ratio,
+                                     probe_curve={f"{r:g}": float(v) for r, v in curve.items()})
         tau = cal.tau if req.tolerance is None else req.tolerance
         nll = float(await run(backend.context_nll(req.context), "measuring the context NLL"))
         ratio = min(max(float(cal.max_compression_ratio(nll, tau)), 0.0), MAX_SERVED_RATIO)
         b = float(cal.b(nll))
-        return CalibrateResponse(policy=policy.policy_id, method=cal.method, tolerance=tau, context_nll=nll,
-                                 max_compression_ratio=ratio, retention=1.0 - ratio,
+        return CalibrateResponse(policy=policy.policy_id, method=cal.method, calibrator=kind, tolerance=tau,
+                                 context_nll=nll, max_compression_ratio=ratio, retention=1.0 - ratio,
                                  predicted_quality=float(retention_curve(1.0 - ratio, b)), curve_b=b)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=guarded, tags=["openai"])

@@ -97,6 +97,9 @@ class CompressedLM:
     async def context_nll(self, context: str) -> float:
         return await self.backend.context_nll(context)
 
+    async def probe(self, context: str, calibrator: dict):
+        return await self.backend.probe(context, calibrator)
+
     def check_health(self) -> None:
         self.backend.check_health()
 
@@ -134,6 +137,9 @@ class HandleBackend:
 
     async def context_nll(self, context: str) -> float:
         return await self._call("context_nll", context)
+
+    async def probe(self, context: str, calibrator: dict):
+        return await self._call("probe", context, calibrator)
 
     async def stats(self) -> dict:
         return await self._call("stats")
