@@ -185,6 +185,8 @@ def test_calibrate_job_smoke(ray_session, tiny_dir, tmp_path):
     df = read_results(run / "evals")
     assert len(df) > 0 and df["item_id"].is_unique
     assert "Where everything is" in proc.stdout
+    assert "Configuration for experiment" not in proc.stdout + proc.stderr  # Tune is quiet in the job log
+    assert "Trial status" not in proc.stdout + proc.stderr
     # the report (plots of this run) and how to serve the policies, from the summary
     html = (run / "report.html").read_text()
     assert summary["report"] == str(run / "report.html") and html.count("data:image/png;base64,") >= 3
