@@ -87,6 +87,20 @@ def test_kvray_prompt_layout_gives_kvpress_context_ids():
         assert build_prompt(tok, p["context"], p["question"], p["answer_prefix"]).context == p["context_ids"]
 
 
+def test_kvpress_query_aware_layout_is_question_in_context():
+    """kvpress's query-aware use (the question inside the context: compressed up to its end, the
+    template suffix and answer prefix fed after) is kvray's query-agnostic protocol with the
+    question appended to the context: the same tokens, the compressed region ending at the
+    question."""
+    tok = kvray.load_tokenizer()
+    ctx, q, ap = "The vault code is 4711. The weather was fine all day.", "What is the vault code?", "The vault code is"
+    aware = build_prompt(tok, ctx, q, ap)
+    layout = build_prompt(tok, ctx + "\n\n" + q, "", ap)
+    assert layout.context + layout.rest == aware.context + aware.rest
+    assert len(layout.context) == len(aware.context) + len(aware.question) and layout.question == []
+    assert layout.suffix == aware.suffix and layout.rest == aware.suffix
+
+
 @pytest.mark.slow
 def test_prefill_keys_are_kvpress_bit_for_bit(states):
     """kvray's prefill (its attention, transformers 5.24) gives the keys kvpress scored (SDPA,
