@@ -396,6 +396,15 @@ def verdict(report: dict) -> str:
                            f"{e['share_within']:.2f} vs {fixed['share_within']:.2f} (diff [{slo:+.2f}, {shi:+.2f}]): "
                            + ("**meets the target** (+0.1 or more at the fixed ratio's share)" if met
                               else "does not meet the target (+0.1 at the fixed ratio's share)"))
+    widths = [(e["ratio_gain_ci95"][1] - e["ratio_gain_ci95"][0]) / 2 for part in report["criteria"].values()
+              for entry in part["targets"].values() for name, e in entry.items()
+              if name not in ("fixed ratio", TASK_CHOOSER) and "ratio_gain_ci95" in e]
+    share_widths = [(e["share_ci95"][1] - e["share_ci95"][0]) / 2 for part in report["criteria"].values()
+                    for entry in part["targets"].values() for e in entry.values() if "share_ci95" in e]
+    if widths:
+        out.append(f"- Power: the gains' 95% intervals are +-{min(widths):.3f} to +-{max(widths):.3f} wide, so a gain of "
+                   f"+0.1 would show; the shares' are +-{min(share_widths):.2f} to +-{max(share_widths):.2f} "
+                   f"(n = {report['n_heldout']} held-out contexts).")
     return "\n".join(out)
 
 
