@@ -4,7 +4,7 @@ full-attention Llama) and Gemma 3 270M (a hybrid base model: 15 sliding-window l
 tokens, 3 full-attention layers; `make gemma3`), then the section "Two architectures" of
 docs/results.md with n and 95% intervals.
 
-    python jobs/results_models.py                      # niah_single, niah_multikey x 15, vt x 10; ratio 0.5
+    python jobs/results_models.py                      # niah_single, niah_multikey, vt x 17 (51 per cell); ratio 0.5
     python jobs/results_models.py --render RUN_ID      # re-render from the Parquet only
 
 On Gemma 3 the ratio is over the full-attention layers (the sliding layers keep their window:
@@ -127,7 +127,7 @@ def render(base: str) -> str:
 def main(argv=None) -> int:
     def options(ap):
         ap.add_argument("--samples", type=int, default=10, help="per task")
-        ap.add_argument("--tasks", type=lambda s: s.split(","), default=["niah_single:15", "niah_multikey:15", "vt:10"],
+        ap.add_argument("--tasks", type=lambda s: s.split(","), default=["niah_single:17", "niah_multikey:17", "vt:17"],
                         help="comma list of task or task:samples")
         ap.add_argument("--ratio", type=float, default=0.5)
 
