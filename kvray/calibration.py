@@ -45,7 +45,7 @@ import numbers
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ from .runtime import Prefill, PromptTokens, build_prompt, capture_window_for, fo
 from .models import LanguageModel
 from .cache import KVRayCache
 from .presses import Press, make_press
-from .probe import NeighbourCalibrator, ProbeCalibrator, ProbeSpec, choose_spans, probe_feed
+from .probe import NeighbourCalibrator, ProbeCalibrator, ProbeSpec, choose_spans, from_json_object, probe_feed
 
 _SMALL_B = 1e-6          # |b| below this: second-order Taylor expansion around b = 0
 CALIBRATOR_KIND = "kvray.calibrator"
@@ -524,21 +524,8 @@ class Calibrator:
 
     @classmethod
     def from_dict(cls, data: Any) -> "Calibrator":
-        if not isinstance(data, dict):
-            raise ValueError(f"a calibrator must be a JSON object, got {type(data).__name__}")
-        for key in ("kind", "version", "method", "alpha", "beta", "tau"):
-            if key not in data:
-                raise ValueError(f"calibrator JSON is missing the field {key!r}")
-        if data["kind"] != CALIBRATOR_KIND:
-            raise ValueError(f"calibrator JSON field 'kind' must be {CALIBRATOR_KIND!r}, got {data['kind']!r}")
-        if data["version"] != CALIBRATOR_VERSION:
-            raise ValueError(f"unsupported calibrator version {data['version']!r} (this kvray reads "
-                             f"version {CALIBRATOR_VERSION})")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names - {"kind", "version"})
-        if unknown:
-            raise ValueError(f"calibrator JSON has unknown field(s) {', '.join(map(repr, unknown))}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return from_json_object(cls, data, CALIBRATOR_KIND, CALIBRATOR_VERSION,
+                                required=("method", "alpha", "beta", "tau"))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False, allow_nan=False)

@@ -137,6 +137,26 @@ def probe_safe_ratio(curve: dict[float, float], theta: float) -> float:
     return safe
 
 
+def from_json_object(cls, data: Any, kind: str, version: int, required: Sequence[str] = ()):
+    """`cls(**data)` for a calibrator's JSON object (a dataclass with `kind` and `version` beside
+    its fields), checked: an object, the `required` fields present, its kind and version, no
+    unknown fields. Shared by every calibrator kind (`kvray.calibration.Calibrator` too)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a {kind} must be a JSON object, got {type(data).__name__}")
+    for key in ("kind", "version", *required):
+        if key not in data:
+            raise ValueError(f"{kind} JSON is missing the field {key!r}")
+    if data["kind"] != kind:
+        raise ValueError(f"{kind} JSON field 'kind' must be {kind!r}, got {data['kind']!r}")
+    if data["version"] != version:
+        raise ValueError(f"unsupported {kind} version {data['version']!r} (this kvray reads version {version})")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names - {"kind", "version"})
+    if unknown:
+        raise ValueError(f"{kind} JSON has unknown field(s) {', '.join(map(repr, unknown))}")
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
 class _Measured:
     """What the measured calibrators share: the probe spec, deploy-time use, and the JSON form
     (a `kind` and `version` plus the dataclass fields; unknown fields are refused)."""
@@ -191,16 +211,7 @@ class _Measured:
 
     @classmethod
     def from_dict(cls, data: Any):
-        if not isinstance(data, dict):
-            raise ValueError(f"a {cls.KIND} must be a JSON object, got {type(data).__name__}")
-        if data.get("kind") != cls.KIND or data.get("version") != MEASURED_VERSION:
-            raise ValueError(f"not a {cls.KIND} version {MEASURED_VERSION}: kind={data.get('kind')!r}, "
-                             f"version={data.get('version')!r}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names - {"kind", "version"})
-        if unknown:
-            raise ValueError(f"{cls.KIND} JSON has unknown field(s) {', '.join(map(repr, unknown))}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return from_json_object(cls, data, cls.KIND, MEASURED_VERSION)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
