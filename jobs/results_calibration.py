@@ -117,8 +117,9 @@ def load(run_dir: Path):
 
 
 def probe_views(rows) -> dict[str, object]:
-    """The probe's aggregates to compare: every span, only the surprisal-chosen half, only the
-    uniformly drawn half (the job measures `select="mixed"`: both halves in one forward)."""
+    """The probe's aggregates besides every span (the rows' own `probe_ratio`): only the
+    surprisal-chosen half, only the uniformly drawn half (the job measures `select="mixed"`: both
+    halves in one forward)."""
     import numpy as np
 
     k = (PROBE["spans"] + 1) // 2
@@ -133,10 +134,10 @@ def probe_views(rows) -> dict[str, object]:
             top = np.argsort(-surprisal, kind="stable")[:k]
             mask = np.zeros(len(full), bool)
             mask[top] = True
-            sel = {"all": np.ones(len(full), bool), "surprisal": mask, "uniform": ~mask}[part]
+            sel = mask if part == "surprisal" else ~mask
             return float(full[sel].mean() / comp[sel].mean()) if sel.any() else float("nan")
         return agg
-    return {part: rows.apply(view(part), axis=1) for part in ("all", "surprisal", "uniform")}
+    return {"all": rows["probe_ratio"], **{part: rows.apply(view(part), axis=1) for part in ("surprisal", "uniform")}}
 
 
 def analyse(run_dir: Path) -> dict:
@@ -160,30 +161,27 @@ def analyse(run_dir: Path) -> dict:
               "tasks": sorted(rows["task"].unique()), "calibrator": cal.to_dict(), "criteria": {}}
     taus = [round(x, 4) for x in np.linspace(0.05, 0.9995, 400)]
     for criterion in CRITERIA:
-        def tables(view: str | None):
-            r = rows.copy()
-            if view is not None:
-                r["probe_ratio"] = views[view]
+        def tables(view: str):
+            r = rows.assign(probe_ratio=views[view])
             return tuple(context_table(r[r["split"] == split].to_dict("records"), criterion=criterion, tau=TAU,
                                        tolerance=TOLERANCE) for split in ("fit", "heldout"))
 
-        fit, held = tables(None)
+        probe_tables = {view: tables(view) for view in views}
+        fit, held = probe_tables["all"]
         choosers = {
             "fixed ratio": (lambda rho: (lambda c: rho), [0.0] + grid, fit, held),
             "NLL-curve calibrator": (lambda t: (lambda c: floor_to_grid(float(cal.max_compression_ratio(c["context_nll"], t)), grid)),
                                      taus, fit, held),
         }
-        for view in ("all", "surprisal", "uniform"):
-            f, h = tables(view)
+        for view, (f, h) in probe_tables.items():
             values = sorted({v for c in f.values() for v in c["probe"].values() if math.isfinite(v)})
             choosers[f"probe calibrator ({view} spans)"] = (lambda t: (lambda c: probe_safe_ratio(c["probe"], t)),
                                                              [math.inf] + values[::-1], f, h)
-        f, h = tables("all")
-        nb = fit_neighbour_calibrator(rows[rows["split"] == "fit"].assign(probe_ratio=views["all"]).to_dict("records"),
+        nb = fit_neighbour_calibrator(rows[rows["split"] == "fit"].to_dict("records"),
                                       method, tau=TAU, tolerance=TOLERANCE, target_share=0.9, criterion=criterion,
                                       probe=PROBE)
         nb.save(run_dir / f"neighbours-{criterion}.json")
-        choosers[NEIGHBOUR_CHOOSER] = (neighbour_chooser(nb), [i / 40 for i in range(41)], f, h)
+        choosers[NEIGHBOUR_CHOOSER] = (neighbour_chooser(nb), [i / 40 for i in range(41)], fit, held)
         # not a calibrator: it is told the task. Per task, the largest ratio whose share on that
         # task's calibration contexts is >= the knob: what telling context kinds apart could give
         per_task_ok = {}
