@@ -296,8 +296,9 @@ class ModelBackend:
                 result = event
         return result
 
-    def context_nll_sync(self, context: str) -> float:
-        from ..calibration import context_nll
+    def _check_context(self, context: str) -> None:
+        """A context alone (no question) as /v1/calibrate runs it: a 4xx for one the model
+        cannot take."""
         from ..runtime import build_prompt
 
         try:
@@ -305,20 +306,20 @@ class ModelBackend:
         except ValueError as exc:
             raise RequestError(str(exc)) from None
         self._check_length(len(prompt))
+
+    def context_nll_sync(self, context: str) -> float:
+        from ..calibration import context_nll
+
+        self._check_context(context)
         return float(self._guard(lambda: context_nll(self.lm, context)))
 
     def probe_sync(self, context: str, calibrator: dict) -> tuple[dict[float, float], float]:
         """A measured calibrator's probe of `context` (`kvray.calibration.probe_curve`): its
         curve (ratio -> probe ratio) and NLL(c)."""
         from ..calibration import load_calibrator, probe_curve
-        from ..runtime import build_prompt
 
         cal = load_calibrator(calibrator)
-        try:
-            prompt = build_prompt(self.lm.tokenizer, context, "")
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
-        self._check_length(len(prompt))
+        self._check_context(context)
         return self._guard(lambda: probe_curve(self.lm, context, cal.method, cal.ratios, probe=cal.spec))
 
     def _guard(self, work: Callable):
