@@ -366,13 +366,13 @@ def stage_validate(cfg, pool, run_id, run_path, count_tokens, candidates: list[C
     for k, batch in enumerate(batches):
         print(f"[validate] round {k + 1}/{len(rounds)}: {len(batch)} test samples for "
               f"{', '.join(f'{c.method} ({c.protocol})' for c in todo)}", flush=True)
-        for aware in sorted({c.aware for c in todo}):  # one call per protocol: no config decoded in vain
-            presses = list({press_config_id(p, aware): p for c in todo if c.aware == aware
-                            for p in (full, c.uniform, c.tuned) if p is not None}.values())
-            _, rows = run_eval_distributed(pool, batch, presses, out_dir=run_path / "validation",
-                                           protocols=[aware],
-                                           run_id=f"{run_id}-test{k + 1}-{'aware' if aware else 'agnostic'}")
-            frames.append(rows)
+        # each protocol its own configs (none decoded in vain), both on one prefill per sample
+        presses = {aware: list({press_config_id(p, aware): p for c in todo if c.aware == aware
+                                for p in (full, c.uniform, c.tuned) if p is not None}.values())
+                   for aware in sorted({c.aware for c in todo})}
+        _, rows = run_eval_distributed(pool, batch, presses, out_dir=run_path / "validation",
+                                       run_id=f"{run_id}-test{k + 1}")
+        frames.append(rows)
         rows = pd.concat(frames, ignore_index=True)
         for c in todo:
             validate_candidate(c, rows, full, tol)
@@ -438,12 +438,13 @@ def stage_select(cfg, pool, run_id, run_path, count_tokens, df):
             break
         print(f"[select] round {k + 1}: {len(batch)} more samples for {len(cells)} undecided cells: "
               + ", ".join(f"{m}@{r:g} ({'aware' if a else 'agnostic'})" for a, m, r in cells), flush=True)
-        for aware in sorted({a for a, _, _ in cells}):  # one call per protocol: no config decoded in vain
-            presses = [kvray.make_press("full")] + [kvray.make_press(m, compression_ratio=r)
-                                                    for a, m, r in cells if a == aware]
-            _, rows = run_eval_distributed(pool, batch, presses, out_dir=run_path / "evals", protocols=[aware],
-                                           run_id=f"{run_id}-select{k + 1}-{'aware' if aware else 'agnostic'}")
-            frames.append(rows)
+        # each protocol its own cells (none decoded in vain), both on one prefill per sample
+        presses = {aware: [kvray.make_press("full")] + [kvray.make_press(m, compression_ratio=r)
+                                                        for a, m, r in cells if a == aware]
+                   for aware in sorted({a for a, _, _ in cells})}
+        _, rows = run_eval_distributed(pool, batch, presses, out_dir=run_path / "evals",
+                                       run_id=f"{run_id}-select{k + 1}")
+        frames.append(rows)
     return pd.concat(frames, ignore_index=True)
 
 

@@ -117,7 +117,8 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
     the batch as soon as it is done. Decoding a small model is bound by reading its weights, so
     a batch of configs costs little more than one. `decode_s` is each row's share of the
     forwards it took part in. Presses that evict while decoding (`evicts_during_decoding`, e.g.
-    MorphKV) are decoded in a lane of their own with their `after_step` hook.
+    MorphKV) are decoded in a lane of their own with their `after_step` hook, one lane for those
+    of a protocol that share a `lane_key` (MorphKV at several ratios: one forward per step).
 
     `query_aware`: one protocol for all presses, or one per press (both protocols of a sample
     then share the decoder). Outputs keep the order of `presses`. With `release_prefill` the
@@ -133,8 +134,17 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
     for aware in set(protocols):  # (tokens, full bytes, heads x layers x batch) per protocol
         st = pre.state(aware)
         sizes[aware] = (st.n_tokens, st.kv_bytes(), st.num_kv_heads * st.num_layers * st.batch)
+    # presses that evict while decoding and may share a lane (same protocol and `lane_key`, e.g.
+    # MorphKV at several ratios): their caches wait until the last of them is made, then join as one
+    lanes: dict[tuple, list[int]] = {}
+    for i, (press, aware) in enumerate(zip(presses, protocols)):
+        key = press.lane_key() if press.evicts_during_decoding else None
+        if key is not None:
+            lanes.setdefault((aware, key), []).append(i)
+    lane_of = {i: key for key, members in lanes.items() for i in members}
+    waiting: dict[tuple, list] = {}
     dec = Decoder(lm, impl=impl)
-    made: list[tuple] = []
+    made: list[tuple | None] = [None] * len(presses)
     for i, (press, aware) in enumerate(zip(presses, protocols)):
         rest, first = pre.rest(aware), pre.first_logits(aware)
         n_tokens, full_bytes, _ = sizes[aware]
@@ -143,13 +153,26 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
         compress_s = time.perf_counter() - t0
         if release_prefill and i == len(presses) - 1:
             pre.cache = pre.hidden = None
-        # room for this row (its prefix plus the tokens it will add), else decode until there is
-        need = cache.nbytes() + full_bytes / max(n_tokens, 1) * (len(rest) + max_new_tokens)
+        stats = (aware, compress_s, cache.prefix_entries(), cache.prefix_nbytes(), cache.window_nbytes())
+        members = [i]
+        if i in lane_of:
+            key = lane_of[i]
+            waiting.setdefault(key, []).append((cache, stats))
+            if i != lanes[key][-1]:
+                continue
+            members = lanes[key]
+            caches, member_stats = zip(*waiting.pop(key))
+            cache = press.merge_lane(list(caches))
+        else:
+            member_stats = [stats]
+        # room for these rows (their prefixes plus the tokens they will add), else decode until there is
+        need = cache.nbytes() + full_bytes / max(n_tokens, 1) * (len(rest) + max_new_tokens) * len(members)
         while dec.active and dec.kv_bytes() + need > budget:
             dec.step()
         rows = dec.add(cache, feed=rest, first_logits=first, max_new_tokens=max_new_tokens,
                        ignore_stop_tokens=ignore_eos, after_step=press.after_step if press.evicts_during_decoding else None)
-        made.append((rows[0], aware, compress_s, cache.prefix_entries(), cache.prefix_nbytes(), cache.window_nbytes()))
+        for j, row, st in zip(members, rows, member_stats):
+            made[j] = (row,) + st
         del cache
     dec.run()
     peak = peak_memory_bytes(lm.device)

@@ -374,3 +374,76 @@ def test_parameters_validated_and_json():
     with pytest.raises(ValueError, match="needs a cache built by"):
         press.after_step(KVRayCache([KVRayLayer(prefix=RaggedKV.gather(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2),
                                                                          [torch.tensor([0])]), prefix_tokens=2)]), 0)
+
+
+# ----------------------------------------------------------------------------- one lane for several sizes
+
+
+def test_merged_lane_keeps_what_each_row_keeps_alone(tiny_llama):
+    """Three MorphKV caches of one prompt (different constant sizes) merged into one lane and fed
+    the same tokens: after every eviction each row holds exactly the entries (per layer and KV
+    head) and the window logits it holds decoded alone, and gets the same logits."""
+    lm = tiny_llama
+    p = prompt(60, n_q=3, n_suffix=0)
+    pre = prefill(lm, p, with_question=False)
+    presses = [MorphKVPress(compression_ratio=r, window_size=4) for r in (0.25, 0.5, 0.75)]
+    alone = [press.compress(pre.state(False)) for press in presses]
+    lane = MorphKVPress.merge_lane([press.compress(pre.state(False)) for press in presses])
+    first = lane.layers[0]
+    assert isinstance(first, MorphKVLayer) and first.budgets == tuple(c.layers[0].budget for c in alone)
+    assert len(set(first.budgets)) == 3
+    g = torch.Generator().manual_seed(1)
+    feeds = [p.question] + [[int(t)] for t in torch.randint(10, 1000, (6,), generator=g)]
+    with torch.inference_mode():
+        for step, toks in enumerate(feeds):
+            got = lm.model(input_ids=torch.tensor([toks] * 3), cache=lane).logits[:, -1]
+            presses[0].after_step(lane, step)
+            for b, (press, cache) in enumerate(zip(presses, alone)):
+                want = lm.model(input_ids=torch.tensor([toks]), cache=cache).logits[0, -1]
+                press.after_step(cache, step)
+                torch.testing.assert_close(got[b], want, atol=1e-4, rtol=1e-4)
+                for mine, ref in zip(lane.layers, cache.layers):
+                    s, e = mine.prefix.row_span(b)
+                    assert mine.prefix.row_lengths(b) == ref.prefix.lengths
+                    assert torch.equal(mine.prefix.positions[s:e], ref.prefix.positions)
+                    torch.testing.assert_close(mine.row_logits[b], ref.window_logits, atol=1e-4, rtol=1e-4)
+    assert all(lane.layers[0].prefix.row_lengths(b) == alone[b].layers[0].prefix.lengths for b in range(3))
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+def test_run_configs_decodes_morphkv_sizes_in_one_lane(tiny_llama, monkeypatch, query_aware):
+    """run_configs puts MorphKV at several ratios (same window) in one lane: one 3-row forward per
+    step instead of three 1-row ones; a different window gets a lane of its own; every config
+    gets the tokens and bytes it gets alone."""
+    dec_mod = sys.modules["kvray.runtime.decoder"]
+    forward, calls = dec_mod.forward, []
+
+    def recording_forward(lm, rows, cache, positions=None):
+        calls.append(len(rows))
+        return forward(lm, rows, cache, positions=positions)
+
+    monkeypatch.setattr(dec_mod, "forward", recording_forward)
+    pre = prefill(tiny_llama, prompt(120))
+    same = [MorphKVPress(compression_ratio=r, window_size=8) for r in (0.25, 0.5, 0.75)]
+    other = MorphKVPress(compression_ratio=0.5, window_size=4)
+    presses = [same[0], kvray.make_press("snapkv", compression_ratio=0.5), same[1], other, same[2]]
+    calls.clear()
+    together = run_configs(tiny_llama, pre, presses, query_aware, 10, ignore_eos=True)
+    lane_calls = list(calls)
+    for press, out in zip(presses, together):
+        calls.clear()
+        alone = run_configs(tiny_llama, pre, [press], query_aware, 10, ignore_eos=True)[0]
+        assert out.token_ids == alone.token_ids
+        assert out.stats.kv_bytes_kept == alone.stats.kv_bytes_kept
+        assert len(out.token_ids) == 10
+    # the lane of three takes as many forwards as one of them alone; snapkv and the other window
+    # one row each (as many again)
+    assert set(calls) == {1} and lane_calls.count(3) == len(calls) and lane_calls.count(1) == 2 * len(calls)
+
+
+def test_merge_lane_refuses_other_prompts(tiny_llama):
+    press = MorphKVPress(compression_ratio=0.5, window_size=4)
+    a = press.compress(prefill(tiny_llama, prompt(40)).state(False))
+    b = press.compress(prefill(tiny_llama, prompt(50)).state(False))
+    with pytest.raises(ValueError, match="one prompt"):
+        MorphKVPress.merge_lane([a, b])

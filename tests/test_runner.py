@@ -125,3 +125,32 @@ def test_cli_rejects_bad_input(capsys):
 def test_cli_rejects_bad_json_options():
     with pytest.raises(SystemExit, match="--method-params is not valid JSON"):
         kvray_main(["eval", "--methods", "snapkv", "--method-params", "{window: 3}"])
+
+
+def test_each_protocol_its_own_presses_on_one_prefill(tiny_llama, tmp_path, monkeypatch):
+    """{query_aware: presses}: each protocol evaluates only its own configs, all on one prefill
+    per sample, with the rows (predictions included) the grid form gives for the same pairs."""
+    calls = []
+    real = runner_mod.prefill
+    monkeypatch.setattr(runner_mod, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    host = ModelHost(tiny_llama)
+    full, snap, _, ada, _ = small_presses()
+    ss = samples(tiny_llama)
+    _, df = run_eval(host, ss, {False: [full, snap], True: [full, ada]}, out_dir=tmp_path / "pairs", progress=False)
+    assert len(calls) == len(ss)
+    got = {(r.method, r.query_aware, r.sample_id): r.prediction for r in df.itertuples()}
+    assert len(got) == len(df) == 4 * len(ss)
+    assert {(m, q) for m, q, _ in got} == {("full", False), ("snapkv", False), ("full", True), ("adakv", True)}
+    _, grid = run_eval(host, ss, [full, snap, ada], protocols=[False, True], out_dir=tmp_path / "grid", progress=False)
+    want = {(r.method, r.query_aware, r.sample_id): r.prediction for r in grid.itertuples()}
+    assert all(want[k] == v for k, v in got.items())
+    with pytest.raises(ValueError, match="other methods/ratios"):  # a resumed run keeps its pairs
+        run_eval(host, ss, {False: [full], True: [full, ada]}, out_dir=tmp_path / "pairs", run_id=df["run_id"][0],
+                 progress=False)
+
+
+def test_costliest_samples_are_handed_out_first(tiny_llama):
+    ss = samples(tiny_llama, n=2, length=300) + samples(tiny_llama, n=1, length=500)
+    long_answer = runner_mod.Sample(**{**ss[0].__dict__, "sample_id": "long-answer", "max_new_tokens": 99})
+    order = runner_mod.by_cost(ss + [long_answer])
+    assert order[0] is long_answer and order[1] is ss[2]

@@ -107,16 +107,18 @@ def test_stage_validate_spends_samples_only_where_undecided(job, monkeypatch, tm
 
     seen: dict[str, int] = {}
 
-    def fake_eval(pool, samples, presses, *, out_dir, protocols, run_id, **kw):
+    from kvray.eval.runner import config_pairs
+
+    def fake_eval(pool, samples, presses, *, out_dir, run_id, protocols=(False,), **kw):
         rows = []
-        for p in presses:
+        for p, aware in config_pairs(presses, protocols):
             seen[p.name] = seen.get(p.name, 0) + len(samples)
             for s in samples:
                 i = int(s.sample_id.rsplit("-", 1)[1])
                 # "same" always equals full; "noisy" loses one sample in four: never decided at 5 points
                 score = 0.0 if (p.name == "noisy" and i % 4 == 0) else 1.0
-                rows.append({"config_id": job.press_config_id(p, protocols[0]), "sample_id": s.sample_id,
-                             "score": score, "query_aware": protocols[0]})
+                rows.append({"config_id": job.press_config_id(p, aware), "sample_id": s.sample_id,
+                             "score": score, "query_aware": aware})
         return run_id, pd.DataFrame(rows)
 
     monkeypatch.setattr(actors, "run_eval_distributed", fake_eval)

@@ -17,12 +17,12 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from ..eval.runner import ModelHost, shard_name, start_run
+from ..eval.runner import ModelHost, by_cost, config_pairs, shard_name, start_run
 from ..eval.tasks import Sample
 from ..presses import Press
 from ..results import read_results, run_dir, write_shard
@@ -72,7 +72,8 @@ class ModelWorker:
                 "num_layers": lm.num_layers, "plan_layers": lm.plan_layers, "num_kv_heads": lm.num_kv_heads, "load_s": self.load_s,
                 "label": self.label}
 
-    def evaluate(self, sample: Sample, presses: Sequence[Press], protocols: Sequence[bool], run_id: str) -> tuple[int, list[dict]]:
+    def evaluate(self, sample: Sample, presses: Sequence[Press] | Mapping[bool, Sequence[Press]],
+                 protocols: Sequence[bool], run_id: str) -> tuple[int, list[dict]]:
         t0 = time.perf_counter()
         rows = self.host.evaluate_sample(sample, presses, protocols, run_id=run_id)
         record("kvray_samples_evaluated", 1, run=run_id, actor=self.label)
@@ -269,17 +270,18 @@ class _Progress:
             self.bar.close()
 
 
-def run_eval_distributed(pool: WorkerPool, samples: Sequence[Sample], presses: Sequence[Press], *, out_dir,
+def run_eval_distributed(pool: WorkerPool, samples: Sequence[Sample], presses: Sequence[Press] | Mapping[bool, Sequence[Press]], *, out_dir,
                          protocols: Iterable[bool] = (False,), run_id: str | None = None, progress: bool = True,
                          max_in_flight: int = 2, on_submit: Callable | None = None):
     """`kvray.eval.runner.run_eval` over a pool of model actors: same rows, same shards, same
-    resume. Raises `EvaluationError` naming the samples that failed (the others are written).
+    resume; `presses` as there (every press in every protocol, or {query_aware: presses}), the
+    costliest samples handed out first. Raises `EvaluationError` naming the samples that failed (the others are written).
     Returns (run_id, DataFrame of the whole run)."""
     run_id, protocols, todo = start_run(pool.model_name, samples, presses, out_dir=out_dir, protocols=protocols,
                                         run_id=run_id)
     pool.run = run_id
-    n_configs = len(presses) * len(protocols)
-    by_key = {shard_name(s): s for s in todo}
+    n_configs = len(config_pairs(presses, protocols))
+    by_key = {shard_name(s): s for s in by_cost(todo)}
     scores: list[float] = []
     bar = _Progress(len(todo) * n_configs, f"eval {run_id}", "cfg", enabled=progress)
 
@@ -288,7 +290,8 @@ def run_eval_distributed(pool: WorkerPool, samples: Sequence[Sample], presses: S
         scores.extend(r["score"] for r in rows)
         bar.update(len(rows), f"mean score {sum(scores) / len(scores):.3f}")
 
-    items = [(key, "evaluate", (s, list(presses), protocols, run_id)) for key, s in by_key.items()]
+    work = presses if isinstance(presses, Mapping) else list(presses)
+    items = [(key, "evaluate", (s, work, protocols, run_id)) for key, s in by_key.items()]
     try:
         failed = _schedule(pool, items, done, max_in_flight=max_in_flight, on_submit=on_submit)
     finally:
@@ -313,7 +316,7 @@ def measure_curves_distributed(pool: WorkerPool, samples: Sequence[Sample], meth
     `score` the greedy answers' task scores."""
     per_sample = per_sample or {}
     items = [(s.sample_id, "measure_curves", (s, dict(methods), list(per_sample.get(s.sample_id, retentions)),
-                                              query_aware, probe, score)) for s in samples]
+                                              query_aware, probe, score)) for s in by_cost(samples)]
     rows: list[dict] = []
     bar = _Progress(len(items), "calibration", "context", enabled=progress)
 

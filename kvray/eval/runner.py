@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -46,6 +46,21 @@ def build_presses(methods: Sequence[str], ratios: Sequence[float], params: dict 
     return unique
 
 
+def config_pairs(presses: Sequence[Press] | Mapping[bool, Sequence[Press]],
+                 protocols: Iterable[bool] = (False,)) -> list[tuple[Press, bool]]:
+    """(press, query_aware) pairs: every press in every protocol, or, when `presses` maps a
+    protocol to its own presses ({query_aware: presses}), those (`protocols` is then unused)."""
+    if isinstance(presses, Mapping):
+        return [(p, bool(q)) for q, ps in presses.items() for p in ps]
+    return [(p, bool(q)) for q in dict.fromkeys(protocols) for p in presses]
+
+
+def by_cost(samples: Sequence[Sample]) -> list[Sample]:
+    """Samples in the order to hand them out, the costliest first (most new tokens, then the
+    longest context): when work is spread over actors, the last ones to finish are short."""
+    return sorted(samples, key=lambda s: (s.max_new_tokens, s.length or 0, len(s.context)), reverse=True)
+
+
 @dataclass
 class ModelHost:
     """Owns one model on one device and evaluates samples x configs (no Ray here; the actors
@@ -58,17 +73,17 @@ class ModelHost:
     def load(cls, name: str | None = None, device=None, dtype=None) -> "ModelHost":
         return cls(load_model(name, device=device, dtype=dtype))
 
-    def evaluate_sample(self, sample: Sample, presses: Sequence[Press], protocols: Sequence[bool],
-                        run_id: str = "") -> list[dict]:
-        """Rows for every (press, protocol) on one prefill of `sample`."""
+    def evaluate_sample(self, sample: Sample, presses: Sequence[Press] | Mapping[bool, Sequence[Press]],
+                        protocols: Sequence[bool] = (False,), run_id: str = "") -> list[dict]:
+        """Rows for every (press, protocol) on one prefill of `sample` (`config_pairs`)."""
         lm = self.lm
+        configs = config_pairs(presses, protocols)
+        every = [p for p, _ in configs]
         prompt = build_prompt(lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
-        pre: Prefill = prefill(lm, prompt, capture_window=capture_window_for(list(presses)),
-                               capture_hidden=hidden_needed_for(list(presses)),
-                               with_question=any(protocols))
+        pre: Prefill = prefill(lm, prompt, capture_window=capture_window_for(every),
+                               capture_hidden=hidden_needed_for(every), with_question=any(q for _, q in configs))
         # every (protocol, press) of the sample on one decoder: rows leave as they finish
-        configs = [(press, q) for q in protocols for press in presses]
-        outs = run_configs(lm, pre, [p for p, _ in configs], [q for _, q in configs], sample.max_new_tokens,
+        outs = run_configs(lm, pre, every, [q for _, q in configs], sample.max_new_tokens,
                            self.kv_budget, release_prefill=True)
         return [self._row(run_id, sample, press, q, out) for (press, q), out in zip(configs, outs)]
 
@@ -90,24 +105,29 @@ class ModelHost:
         }
 
 
-def work_manifest(model: str, samples: Sequence[Sample], presses: Sequence[Press], protocols: Sequence[bool]) -> dict:
-    return {
-        "model": model,
-        "samples": sorted(s.sample_id for s in samples),
-        "configs": sorted(f"{p.name}|{p.params_json()}|{p.target_ratio}|{p.plan_id}" for p in presses),
-        "protocols": sorted(bool(q) for q in protocols),
-    }
+def work_manifest(model: str, samples: Sequence[Sample], presses: Sequence[Press] | Mapping[bool, Sequence[Press]],
+                  protocols: Sequence[bool]) -> dict:
+    key = lambda p: f"{p.name}|{p.params_json()}|{p.target_ratio}|{p.plan_id}"  # noqa: E731
+    if isinstance(presses, Mapping):  # each protocol its own presses
+        configs = sorted(f"{'aware' if q else 'agnostic'}|{key(p)}" for p, q in config_pairs(presses))
+    else:
+        configs = sorted(key(p) for p in presses)
+    return {"model": model, "samples": sorted(s.sample_id for s in samples), "configs": configs,
+            "protocols": sorted(bool(q) for q in protocols)}
 
 
 def shard_name(sample: Sample) -> str:
     return short_hash(sample.sample_id)
 
 
-def start_run(model: str, samples: Sequence[Sample], presses: Sequence[Press], *, out_dir,
-              protocols: Iterable[bool] = (False,), run_id: str | None = None):
-    """Check the work, record it in the run's manifest and return (run_id, protocols, samples
-    still to do). A run id that exists is resumed: samples whose shard is written are skipped,
+def start_run(model: str, samples: Sequence[Sample], presses: Sequence[Press] | Mapping[bool, Sequence[Press]], *,
+              out_dir, protocols: Iterable[bool] = (False,), run_id: str | None = None):
+    """Check the work (`presses`: see `config_pairs`), record it in the run's manifest and return
+    (run_id, protocols, samples still to do). A run id that exists is resumed: samples whose shard is written are skipped,
     and a different plan of work under the same id is refused."""
+    if isinstance(presses, Mapping):
+        presses = {bool(q): list(ps) for q, ps in presses.items() if ps}
+        protocols = list(presses)
     protocols = list(dict.fromkeys(bool(q) for q in protocols))
     if not samples:
         raise ValueError("no samples to evaluate")
@@ -127,7 +147,7 @@ def start_run(model: str, samples: Sequence[Sample], presses: Sequence[Press], *
     return run_id, protocols, todo
 
 
-def run_eval(host: ModelHost, samples: Sequence[Sample], presses: Sequence[Press], *, out_dir,
+def run_eval(host: ModelHost, samples: Sequence[Sample], presses: Sequence[Press] | Mapping[bool, Sequence[Press]], *, out_dir,
              protocols: Iterable[bool] = (False,), run_id: str | None = None, progress: bool = True):
     """Evaluate and write one Parquet shard per sample under `out_dir/run_id=<id>/`.
 
@@ -137,7 +157,7 @@ def run_eval(host: ModelHost, samples: Sequence[Sample], presses: Sequence[Press
 
     run_id, protocols, todo = start_run(host.lm.name, samples, presses, out_dir=out_dir,
                                         protocols=protocols, run_id=run_id)
-    n_configs = len(presses) * len(protocols)
+    n_configs = len(config_pairs(presses, protocols))
     bar = tqdm(total=len(todo) * n_configs, disable=not progress, unit="cfg", desc=f"eval {run_id}")
     try:
         for sample in todo:

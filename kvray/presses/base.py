@@ -187,6 +187,17 @@ class Press:
     def after_step(self, cache: KVRayCache, step: int) -> None:
         """Decode-time hook of presses with `evicts_during_decoding` (nothing otherwise)."""
 
+    def lane_key(self) -> tuple | None:
+        """Presses that evict while decoding: the rows of one prompt and protocol whose presses
+        give the same key may decode in one lane, their caches joined by `merge_lane`; None:
+        each in a lane of its own."""
+        return None
+
+    @staticmethod
+    def merge_lane(caches: list[KVRayCache]) -> KVRayCache:
+        """One cache of the rows of `caches` (presses with the same `lane_key`)."""
+        raise NotImplementedError("this press decodes in a lane of its own")
+
     def compress_prefill(self, lm, pre, query_aware: bool) -> KVRayCache:
         """Compress the prefill `pre` (a `kvray.runtime.Prefill`) for one protocol with the model
         `lm` at hand; presses with `needs_model` override this, the rest use `compress`."""

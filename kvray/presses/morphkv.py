@@ -4,7 +4,7 @@ of the most recent tokens (`MorphKVPress`, and `MorphKVLayer`, the per-layer sta
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +20,38 @@ FUSIONS = ("sum", "max")
 class MorphKVLayer(KVRayLayer):
     """A `KVRayLayer` that also holds what MorphKV re-ranks with.
 
-    budget: entries per KV head kept between decoding steps (the constant size);
-    window_logits: [B, H, G, R', n] fp32 pre-softmax logits q.k/sqrt(d) of the last R' <= R
-        queries (rows, oldest first, at positions `window_positions`) against the n cached
-        entries of each KV head, in the prefix's order; -inf where the key is newer than the query.
+    budgets: per batch row, entries per KV head kept between decoding steps (the constant size;
+        rows of one prompt with different budgets share a lane: `MorphKVPress.merge_lane`);
+    row_logits: per batch row, [1, H, G, R', n_b] fp32 pre-softmax logits q.k/sqrt(d) of the last
+        R' <= R queries (rows, oldest first, at positions `window_positions`) against the n_b
+        cached entries of each KV head, in the prefix's order; -inf where the key is newer than
+        the query. `window_logits` is all rows as one tensor (when they hold the same count).
     """
 
-    def __init__(self, prefix: RaggedKV, prefix_tokens: int, window: int, budget: int):
+    def __init__(self, prefix: RaggedKV, prefix_tokens: int, window: int, budget: int | Sequence[int]):
         super().__init__(prefix=prefix, prefix_tokens=prefix_tokens, capture_window=window)
-        self.budget = budget
-        self.window_logits: torch.Tensor | None = None
+        self.budgets = (int(budget),) * prefix.batch if isinstance(budget, int) else tuple(int(b) for b in budget)
+        if len(self.budgets) != prefix.batch:
+            raise ValueError(f"MorphKVLayer: {len(self.budgets)} budgets for {prefix.batch} rows")
+        self.row_logits: list[torch.Tensor] | None = None
+
+    @property
+    def budget(self) -> int:
+        """The constant size, when every row has the same one."""
+        if len(set(self.budgets)) != 1:
+            raise ValueError(f"rows hold different constant sizes {self.budgets}: read `budgets`")
+        return self.budgets[0]
+
+    @property
+    def window_logits(self) -> torch.Tensor | None:
+        """[B, H, G, R', n] of every row (rows with different counts: read `row_logits`)."""
+        if self.row_logits is None:
+            return None
+        return self.row_logits[0] if len(self.row_logits) == 1 else torch.cat(self.row_logits)
+
+    @window_logits.setter
+    def window_logits(self, logits: torch.Tensor | None) -> None:
+        self.row_logits = None if logits is None else list(logits.split(1))
 
 
 def window_logits(queries: torch.Tensor, query_positions: torch.Tensor, keys: torch.Tensor,
@@ -182,7 +204,7 @@ class MorphKVPress(Press):
         MorphKV evicts after every one)."""
         own = [layer for layer in cache.layers if isinstance(layer, MorphKVLayer)]  # not a hybrid's windowed layers
         first = own[0] if own else None
-        if first is None or first.window_logits is None:
+        if first is None or first.row_logits is None:
             raise ValueError(f"{self.name}: after_step needs a cache built by {type(self).__name__}.compress")
         if first.tail_length() and int(first.window_positions[-1]) != first.get_seq_length() - 1:
             raise ValueError(f"{self.name}: the decoding queries were not captured; the model must run "
@@ -190,9 +212,42 @@ class MorphKVPress(Press):
         for layer in own:
             self.evict(layer)
 
+    def lane_key(self) -> tuple:
+        """Rows of one prompt whose presses share this key decode in one lane (`merge_lane`): the
+        same re-ranking, constant sizes of their own."""
+        return (type(self), self.window_size, self.fusion, self.gqa_reduction)
+
+    @staticmethod
+    def merge_lane(caches: list[KVRayCache]) -> KVRayCache:
+        """One cache of the rows of `caches`: MorphKV caches of one prompt and protocol (before
+        decoding), with constant sizes of their own. `evict` then cuts each row to its own size,
+        so every row keeps exactly what it keeps decoded alone, in one forward for all."""
+        if len(caches) == 1:
+            return caches[0]
+        if len({tuple(c.layout()[0]) for c in caches}) != 1 or any(c.layers[0].tail_length() for c in caches):
+            raise ValueError("morphkv: only caches of one prompt, before decoding, share a lane")
+        merged = KVRayCache.merge(caches)
+        for i, layer in enumerate(merged.layers):
+            srcs = [c.layers[i] for c in caches]
+            if srcs[0].capture_window:  # the window queries of every row, at the same positions
+                if any(not torch.equal(s.window_positions, srcs[0].window_positions) for s in srcs):
+                    raise ValueError("morphkv: caches to merge captured their queries at different positions")
+                if isinstance(srcs[0], MorphKVLayer):
+                    out = MorphKVLayer(layer.prefix, layer.prefix_tokens, srcs[0].capture_window,
+                                       [b for s in srcs for b in s.budgets])
+                    out.row_logits = [r for s in srcs for r in s.row_logits]
+                    out.window = layer.window
+                    merged.layers[i] = layer = out
+                else:
+                    layer.capture_window = srcs[0].capture_window
+                layer.window_queries = torch.cat([s.window_queries for s in srcs])
+                layer.window_positions = srcs[0].window_positions
+        return merged
+
     def evict(self, layer: MorphKVLayer) -> None:
         """Add the rows of the tokens appended since the last call to the window logits, then keep
-        the window + the top old entries per KV head, in the cache and in the logits alike."""
+        the window + the top old entries per KV head, in the cache and in the logits alike (all
+        rows at once when they hold the same count, else row by row, each to its own size)."""
         T = layer.tail_length()
         if T == 0:
             return
@@ -200,14 +255,26 @@ class MorphKVPress(Press):
         B, H = prefix.batch, prefix.heads
         t = min(T, self.window_size)
         q, qpos = layer.window_queries[:, :, -t:], layer.window_positions[-t:]
-        pk, _ = prefix.dense()  # uniform: every head holds the same constant size
-        n = pk.shape[2]
-        tail_pos = torch.arange(layer.prefix_tokens, layer.prefix_tokens + T, device=pk.device)
-        new_rows = torch.cat([window_logits(q, qpos, pk, prefix.positions.view(B, H, n)),
-                              window_logits(q, qpos, layer.keys, tail_pos)], dim=-1)
-        # older rows never see the new keys (they come after them: causal)
-        old_rows = F.pad(layer.window_logits, (0, T), value=float("-inf"))
-        logits = torch.cat([old_rows, new_rows], dim=3)[..., -self.window_size:, :]
-        idx = top_sorted(self.window_scores(logits), layer.budget)  # [B, H, k]
-        layer.keep(list(idx.reshape(B * H, -1)))
-        layer.window_logits = take_entries(logits, idx)
+        tail_pos = torch.arange(layer.prefix_tokens, layer.prefix_tokens + T, device=prefix.keys.device)
+        if prefix.uniform and len(set(layer.budgets)) == 1:  # every head of every row: one size
+            pk, _ = prefix.dense()
+            parts = [(slice(0, B), pk, prefix.positions.view(B, H, -1), layer.window_logits, layer.budgets[0])]
+        else:
+            parts = []
+            for b in range(B):
+                s, e = prefix.row_span(b)
+                pk = prefix.keys[s:e].view(1, H, -1, prefix.keys.shape[-1])
+                parts.append((slice(b, b + 1), pk, prefix.positions[s:e].view(1, H, -1), layer.row_logits[b],
+                              layer.budgets[b]))
+        indices, logits_out = [], []
+        for rows, pk, ppos, old, budget in parts:
+            new_rows = torch.cat([window_logits(q[rows], qpos, pk, ppos),
+                                  window_logits(q[rows], qpos, layer.keys[rows], tail_pos)], dim=-1)
+            # older rows never see the new keys (they come after them: causal)
+            old_rows = F.pad(old, (0, T), value=float("-inf"))
+            logits = torch.cat([old_rows, new_rows], dim=3)[..., -self.window_size:, :]
+            idx = top_sorted(self.window_scores(logits), budget)  # [b, H, k]
+            indices += list(idx.reshape(-1, idx.shape[-1]))
+            logits_out.append(take_entries(logits, idx))
+        layer.keep(indices)
+        layer.row_logits = [r for x in logits_out for r in x.split(1)]

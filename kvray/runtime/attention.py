@@ -7,9 +7,9 @@
 Layout it reads (see `kvray.cache`): per layer, the kept entries packed over (row, KV head),
 b-major ([total, d], lengths per (row, head)), and a dense tail [B, H, T, d] left-padded per row.
 It loops over nothing when every (row, head) holds the same count (one batched pair of matmuls).
-Otherwise rows of similar length (`GROUP_SPREAD`) are gathered into one padded block per step and
-attended together with a mask (a copy of their entries, cheaper on a CPU than one small matmul per
-row: op overhead dominates there), and a row left alone is attended on its own: dense per head
+Otherwise rows of similar length (`GROUP_SPREAD`) are gathered into one padded block and attended
+together with a mask (a copy of their entries, made once per batch while decoding and kept with
+the prefix: cheaper on a CPU than one small matmul per row, where op overhead dominates), and a row left alone is attended on its own: dense per head
 when its heads hold the same count, else in one matmul of all its packed entries against all its
 query heads with the entries of other heads masked out (H times the dot products, one op instead
 of H). There is no Python loop over heads.
@@ -237,6 +237,23 @@ def row_groups(prefix: RaggedKV) -> list[tuple[list[int], torch.Tensor | None, t
     return out
 
 
+def _group_block(prefix: RaggedKV, gi: int, idx: torch.Tensor, n: int, P: int,
+                 keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [n, H, P, d] of row group `gi` (`row_groups`), gathered into one padded
+    block. `keep`: gathered once per prefix and kept with it (decode steps: the prefix does not
+    change while the batch does not; a copy of the group's entries, not in `nbytes`), instead of
+    a gather of the whole block at every step."""
+    cache = prefix.__dict__.setdefault("_group_kv", {})
+    if gi in cache:
+        return cache[gi]
+    d = prefix.keys.shape[-1]
+    block = (prefix.keys.index_select(0, idx).view(n, prefix.heads, P, d),
+             prefix.values.index_select(0, idx).view(n, prefix.heads, P, d))
+    if keep:
+        cache[gi] = block
+    return block
+
+
 def _one_row(prefix: RaggedKV, b: int, qg, tk, tv, mask, scaling, group: int, decoding: bool,
              softcap=None) -> torch.Tensor:
     """Row b of a non-uniform prefix attended alone: dense per head when its heads hold the same
@@ -279,12 +296,10 @@ def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.
                        q_len == 1, softcap)[None]
     else:
         out = torch.empty_like(qg)
-        for rows, idx, bias in row_groups(prefix):
+        for gi, (rows, idx, bias) in enumerate(row_groups(prefix)):
             if idx is not None:  # rows of similar length: padded to one length, one batched pair of matmuls
-                n, P = len(rows), bias.shape[-1]
                 sel = torch.tensor(rows, device=dev)
-                pk = prefix.keys.index_select(0, idx).view(n, H, P, d)
-                pv = prefix.values.index_select(0, idx).view(n, H, P, d)
+                pk, pv = _group_block(prefix, gi, idx, len(rows), bias.shape[-1], keep=q_len == 1)
                 m = mask.index_select(0, sel) if mask is not None and mask.shape[0] > 1 else mask
                 out[sel] = _two_block(qg.index_select(0, sel), pk, pv, tail_k.index_select(0, sel),
                                       tail_v.index_select(0, sel), m, scaling, prefix_bias=bias, softcap=softcap)
