@@ -9,7 +9,8 @@
     reservation, from a real compressed cache of the workload).
 (c) The 19-config grid (full + random, streaming_llm, knorm, snapkv, pyramidkv, adakv x
     0.5/0.75/0.9; niah_single ~1k tokens) per sample: `kvray eval` as a user runs it (start-up
-    included) vs one prefill per config; and one decode step of 16 rows against this machine's
+    included) vs one prefill per config (kvray's own, and kvpress 0.5.5 itself when
+    .venv-kvpress exists: bench/kvpress_grid.py); and one decode step of 16 rows against this machine's
     limit (bytes of weights + KV read / measured memory bandwidth).
 (d) Decode ms/token at 4k tokens: head-adaptive (adakv) 0.75 vs uniform (snapkv) 0.75 vs full.
 
@@ -234,6 +235,7 @@ def part_c(args, lm, out: dict) -> None:
     print(f"[c] grid of {len(presses)} configs: kvray eval {res['kvray_per_sample_s']:.1f} s/sample (start-up "
           f"included, {samples} samples) vs one prefill per config {res['reprefill_per_sample_s']:.1f} s/sample "
           f"-> {res['speedup']:.1f}x", flush=True)
+    kvpress_grid(args, lm, samples, count, res)
     # one decode step of 16 rows: time vs bytes read / bandwidth
     s = make_samples("niah_single", 1, 1000, seed=1, count_tokens=count)[0]
     prompt = build_prompt(lm.tokenizer, s.context, s.question, s.answer_prefix)
@@ -275,6 +277,37 @@ def part_c(args, lm, out: dict) -> None:
           f"{1000 * compute:.1f} ms ({100 * compute / step:.0f}% of it)", flush=True)
     del dec
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def kvpress_grid(args, lm, n: int, count, res: dict) -> None:
+    """kvpress 0.5.5 itself on the same samples (bench/kvpress_grid.py in its own virtualenv, same
+    dtype and threads, model load not counted), when `--kvpress-python` exists."""
+    from kvray.eval import make_samples
+    from kvray.models import _converted_dir, _resolve
+
+    py = Path(args.kvpress_python)
+    if not py.is_file():
+        print(f"[c] kvpress: {py} not found, skipped (python3 -m venv .venv-kvpress && "
+              ".venv-kvpress/bin/pip install torch==2.13.0 kvpress==0.5.5)", flush=True)
+        return
+    _, source, gguf = _resolve(None)
+    model_dir = _converted_dir(source, gguf)
+    samples = [{"context": s.context, "question": s.question, "answer_prefix": s.answer_prefix,
+                "max_new_tokens": s.max_new_tokens}
+               for s in make_samples("niah_single", n, 1000, seed=0, count_tokens=count)]  # kvray eval's samples
+    dtype = str(lm.dtype).removeprefix("torch.")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp, "samples.json")
+        spec.write_text(json.dumps({"samples": samples}))
+        done = subprocess.run([str(py), str(ROOT / "bench" / "kvpress_grid.py"), "--model-dir", str(model_dir),
+                               "--samples", str(spec), "--dtype", dtype, "--threads", str(args.threads)],
+                              check=True, capture_output=True, text=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    per = float(np.mean(got["per_sample_s"]))
+    res["kvpress"] = {"per_sample_s": per, "samples": got["samples"], "configs": got["configs"], "dtype": dtype,
+                      "speedup": per / res["kvray_per_sample_s"]}
+    print(f"[c] kvpress 0.5.5, one prefill per config ({dtype}): {per:.1f} s/sample -> kvray eval is "
+          f"{res['kvpress']['speedup']:.1f}x faster per sample", flush=True)
 
 
 # ----------------------------------------------------------------------------- (d) decode at 4k
@@ -380,6 +413,12 @@ def write_page(res: dict, page: Path, quick: bool) -> None:
                   f"**{g['kvray_per_sample_s']:.1f} s per sample**. One prefill per config, each decoded alone "
                   f"(kvpress's way, model load not counted): {g['reprefill_per_sample_s']:.1f} s per sample. "
                   f"Ratio: **{g['speedup']:.1f}x**.", ""]
+        if "kvpress" in g:
+            k = g["kvpress"]
+            lines += [f"kvpress 0.5.5 itself (`bench/kvpress_grid.py` in its own virtualenv, {k['dtype']}, same threads, "
+                      f"the same {k['samples']} samples, its text-generation pipeline once per config, model load not "
+                      f"counted): {k['per_sample_s']:.1f} s per sample. `kvray eval` costs **{k['speedup']:.1f}x** less "
+                      "per sample.", ""]
         d = g["decode_step_16"]
         lines += [f"One decode step of {d['rows']} rows of that grid: {d['step_ms']:.1f} ms. It reads the weights "
                   f"({d['weights_bytes'] / 2**20:.0f} MiB, fp32) and the rows' KV ({d['kv_bytes'] / 2**20:.1f} MiB); at "
@@ -406,6 +445,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--parts", default="a,b,c,d")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--kvpress-python", default=str(ROOT / ".venv-kvpress" / "bin" / "python"),
+                    help="a python with kvpress 0.5.5 for part (c)'s kvpress baseline (skipped if absent)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_engine.json"))
     ap.add_argument("--page", default=str(ROOT / "docs" / "bench_engine.md"))
     args = ap.parse_args()
