@@ -188,11 +188,11 @@ def bandwidth_gbs() -> float:
     return 2 * x.nbytes / best / 1e9
 
 
-def matmul_gflops() -> float:
-    """Measured fp32 matmul throughput (2048^3, best of 5), in GFLOP/s."""
+def matmul_gflops(dtype=None) -> float:
+    """Measured matmul throughput (2048^3, best of 5; fp32 unless `dtype`), in GFLOP/s."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(5):
@@ -257,17 +257,18 @@ def part_c(args, lm, out: dict) -> None:
     weights_read = weights - (0 if tied else emb.numel() * emb.element_size())
     kv = dec.kv_bytes()
     bw = bandwidth_gbs()
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(lm.dtype)  # the model's own dtype: bf16's peak is not fp32's
     step = float(np.median(times))
     limit = (weights_read + kv) / (bw * 1e9 / 2)  # reading only: half of the copy's read + write traffic
     # compute: 2 FLOPs per weight per row in the linear layers (the embedding is a lookup), plus
     # attention's 4 FLOPs per (query head, entry, dim): QK^T and PV
     cfg = lm.config
     linear = sum(p.numel() for n, p in lm.model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
-    entries = kv / (2 * 4 * lm.head_dim)  # fp32 keys + values
+    entries = kv / (2 * lm.dtype.itemsize * lm.head_dim)  # keys + values
     flops = 2 * linear * dec.active + 4 * entries * (cfg.num_attention_heads // lm.num_kv_heads) * lm.head_dim
     compute = flops / (gflops * 1e9)
-    res["decode_step_16"] = {"rows": dec.active, "step_ms": 1000 * step, "weights_bytes": weights_read,
+    res["decode_step_16"] = {"rows": dec.active, "dtype": str(lm.dtype).removeprefix("torch."),
+                             "step_ms": 1000 * step, "weights_bytes": weights_read,
                              "kv_bytes": kv, "copy_bandwidth_gbs": bw, "limit_ms": 1000 * limit,
                              "fraction_of_limit": limit / step, "gflop": flops / 1e9, "matmul_gflops": gflops,
                              "compute_limit_ms": 1000 * compute, "fraction_of_compute_limit": compute / step}
@@ -425,11 +426,11 @@ def write_page(res: dict, page: Path, quick: bool) -> None:
                          "ratio, the same scorer and cost.)" if k.get("pyramidkv_timed_as_snapkv") else ""), ""]
         d = g["decode_step_16"]
         lines += [f"One decode step of {d['rows']} rows of that grid: {d['step_ms']:.1f} ms. It reads the weights "
-                  f"({d['weights_bytes'] / 2**20:.0f} MiB, fp32) and the rows' KV ({d['kv_bytes'] / 2**20:.1f} MiB); at "
+                  f"({d['weights_bytes'] / 2**20:.0f} MiB, {d.get('dtype', 'float32')}) and the rows' KV ({d['kv_bytes'] / 2**20:.1f} MiB); at "
                   f"the measured copy bandwidth ({d['copy_bandwidth_gbs']:.1f} GB/s read + write) reading them takes "
                   f"{d['limit_ms']:.1f} ms: the step runs at {100 * d['fraction_of_limit']:.0f}% of that bandwidth limit. "
-                  f"It is {d['gflop']:.1f} GFLOP (linear layers for every row, plus attention); at the measured fp32 "
-                  f"matmul throughput ({d['matmul_gflops']:.0f} GFLOP/s, 2048^3) that is {d['compute_limit_ms']:.1f} ms: "
+                  f"It is {d['gflop']:.1f} GFLOP (linear layers for every row, plus attention); at the measured "
+                  f"{d.get('dtype', 'float32')} matmul throughput ({d['matmul_gflops']:.0f} GFLOP/s, 2048^3) that is {d['compute_limit_ms']:.1f} ms: "
                   f"{100 * d['fraction_of_compute_limit']:.0f}% of the compute limit. With 16 rows a CPU step is bound "
                   "by compute, not by reading memory.", ""]
     if "decode_4k" in res:
