@@ -270,13 +270,14 @@ class _Progress:
             self.bar.close()
 
 
-def run_eval_distributed(pool: WorkerPool, samples: Sequence[Sample], presses: Sequence[Press] | Mapping[bool, Sequence[Press]], *, out_dir,
+def run_eval_distributed(pool: WorkerPool, samples: Sequence[Sample],
+                         presses: Sequence[Press] | Mapping[bool, Sequence[Press]], *, out_dir,
                          protocols: Iterable[bool] = (False,), run_id: str | None = None, progress: bool = True,
                          max_in_flight: int = 2, on_submit: Callable | None = None):
     """`kvray.eval.runner.run_eval` over a pool of model actors: same rows, same shards, same
     resume; `presses` as there (every press in every protocol, or {query_aware: presses}), the
-    costliest samples handed out first. Raises `EvaluationError` naming the samples that failed (the others are written).
-    Returns (run_id, DataFrame of the whole run)."""
+    costliest samples handed out first. Raises `EvaluationError` naming the samples that failed
+    (the others are written). Returns (run_id, DataFrame of the whole run)."""
     run_id, protocols, todo = start_run(pool.model_name, samples, presses, out_dir=out_dir, protocols=protocols,
                                         run_id=run_id)
     pool.run = run_id

@@ -123,8 +123,8 @@ def shard_name(sample: Sample) -> str:
 def start_run(model: str, samples: Sequence[Sample], presses: Sequence[Press] | Mapping[bool, Sequence[Press]], *,
               out_dir, protocols: Iterable[bool] = (False,), run_id: str | None = None):
     """Check the work (`presses`: see `config_pairs`), record it in the run's manifest and return
-    (run_id, protocols, samples still to do). A run id that exists is resumed: samples whose shard is written are skipped,
-    and a different plan of work under the same id is refused."""
+    (run_id, protocols, samples still to do). A run id that exists is resumed: samples whose
+    shard is written are skipped, and a different plan of work under the same id is refused."""
     if isinstance(presses, Mapping):
         presses = {bool(q): list(ps) for q, ps in presses.items() if ps}
         protocols = list(presses)
@@ -147,8 +147,8 @@ def start_run(model: str, samples: Sequence[Sample], presses: Sequence[Press] | 
     return run_id, protocols, todo
 
 
-def run_eval(host: ModelHost, samples: Sequence[Sample], presses: Sequence[Press] | Mapping[bool, Sequence[Press]], *, out_dir,
-             protocols: Iterable[bool] = (False,), run_id: str | None = None, progress: bool = True):
+def run_eval(host: ModelHost, samples: Sequence[Sample], presses: Sequence[Press] | Mapping[bool, Sequence[Press]],
+             *, out_dir, protocols: Iterable[bool] = (False,), run_id: str | None = None, progress: bool = True):
     """Evaluate and write one Parquet shard per sample under `out_dir/run_id=<id>/`.
 
     Samples whose shard exists are skipped (resume). Returns (run_id, DataFrame of the run).
