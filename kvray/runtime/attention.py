@@ -9,10 +9,11 @@ b-major ([total, d], lengths per (row, head)), and a dense tail [B, H, T, d] lef
 It loops over nothing when every (row, head) holds the same count (one batched pair of matmuls).
 Otherwise rows of similar length (`GROUP_SPREAD`) are gathered into one padded block and attended
 together with a mask (a copy of their entries, made once per batch while decoding and kept with
-the prefix: cheaper on a CPU than one small matmul per row, where op overhead dominates), and a row left alone is attended on its own: dense per head
-when its heads hold the same count, else in one matmul of all its packed entries against all its
-query heads with the entries of other heads masked out (H times the dot products, one op instead
-of H). There is no Python loop over heads.
+the prefix: cheaper on a CPU than one small matmul per row, where op overhead dominates), and a
+row left alone is attended on its own: dense per head when its heads hold the same count, else
+in one matmul of all its packed entries against all its query heads with the entries of other
+heads masked out (H times the dot products, one op instead of H). There is no Python loop over
+heads.
 """
 
 from __future__ import annotations
