@@ -179,7 +179,10 @@ class KVRayLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         T, n = self.tail_length(), key_states.shape[-2]
         kb, vb = self._bufs
-        fits = (kb is not None and (T == 0 or self.keys._base is kb) and kb.shape[:2] == key_states.shape[:2]
+        # the tail still a view of the buffers (by address: `_base` is not set under inference_mode)
+        views = T == 0 or (kb is not None and self.keys.data_ptr() == kb.data_ptr() and self.keys.stride() == kb.stride()
+                           and self.values.data_ptr() == vb.data_ptr())
+        fits = (kb is not None and views and kb.shape[:2] == key_states.shape[:2]
                 and T + n <= kb.shape[2] and kb.dtype == key_states.dtype)
         if not fits:
             B, H, _, d = key_states.shape
@@ -242,6 +245,13 @@ class KVRayLayer(DynamicLayer):
         self.keys, self.values = keys, values
         self._bufs = (None, None)
         self.is_initialized = True
+        self._tail_replaced()
+
+    def _tail_replaced(self) -> None:
+        """The tail no longer extends the one the attention's decode blocks copied: drop them
+        (`kvray.runtime.attention.DecodeBlocks`, kept with the prefix)."""
+        if self.prefix is not None:
+            self.prefix.__dict__.pop("_decode_blocks", None)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -250,6 +260,7 @@ class KVRayLayer(DynamicLayer):
         if tokens_to_remove < 0 and -tokens_to_remove > self.tail_length():
             raise ValueError("cannot crop into the compressed prefix of a kvray cache")
         super().crop(tokens_to_remove)
+        self._tail_replaced()
 
     def nbytes(self) -> int:
         tail = 0 if self.tail_length() == 0 else self.keys.nbytes + self.values.nbytes

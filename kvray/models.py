@@ -255,6 +255,7 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
     from transformers.utils import logging as hf_logging
 
     from .runtime.attention import enable_kvray_attention
+    from .runtime.support import keep_freed_memory
 
     if not sys.stderr.isatty():  # Ray actors, jobs, logs: no progress bars (they fill job logs)
         hf_logging.disable_progress_bar()
@@ -281,6 +282,8 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
 
     model = model.to(device).eval()
     enable_kvray_attention(model)
+    if device.type == "cpu":
+        keep_freed_memory()  # a model host's large tensors reuse freed memory (no page faults per forward)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LanguageModel(model=model, tokenizer=tokenizer, name=display)

@@ -88,3 +88,23 @@ def test_gather_copies_so_the_full_cache_can_be_freed():
     keys.zero_()
     assert ragged.keys.abs().sum() > 0
     assert ragged.keys.untyped_storage().nbytes() == 2 * 4 * 4
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_a_decode_step_appends_in_place(inference):
+    """The tail grows inside its buffers (one token copied per step, not the whole tail), also
+    under inference_mode (where views do not record their base), until the room runs out."""
+    from kvray.cache import TAIL_SLACK
+
+    layer = KVRayLayer()
+    steps = [torch.randn(2, 3, 1, 4) for _ in range(TAIL_SLACK + 3)]
+    with torch.inference_mode(inference):
+        layer.update(torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4))
+        first = layer._bufs[0]
+        moved = []
+        for k in steps:
+            layer.update(k, k)
+            moved.append(layer._bufs[0] is not first)
+            first = layer._bufs[0]
+    assert moved.count(True) == 1  # once, when the TAIL_SLACK slots of room were used up
+    assert torch.equal(layer.keys[:, :, 5:], torch.cat(steps, dim=2))

@@ -11,7 +11,7 @@ import torch
 import kvray
 from kvray.cache import KVRayCache, KVRayLayer, RaggedKV, RowLayout
 from kvray.generate import compress
-from kvray.runtime import Decoder, build_prompt, capture_window_for, hidden_needed_for, prefill
+from kvray.runtime import Decoder, build_prompt, capture_window_for, hidden_needed_for, prefill, ragged_attention
 from kvray.runtime.attention import ragged_attention_torch, resolve_impl
 from test_cache import dense_masked_reference
 
@@ -53,6 +53,52 @@ def test_ragged_attention_matches_reference(G, q_len, layout):
     err = (got.double() - want).abs().max().item()
     print(f"worst mismatch {err:.2e}")
     assert err < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["skewed", "grouped"])
+def test_decode_blocks_follow_the_tail_step_by_step(layout, monkeypatch):
+    """Decode steps through a real layer: the padded blocks (`DecodeBlocks`) are built once and
+    then appended to, rebuilt when the tail outgrows their room or its buffer, and dropped when
+    the tail is replaced or cropped; every step matches the slow reference."""
+    import kvray.runtime.attention as attn
+
+    monkeypatch.setattr(attn, "BLOCK_ROOM", 3)  # rebuilt every few steps
+    torch.manual_seed(2)
+    H, G, d = 2, 3, 16
+    lengths = LAYOUTS[layout]
+    B = len(lengths) // H
+    total = sum(lengths)
+    prefix = RaggedKV(torch.randn(total, d), torch.randn(total, d), torch.arange(total), tuple(lengths), B, H)
+    pads = tuple(range(B))  # left padding of the merged tails
+    layer = KVRayLayer(prefix=prefix, rows=RowLayout(tuple([total] * B), pads))
+    layer.set_tail(torch.randn(B, H, B + 1, d), torch.randn(B, H, B + 1, d))
+    N = max(lengths)
+    keys, values = torch.zeros(B, H, N, d), torch.zeros(B, H, N, d)
+    keep = torch.zeros(B, H, N, dtype=torch.bool)
+    for bh, n in enumerate(lengths):
+        k, v = prefix.head(bh)
+        keys[bh // H, bh % H, :n], values[bh // H, bh % H, :n], keep[bh // H, bh % H, :n] = k, v, True
+    built = []
+    monkeypatch.setattr(attn.DecodeBlocks, "__init__", _counting(attn.DecodeBlocks.__init__, built))
+    for step in range(12):
+        if step == 9:  # the last token, already copied into the blocks, taken back and replaced
+            layer.crop(-1)
+        layer.update(torch.randn(B, H, 1, d), torch.randn(B, H, 1, d))
+        if step == 7:  # the tail replaced by one of the same length (e.g. a re-packed batch)
+            layer.set_tail(torch.randn_like(layer.keys), torch.randn_like(layer.values))
+        query = torch.randn(B, H * G, 1, d)
+        got = ragged_attention(query, layer, 1 / math.sqrt(d), impl="torch")
+        want = dense_masked_reference(query, keys, values, keep, layer.keys, layer.values, pads)
+        assert (got.double() - want).abs().max().item() < 1e-5, f"step {step}"
+    # built at the first step, again when the room ran out or the tail was replaced: not every step
+    assert 3 <= len(built) < 12
+
+
+def _counting(init, calls):
+    def wrapped(self, *a, **k):
+        calls.append(1)
+        init(self, *a, **k)
+    return wrapped
 
 
 def test_impl_dispatch_explains_itself(monkeypatch):

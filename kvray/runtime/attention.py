@@ -6,14 +6,11 @@
 (`kvray.kernels.ragged_attention`, chosen by `impl="auto"` on CUDA), its test oracle.
 Layout it reads (see `kvray.cache`): per layer, the kept entries packed over (row, KV head),
 b-major ([total, d], lengths per (row, head)), and a dense tail [B, H, T, d] left-padded per row.
-It loops over nothing when every (row, head) holds the same count (one batched pair of matmuls).
-Otherwise rows of similar length (`GROUP_SPREAD`) are gathered into one padded block and attended
-together with a mask (a copy of their entries, made once per batch while decoding and kept with
-the prefix: cheaper on a CPU than one small matmul per row, where op overhead dominates), and a
-row left alone is attended on its own: dense per head when its heads hold the same count, else
-in one matmul of all its packed entries against all its query heads with the entries of other
-heads masked out (H times the dot products, one op instead of H). There is no Python loop over
-heads.
+When every (row, head) holds the same count it attends them as they lie (one batched pair of
+matmuls). Otherwise rows of similar length (`GROUP_SPREAD`) share a padded block that also holds
+their tail (`DecodeBlocks`: a copy made once per batch and appended to at every step, cheaper on
+a CPU than gathers or one small matmul per row, where op overhead and memory traffic dominate):
+one score matmul, one softmax and one matmul per group, no Python loop over rows or heads.
 """
 
 from __future__ import annotations
@@ -162,28 +159,11 @@ def _two_block(qg, pk, pv, tk, tv, tail_mask, scaling, prefix_bias=None, softcap
     return torch.matmul(probs[..., :n], pv) + torch.matmul(probs[..., n:], tv)
 
 
-def _packed_bias(prefix: RaggedKV, b: int, group: int, keep: bool) -> torch.Tensor:
-    """[H * group, E] additive mask (0 where query row r = h * group + g may see packed entry e
-    of row b, i.e. the entry belongs to KV head h; -inf elsewhere). `keep`: built once per prefix
-    and kept with it (decode steps; about Hq / (2 d) of the row's KV bytes, not in `nbytes`)."""
-    cache = prefix.__dict__.setdefault("_row_bias", {})
-    if (b, group) in cache:
-        return cache[b, group]
-    s, e = prefix.row_span(b)
-    heads = prefix.head_ids[s:e]
-    col_head = torch.arange(prefix.heads, device=heads.device, dtype=heads.dtype).repeat_interleave(group)
-    bias = torch.zeros((prefix.heads * group, e - s), dtype=prefix.keys.dtype, device=heads.device)
-    bias.masked_fill_(col_head[:, None] != heads[None, :], float("-inf"))
-    if keep:
-        cache[b, group] = bias
-    return bias
-
-
 def _packed_row(qg, keys, values, bias, tk, tv, tail_mask, scaling, softcap=None):
     """One row whose KV heads hold different counts: qg [H, R, d] over its packed entries
-    keys/values [E, d] (`bias` [H*R, E]: `_packed_bias`, hiding the entries of other heads) and
-    its tail tk/tv [H, T, d]: one matmul of every query head against every entry (H times the
-    dot products, one op instead of H)."""
+    keys/values [E, d] (`bias` [H*R, E] hides the entries of other heads) and its tail tk/tv
+    [H, T, d]: one matmul of every query head against every entry (H times the dot products,
+    one op instead of H)."""
     H, R, d = qg.shape
     E = keys.shape[0]
     sp = _scores(qg.reshape(H * R, d), keys, scaling, bias, softcap)  # [H*R, E]
@@ -195,76 +175,138 @@ def _packed_row(qg, keys, values, bias, tk, tv, tail_mask, scaling, softcap=None
     return out + torch.matmul(probs[:, E:].view(H, R, -1), tv)
 
 
-#: rows whose longest head holds at most this many times the entries of the group's shortest are
-#: padded to one length and attended in one batched pair of matmuls (a gather per step); the
-#: others, one row at a time
+#: rows whose longest head holds at most this many times the entries of the group's shortest
+#: share one padded block (`DecodeBlocks`)
 GROUP_SPREAD = 1.5
+#: tail slots a decode block (`DecodeBlocks`) keeps free beyond the tail it was built with
+BLOCK_ROOM = 32
 
 
-def row_groups(prefix: RaggedKV) -> list[tuple[list[int], torch.Tensor | None, torch.Tensor | None]]:
-    """Rows of a non-uniform prefix in groups of similar length (`GROUP_SPREAD`), shortest first:
-    (rows, gather index [n * H * P] into the packed entries, additive padding bias [n, H, 1, P])
-    for groups of two rows or more, (rows, None, None) for a row alone. Computed once per prefix
-    (it never changes while the batch does not)."""
-    cached = getattr(prefix, "_groups", None)
-    if cached is not None:
-        return cached
-    H = prefix.heads
+def _length_groups(prefix: RaggedKV) -> list[list[int]]:
+    """Rows of `prefix` in groups of similar length (`GROUP_SPREAD`, by their longest head),
+    shortest first."""
     longest = [max(prefix.row_lengths(b)) for b in range(prefix.batch)]
-    order = sorted(range(prefix.batch), key=lambda b: longest[b])
     groups, cur = [], []
-    for b in order:
+    for b in sorted(range(prefix.batch), key=lambda b: longest[b]):
         if cur and longest[b] > GROUP_SPREAD * max(longest[cur[0]], 1):
             groups.append(cur)
             cur = []
         cur.append(b)
-    if cur:
-        groups.append(cur)
-    out = []
-    dev = prefix.keys.device
-    for rows in groups:
-        if len(rows) == 1:
-            out.append((rows, None, None))
-            continue
-        P = max(longest[b] for b in rows)
-        lens = torch.tensor([[prefix.lengths[b * H + h] for h in range(H)] for b in rows], device=dev)
-        starts = torch.tensor([[prefix.offsets[b * H + h] for h in range(H)] for b in rows], device=dev)
-        j = torch.arange(P, device=dev)
-        valid = j[None, None, :] < lens[:, :, None]  # [n, H, P]
-        idx = torch.where(valid, starts[:, :, None] + j, 0).to(torch.int32).reshape(-1)
-        bias = torch.zeros(valid.shape, dtype=prefix.keys.dtype, device=dev).masked_fill_(~valid, float("-inf"))
-        out.append((rows, idx, bias[:, :, None, :]))
-    prefix._groups = out
-    return out
+    return groups + [cur] if cur else groups
 
 
-def _group_block(prefix: RaggedKV, gi: int, idx: torch.Tensor, n: int, P: int,
-                 keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values [n, H, P, d] of row group `gi` (`row_groups`), gathered into one padded
-    block. `keep`: gathered once per prefix and kept with it (decode steps: the prefix does not
-    change while the batch does not; a copy of the group's entries, not in `nbytes`), instead of
-    a gather of the whole block at every step."""
-    cache = prefix.__dict__.setdefault("_group_kv", {})
-    if gi in cache:
-        return cache[gi]
-    d = prefix.keys.shape[-1]
-    block = (prefix.keys.index_select(0, idx).view(n, prefix.heads, P, d),
-             prefix.values.index_select(0, idx).view(n, prefix.heads, P, d))
-    if keep:
-        cache[gi] = block
-    return block
+class DecodeBlocks:
+    """A non-uniform prefix and its tail laid out for attention on the torch path: rows of
+    similar length (`_length_groups`) share a block [n, H, W, d] that holds, per (row, KV head),
+    its entries padded to the group's longest head P, then its tail slots, with room for
+    `BLOCK_ROOM` more (W = P + tail + room). All blocks lie in one flat buffer, so a decode step
+    appends every row's new key and value with one `index_copy_` each, and a group attends with
+    one score matmul (padding, free room and the tail's left padding masked by an additive bias;
+    a feed of several tokens adds the causal mask), one softmax and one matmul: no gathers, no
+    concatenation, no separate tail, no loop over rows or heads.
+
+    Built at the first forward over a batch (the feed of the question, or the first decode
+    step) and kept with its prefix: a padded copy of the entries, held while the batch lives,
+    not in `nbytes()` (which counts the packed layout, all the Triton path holds). Rebuilt when
+    the tail outgrows its room or is replaced (`KVRayLayer.set_tail` / `crop` drop it)."""
+
+    def __init__(self, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor, pads):
+        B, H, T, d = tail_k.shape
+        dev, dtype = prefix.keys.device, prefix.keys.dtype
+        room = T + BLOCK_ROOM
+        order, self.groups, base = [], [], []  # groups: (first row in block order, rows, slot offset, P, W)
+        slot = 0
+        row_base = [0] * B
+        for rows in _length_groups(prefix):
+            P = max(max(prefix.row_lengths(b)) for b in rows)
+            W = P + room
+            self.groups.append((len(order), len(rows), slot, P, W))
+            for i, b in enumerate(rows):
+                row_base[b] = slot + i * H * W
+            order += rows
+            slot += len(rows) * H * W
+        self.perm = None if order == list(range(B)) else torch.tensor(order, device=dev)
+        self.inv = None if self.perm is None else torch.argsort(self.perm)
+        # slot of entry 0 of each (row, head): its block's row start + h * W
+        W_of = {}
+        for first, n, _, _, W in self.groups:
+            for b in order[first:first + n]:
+                W_of[b] = W
+        head0 = torch.tensor([row_base[b] + h * W_of[b] for b in range(B) for h in range(H)], device=dev)
+        P_of = {b: g[3] for g in self.groups for b in order[g[0]:g[0] + g[1]]}
+        self.tail0 = head0 + torch.tensor([P_of[b] for b in range(B) for _ in range(H)], device=dev)
+        lengths = torch.tensor(prefix.lengths, device=dev)
+        starts = torch.tensor(prefix.offsets[:-1], device=dev)
+        total = prefix.keys.shape[0]
+        dst = torch.repeat_interleave(head0 - starts, lengths) + torch.arange(total, device=dev)
+        self.keys = torch.zeros((slot, d), dtype=dtype, device=dev)  # zeros: padding must stay finite
+        self.values = torch.zeros((slot, prefix.values.shape[-1]), dtype=dtype, device=dev)
+        self.bias = torch.full((slot,), float("-inf"), dtype=dtype, device=dev)
+        self.keys.index_copy_(0, dst, prefix.keys)
+        self.values.index_copy_(0, dst, prefix.values)
+        self.bias.index_fill_(0, dst, 0.0)
+        self.room, self.filled, self.tail_ptr = room, 0, tail_k.data_ptr()
+        self.append(tail_k, tail_v, pads)
+
+    def fits(self, tail_k: torch.Tensor) -> bool:
+        T = tail_k.shape[2]
+        return tail_k.data_ptr() == self.tail_ptr and self.filled <= T <= self.room
+
+    def append(self, tail_k: torch.Tensor, tail_v: torch.Tensor, pads=None) -> None:
+        """Copy the tail slots [filled, T) of every (row, head) into the blocks and unmask them
+        (a row's left padding, slots < pads[row], stays masked)."""
+        B, H, T, d = tail_k.shape
+        new = T - self.filled
+        if new <= 0:
+            return
+        t = torch.arange(self.filled, T, device=tail_k.device)
+        dst = (self.tail0[:, None] + t).reshape(-1)  # [(b, h, t)]
+        self.keys.index_copy_(0, dst, tail_k[:, :, self.filled:].reshape(-1, d))
+        self.values.index_copy_(0, dst, tail_v[:, :, self.filled:].reshape(-1, tail_v.shape[-1]))
+        if pads is not None and any(p > self.filled for p in pads):
+            own = (t[None, :] >= torch.tensor(pads, device=t.device)[:, None])  # [B, new]
+            dst = dst.view(B, H, new)[own[:, None, :].expand(B, H, new)]
+        self.bias.index_fill_(0, dst, 0.0)
+        self.filled = T
+
+    def attend(self, qg: torch.Tensor, q_len: int, scaling: float, softcap: float | None) -> torch.Tensor:
+        """qg [B, H, R, d], R = G * q_len rows per KV head (row g * q_len + i: query i, the
+        tail's slot T - q_len + i) -> [B, H, R, d]."""
+        B, H, R, d = qg.shape
+        q = qg if self.perm is None else qg.index_select(0, self.perm)
+        out = torch.empty_like(q)
+        if q_len > 1:  # query i sees tail slots t <= T - q_len + i
+            last = (self.filled - q_len) + torch.arange(q_len, device=q.device).repeat(R // q_len)  # [R]
+            cols = torch.arange(max(g[4] for g in self.groups), device=q.device)
+        for first, n, off, P, W in self.groups:
+            # the whole block, its free room masked: a slice of it would be a strided batch,
+            # which bmm copies on a CPU
+            size = n * H * W
+            k = self.keys[off:off + size].view(n * H, W, d)
+            v = self.values[off:off + size].view(n * H, W, -1)
+            bias = self.bias[off:off + size].view(n * H, 1, W)
+            qb = q[first:first + n].reshape(n * H, R, d)
+            if q_len > 1:
+                future = (cols[None, :W] - P) > last[:, None]  # [R, W]: a tail slot after the query
+                bias = bias + torch.zeros(future.shape, dtype=bias.dtype, device=bias.device).masked_fill_(
+                    future, float("-inf"))
+            if softcap is None:
+                s = torch.baddbmm(bias, qb, k.transpose(1, 2), alpha=scaling)
+            else:
+                s = _capped(torch.bmm(qb, k.transpose(1, 2)).mul_(scaling), softcap) + bias
+            probs = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+            torch.bmm(probs, v, out=out[first:first + n].view(n * H, R, -1))
+        return out if self.inv is None else out.index_select(0, self.inv)
 
 
-def _one_row(prefix: RaggedKV, b: int, qg, tk, tv, mask, scaling, group: int, decoding: bool,
-             softcap=None) -> torch.Tensor:
-    """Row b of a non-uniform prefix attended alone: dense per head when its heads hold the same
-    count, else `_packed_row`."""
-    row = prefix.row(b)
-    if row is not None:
-        return _two_block(qg, row[0], row[1], tk, tv, mask, scaling, softcap=softcap)
-    s, e = prefix.row_span(b)
-    return _packed_row(qg, prefix.keys[s:e], prefix.values[s:e], _packed_bias(prefix, b, group, decoding),
-                       tk, tv, mask, scaling, softcap)
+def decode_blocks(prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor, pads) -> DecodeBlocks:
+    """The prefix's `DecodeBlocks`, brought up to the tail (built or rebuilt when needed)."""
+    blocks = prefix.__dict__.get("_decode_blocks")
+    if blocks is None or not blocks.fits(tail_k):
+        blocks = prefix._decode_blocks = DecodeBlocks(prefix, tail_k, tail_v, pads)
+    else:
+        blocks.append(tail_k, tail_v)
+    return blocks
 
 
 def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor,
@@ -272,13 +314,19 @@ def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.
                            softcap: float | None = None) -> torch.Tensor:
     """Attention of `query` [B, Hq, q, d] over a ragged prefix (fully visible) and a dense tail
     [B, H, T, d] that already holds the q new tokens as its last slots (seen causally); row b
-    ignores its first `pads[b]` tail slots; `softcap`: logit soft-capping. Returns [B, q, Hq, d]."""
+    ignores its first `pads[b]` tail slots; `softcap`: logit soft-capping. Returns [B, q, Hq, d].
+    A uniform prefix (every (row, head) the same count) is attended as it lies; any other
+    through its `DecodeBlocks`."""
     B, Hq, q_len, d = query.shape
     H = prefix.heads
     G = Hq // H
     T = tail_k.shape[2]
     dev = query.device
     padded = pads is not None and any(pads)
+    qg = query.reshape(B, H, G * q_len, d)
+    if not prefix.uniform:
+        out = decode_blocks(prefix, tail_k, tail_v, pads if padded else None).attend(qg, q_len, scaling, softcap)
+        return out.view(B, H, G, q_len, d).reshape(B, Hq, q_len, d).transpose(1, 2).contiguous()
     mask = None  # one new token, no padding: it sees the whole tail
     if q_len > 1 or padded:
         # rows are (g, i) pairs; row r = g * q_len + i is query position i
@@ -288,26 +336,8 @@ def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.
     if padded:
         own = j[None, :] >= torch.tensor(pads, device=dev)[:, None]  # [B, T]
         mask = mask & own[:, None, None, :]
-    qg = query.reshape(B, H, G * q_len, d)
-    if prefix.uniform:
-        pk, pv = prefix.dense()
-        out = _two_block(qg, pk, pv, tail_k, tail_v, mask, scaling, softcap=softcap)
-    elif B == 1:  # one row alone (no batch to scatter into)
-        out = _one_row(prefix, 0, qg[0], tail_k[0], tail_v[0], None if mask is None else mask[0], scaling, G * q_len,
-                       q_len == 1, softcap)[None]
-    else:
-        out = torch.empty_like(qg)
-        for gi, (rows, idx, bias) in enumerate(row_groups(prefix)):
-            if idx is not None:  # rows of similar length: padded to one length, one batched pair of matmuls
-                sel = torch.tensor(rows, device=dev)
-                pk, pv = _group_block(prefix, gi, idx, len(rows), bias.shape[-1], keep=q_len == 1)
-                m = mask.index_select(0, sel) if mask is not None and mask.shape[0] > 1 else mask
-                out[sel] = _two_block(qg.index_select(0, sel), pk, pv, tail_k.index_select(0, sel),
-                                      tail_v.index_select(0, sel), m, scaling, prefix_bias=bias, softcap=softcap)
-                continue
-            b = rows[0]
-            m = None if mask is None else mask[b if mask.shape[0] > 1 else 0]
-            out[b] = _one_row(prefix, b, qg[b], tail_k[b], tail_v[b], m, scaling, G * q_len, q_len == 1, softcap)
+    pk, pv = prefix.dense()
+    out = _two_block(qg, pk, pv, tail_k, tail_v, mask, scaling, softcap=softcap)
     return out.view(B, H, G, q_len, d).reshape(B, Hq, q_len, d).transpose(1, 2).contiguous()
 
 
