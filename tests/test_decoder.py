@@ -238,3 +238,28 @@ def test_merge_keeps_each_rows_positions(tiny_llama):
         (pre_a.n_context, pre_b.n_context), (0, 0))
     back = merged.select_rows([1])
     assert back.next_positions() == [pre_b.n_context] and back.nbytes() == b.nbytes()
+
+
+def test_window_scores_are_computed_once_per_sample(tiny_llama, monkeypatch):
+    """SnapKV, PyramidKV and AdaKV at several ratios score one prefill's window once per layer
+    (`Prefill.state` shares the views), and keep the entries they keep with fresh scores."""
+    import kvray.presses.scoring as scoring
+
+    lm = tiny_llama
+    presses = [kvray.make_press(m, compression_ratio=r) for m in ("snapkv", "pyramidkv", "adakv") for r in (0.25, 0.5)]
+    prompt = build_prompt(lm.tokenizer, WORDS * 4, "Who asked for the key?")
+
+    def kept(pre):
+        return [[layer.prefix.positions.tolist() for layer in compress(lm, pre, p, False).layers] for p in presses]
+
+    calls = []
+    real = scoring.scores_of
+    monkeypatch.setattr(scoring, "scores_of", lambda *a: calls.append(1) or real(*a))
+    shared = prefill(lm, prompt, capture_window=capture_window_for(presses), with_question=False)
+    got = kept(shared)
+    assert len(calls) == lm.num_layers  # once per layer, for the six configs
+    fresh = []
+    for p in presses:  # each config on a prefill of its own: nothing shared
+        pre = prefill(lm, prompt, capture_window=capture_window_for(presses), with_question=False)
+        fresh.append([layer.prefix.positions.tolist() for layer in compress(lm, pre, p, False).layers])
+    assert got == fresh

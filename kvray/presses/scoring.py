@@ -68,9 +68,17 @@ def window_attention(layer: LayerInputs, window_size: int, observation: str = "l
 def window_scores(layer: LayerInputs, window_size: int, observation: str = "last") -> tuple[torch.Tensor, int]:
     """(the mean over the observation window's rows of `window_attention` [B, Hq, N] fp32, W):
     on CUDA the Triton kernel (`kvray.kernels.window_scores`, no [B, Hq, W, N] matrix), else its
-    torch twin, the same computation as `window_attention(...).mean(dim=2)`."""
-    q, qpos = window_rows(layer, window_size, observation)
-    return scores_of(q, qpos, layer.keys), q.shape[2]
+    torch twin, the same computation as `window_attention(...).mean(dim=2)`. Computed once per
+    (layer view, window, observation): SnapKV, PyramidKV, AdaKV, LAVa at every ratio share it."""
+    # memoised on the layer's views (shared by the sample's configs: `Prefill.state`), keyed by
+    # the tensors too, so a view with other queries (LAQ's lookahead) is scored afresh
+    memo = layer.__dict__.setdefault("_window_scores", {})
+    key = (window_size, observation, id(layer.queries), id(layer.keys))
+    if key not in memo:
+        q, qpos = window_rows(layer, window_size, observation)
+        memo[key] = (scores_of(q, qpos, layer.keys), q.shape[2])
+    scores, W = memo[key]
+    return scores.clone(), W
 
 
 def reduce_gqa(scores: torch.Tensor, num_kv_heads: int, how: str) -> torch.Tensor:

@@ -121,8 +121,16 @@ class Prefill:
     prefill_s: float
     modules: list
     hidden: list | None = None  # per layer [B, n_aware, D] attention inputs (capture_hidden only)
+    _states: dict = field(default_factory=dict, repr=False, compare=False)
 
     def state(self, query_aware: bool) -> PrefillState:
+        """The scorers' views of one protocol, built once and shared by every config of the
+        sample (so what scorers memoise on a layer, e.g. window scores, is computed once)."""
+        if query_aware not in self._states:
+            self._states[query_aware] = self._state(query_aware)
+        return self._states[query_aware]
+
+    def _state(self, query_aware: bool) -> PrefillState:
         n = self.n_aware if query_aware else self.n_context
         n_q = len(self.prompt.question)
         question = (self.n_context, self.n_context + n_q) if query_aware and n_q and self.n_aware > self.n_context else None
