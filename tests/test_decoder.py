@@ -28,6 +28,18 @@ LAYOUTS = {  # per (row, head) lengths, H = 2
 }
 
 
+def _dense(prefix: RaggedKV):
+    """The oracle's layout of a ragged prefix: keys, values [B, H, N, d] and keep [B, H, N]
+    (the missing entries zero and masked)."""
+    B, H, N, d = prefix.batch, prefix.heads, max(prefix.lengths), prefix.keys.shape[-1]
+    keys, values = torch.zeros(B, H, N, d), torch.zeros(B, H, N, d)
+    keep = torch.zeros(B, H, N, dtype=torch.bool)
+    for bh, n in enumerate(prefix.lengths):
+        k, v = prefix.head(bh)
+        keys[bh // H, bh % H, :n], values[bh // H, bh % H, :n], keep[bh // H, bh % H, :n] = k, v, True
+    return keys, values, keep
+
+
 @pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("q_len", [1, 3])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -42,14 +54,7 @@ def test_ragged_attention_matches_reference(G, q_len, layout):
     query = torch.randn(B, H * G, q_len, d)
     tk, tv = torch.randn(B, H, T, d), torch.randn(B, H, T, d)
     got = ragged_attention_torch(query, prefix, tk, tv, 1 / math.sqrt(d), pads)
-    # the oracle sees the same entries laid out dense, the missing ones masked
-    N = max(lengths)
-    keys, values = torch.zeros(B, H, N, d), torch.zeros(B, H, N, d)
-    keep = torch.zeros(B, H, N, dtype=torch.bool)
-    for bh, n in enumerate(lengths):
-        k, v = prefix.head(bh)
-        keys[bh // H, bh % H, :n], values[bh // H, bh % H, :n], keep[bh // H, bh % H, :n] = k, v, True
-    want = dense_masked_reference(query, keys, values, keep, tk, tv, pads)
+    want = dense_masked_reference(query, *_dense(prefix), tk, tv, pads)
     err = (got.double() - want).abs().max().item()
     print(f"worst mismatch {err:.2e}")
     assert err < 1e-5
@@ -72,12 +77,7 @@ def test_decode_blocks_follow_the_tail_step_by_step(layout, monkeypatch):
     pads = tuple(range(B))  # left padding of the merged tails
     layer = KVRayLayer(prefix=prefix, rows=RowLayout(tuple([total] * B), pads))
     layer.set_tail(torch.randn(B, H, B + 1, d), torch.randn(B, H, B + 1, d))
-    N = max(lengths)
-    keys, values = torch.zeros(B, H, N, d), torch.zeros(B, H, N, d)
-    keep = torch.zeros(B, H, N, dtype=torch.bool)
-    for bh, n in enumerate(lengths):
-        k, v = prefix.head(bh)
-        keys[bh // H, bh % H, :n], values[bh // H, bh % H, :n], keep[bh // H, bh % H, :n] = k, v, True
+    dense = _dense(prefix)
     built = []
     monkeypatch.setattr(attn.DecodeBlocks, "__init__", _counting(attn.DecodeBlocks.__init__, built))
     for step in range(12):
@@ -88,7 +88,7 @@ def test_decode_blocks_follow_the_tail_step_by_step(layout, monkeypatch):
             layer.set_tail(torch.randn_like(layer.keys), torch.randn_like(layer.values))
         query = torch.randn(B, H * G, 1, d)
         got = ragged_attention(query, layer, 1 / math.sqrt(d), impl="torch")
-        want = dense_masked_reference(query, keys, values, keep, layer.keys, layer.values, pads)
+        want = dense_masked_reference(query, *dense, layer.keys, layer.values, pads)
         assert (got.double() - want).abs().max().item() < 1e-5, f"step {step}"
     # built at the first step, again when the room ran out or the tail was replaced: not every step
     assert 3 <= len(built) < 12

@@ -214,27 +214,23 @@ class DecodeBlocks:
         B, H, T, d = tail_k.shape
         dev, dtype = prefix.keys.device, prefix.keys.dtype
         room = T + BLOCK_ROOM
-        order, self.groups, base = [], [], []  # groups: (first row in block order, rows, slot offset, P, W)
+        order, self.groups = [], []  # groups: (first row in block order, rows, slot offset, P, W)
+        head0, tail0 = [0] * (B * H), [0] * (B * H)  # per (row, head): the slot of its entry 0 / tail slot 0
         slot = 0
-        row_base = [0] * B
         for rows in _length_groups(prefix):
             P = max(max(prefix.row_lengths(b)) for b in rows)
             W = P + room
             self.groups.append((len(order), len(rows), slot, P, W))
             for i, b in enumerate(rows):
-                row_base[b] = slot + i * H * W
+                for h in range(H):
+                    head0[b * H + h] = slot + (i * H + h) * W
+                    tail0[b * H + h] = head0[b * H + h] + P
             order += rows
             slot += len(rows) * H * W
         self.perm = None if order == list(range(B)) else torch.tensor(order, device=dev)
         self.inv = None if self.perm is None else torch.argsort(self.perm)
-        # slot of entry 0 of each (row, head): its block's row start + h * W
-        W_of = {}
-        for first, n, _, _, W in self.groups:
-            for b in order[first:first + n]:
-                W_of[b] = W
-        head0 = torch.tensor([row_base[b] + h * W_of[b] for b in range(B) for h in range(H)], device=dev)
-        P_of = {b: g[3] for g in self.groups for b in order[g[0]:g[0] + g[1]]}
-        self.tail0 = head0 + torch.tensor([P_of[b] for b in range(B) for _ in range(H)], device=dev)
+        self.tail0 = torch.tensor(tail0, device=dev)
+        head0 = torch.tensor(head0, device=dev)
         lengths = torch.tensor(prefix.lengths, device=dev)
         starts = torch.tensor(prefix.offsets[:-1], device=dev)
         total = prefix.keys.shape[0]
@@ -288,8 +284,7 @@ class DecodeBlocks:
             qb = q[first:first + n].reshape(n * H, R, d)
             if q_len > 1:
                 future = (cols[None, :W] - P) > last[:, None]  # [R, W]: a tail slot after the query
-                bias = bias + torch.zeros(future.shape, dtype=bias.dtype, device=bias.device).masked_fill_(
-                    future, float("-inf"))
+                bias = bias.masked_fill(future, float("-inf"))  # [n*H, R, W]
             if softcap is None:
                 s = torch.baddbmm(bias, qb, k.transpose(1, 2), alpha=scaling)
             else:
