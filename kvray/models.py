@@ -248,14 +248,16 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
     `name`: None for the embedded SmolLM2-135M-Instruct, else a hub id, a local directory or a
     `.gguf` path. Defaults: CUDA with bf16 when available, else the CPU in bf16 where it multiplies
     bf16 natively (AVX512-BF16 / AMX), else fp32 (`default_dtype`; env KVRAY_DTYPE); SDPA attention routed
-    through kvray's compressed-cache attention (plain SDPA for ordinary caches).
+    through kvray's compressed-cache attention (plain SDPA for ordinary caches). On a CPU, bf16 linear
+    weights are laid out once for oneDNN (`kvray.runtime.support.pack_linear_weights`: a second copy of
+    them in memory; KVRAY_PACK_WEIGHTS=0 turns it off).
     GGUF weights are de-quantised once and cached under `$KVRAY_CACHE` (~/.cache/kvray).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from .runtime.attention import enable_kvray_attention
-    from .runtime.support import keep_freed_memory
+    from .runtime.support import keep_freed_memory, pack_linear_weights
 
     if not sys.stderr.isatty():  # Ray actors, jobs, logs: no progress bars (they fill job logs)
         hf_logging.disable_progress_bar()
@@ -284,6 +286,7 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
     enable_kvray_attention(model)
     if device.type == "cpu":
         keep_freed_memory()  # a model host's large tensors reuse freed memory (no page faults per forward)
+        pack_linear_weights(model)  # bf16 linear weights laid out once for oneDNN, not at every call
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LanguageModel(model=model, tokenizer=tokenizer, name=display)

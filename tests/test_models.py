@@ -1,6 +1,7 @@
 """Model loading: names, local directories, GGUF files and clear errors offline."""
 
 import pytest
+import torch
 
 import kvray
 from kvray.models import ModelNotFoundError, embedded_gguf_path
@@ -93,3 +94,39 @@ def test_converted_cache_is_keyed_by_content_not_path(tmp_path, monkeypatch):
     a, b, c = (_converted_dir(str(tmp_path / d), "m.gguf") for d in ("a", "b", "c"))
     assert a == b != c
     assert a.parent == tmp_path / "cache" / "converted"
+
+
+def test_packed_linear_weights_match_plain_linear_and_fall_back_when_stale(tiny_llama, monkeypatch):
+    import copy
+
+    from kvray.runtime.support import PackedLinear, pack_linear_weights
+
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU does not multiply bf16 natively: nothing is packed")
+    plain = tiny_llama.model.to(torch.bfloat16)
+    model = copy.deepcopy(plain)
+    monkeypatch.setenv("KVRAY_PACK_WEIGHTS", "0")
+    assert pack_linear_weights(model) == 0
+    monkeypatch.delenv("KVRAY_PACK_WEIGHTS")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert pack_linear_weights(model) == len(linears) > 0
+    assert all(type(m) is PackedLinear for m in linears)
+    ids = torch.randint(0, plain.config.vocab_size, (3, 17))
+    with torch.inference_mode():
+        for q in (ids, ids[:1, :1], ids[:, :1]):  # a prefill, one token, a batch of one token each
+            assert torch.equal(model(q).logits, plain(q).logits)
+    head = model.get_output_embeddings()
+    x = torch.randn(2, 5, head.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        head.weight.mul_(2)  # changed in place since it was packed: the packed copy must not be used
+    with torch.inference_mode():
+        assert torch.equal(head(x), torch.nn.functional.linear(x, head.weight))
+    y = linears[0](torch.randn(4, linears[0].in_features, dtype=torch.bfloat16, requires_grad=True))
+    y.sum().backward()  # autograd goes through F.linear
+    assert linears[0].weight.grad is not None
+    twin = copy.deepcopy(model)  # a copy does not share (or use) the original's packed weights
+    with torch.no_grad():
+        twin.get_output_embeddings().weight.zero_()
+    with torch.inference_mode():
+        assert torch.equal(twin.get_output_embeddings()(x), torch.zeros(2, 5, head.out_features, dtype=torch.bfloat16))
+        assert not torch.equal(head(x), torch.zeros_like(head(x)))

@@ -16,6 +16,9 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import weakref
+
+import torch
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -129,3 +132,56 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 <
     except (OSError, AttributeError):  # not glibc (musl, ...)
         pass
     return _malloc_tuned
+
+
+class PackedLinear(torch.nn.Linear):
+    """A bf16 `nn.Linear` on the CPU that multiplies with a copy of its weight laid out once for
+    oneDNN (`pack_linear_weights`). `F.linear` re-lays the weight out at every call, which is most
+    of a small batch's cost: measured on this project's 2-core AVX512-BF16 machine, SmolLM2-135M's
+    211 linear layers take 52 ms for 5 rows with `F.linear` and 29 ms packed (67 vs 53 ms for 19
+    rows), with bit-identical results. Falls back to `F.linear` whenever the packed copy may not
+    apply: autograd, another dtype or device, or a weight changed since it was packed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = _PACKED.get(self)
+        w = self.weight
+        if (packed is None or x.dtype != w.dtype or x.device.type != "cpu" or x.numel() == 0
+                or (w._version, w.data_ptr()) != packed[1]
+                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+            return torch.nn.functional.linear(x, w, self.bias)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed[0], self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+#: module -> (oneDNN-packed weight, (weight version, address) when packed); weak, so a copied or
+#: dropped model neither shares nor keeps the packed copies
+_PACKED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def pack_linear_weights(model: torch.nn.Module) -> int:
+    """Give every bf16 CPU `nn.Linear` of `model` a oneDNN-packed copy of its weight
+    (`PackedLinear`); returns how many were packed. A no-op (0) unless the CPU multiplies bf16
+    natively, or with KVRAY_PACK_WEIGHTS=0. The cost: a second copy of the linear weights in memory
+    (270 MB for SmolLM2-135M, whose tied embedding is packed for the LM head)."""
+    if os.environ.get("KVRAY_PACK_WEIGHTS", "1") == "0":
+        return 0
+    try:
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return 0
+    except (AttributeError, RuntimeError):  # a torch build without these ops
+        return 0
+    n = 0
+    with torch.no_grad():
+        for mod in model.modules():
+            w = getattr(mod, "weight", None)
+            if type(mod) not in (torch.nn.Linear, PackedLinear) or w is None or w.dtype != torch.bfloat16 \
+                    or w.device.type != "cpu":
+                continue
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)
+            except RuntimeError:
+                return n
+            _PACKED[mod] = (packed, (w._version, w.data_ptr()))
+            mod.__class__ = PackedLinear
+            n += 1
+    return n
