@@ -103,7 +103,7 @@ def test_packed_linear_weights_match_plain_linear_and_fall_back_when_stale(tiny_
 
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU does not multiply bf16 natively: nothing is packed")
-    plain = tiny_llama.model.to(torch.bfloat16)
+    plain = copy.deepcopy(tiny_llama.model).to(torch.bfloat16)  # the fixture's model is shared: not changed
     model = copy.deepcopy(plain)
     monkeypatch.setenv("KVRAY_PACK_WEIGHTS", "0")
     assert pack_linear_weights(model) == 0
