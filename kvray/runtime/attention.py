@@ -271,9 +271,9 @@ class DecodeBlocks:
         B, H, R, d = qg.shape
         q = qg if self.perm is None else qg.index_select(0, self.perm)
         out = torch.empty_like(q)
-        if q_len > 1:  # query i sees tail slots t <= T - q_len + i
-            last = (self.filled - q_len) + torch.arange(q_len, device=q.device).repeat(R // q_len)  # [R]
-            cols = torch.arange(max(g[4] for g in self.groups), device=q.device)
+        if q_len > 1:  # query i (row g * q_len + i) sees the new slots T - q_len + j for j <= i only
+            j = torch.arange(q_len, device=q.device)
+            future = j[None, :] > j.repeat(R // q_len)[:, None]  # [R, q_len]
         for first, n, off, P, W in self.groups:
             # the whole block, its free room masked: a slice of it would be a strided batch,
             # which bmm copies on a CPU
@@ -282,13 +282,13 @@ class DecodeBlocks:
             v = self.values[off:off + size].view(n * H, W, -1)
             bias = self.bias[off:off + size].view(n * H, 1, W)
             qb = q[first:first + n].reshape(n * H, R, d)
-            if q_len > 1:
-                future = (cols[None, :W] - P) > last[:, None]  # [R, W]: a tail slot after the query
-                bias = bias.masked_fill(future, float("-inf"))  # [n*H, R, W]
             if softcap is None:
                 s = torch.baddbmm(bias, qb, k.transpose(1, 2), alpha=scaling)
             else:
                 s = _capped(torch.bmm(qb, k.transpose(1, 2)).mul_(scaling), softcap) + bias
+            if q_len > 1:  # the causal mask touches only the new slots' columns
+                c0 = P + self.filled - q_len
+                s[:, :, c0:c0 + q_len].masked_fill_(future, float("-inf"))
             probs = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
             torch.bmm(probs, v, out=out[first:first + n].view(n * H, R, -1))
         return out if self.inv is None else out.index_select(0, self.inv)
