@@ -50,6 +50,7 @@ class Row:
     forwards: int = 0
     decode_s: float = 0.0  # this row's share of the forwards it took part in
     _logits: torch.Tensor | None = None
+    _best: int | None = None  # argmax of _logits, taken for the whole batch at once
     _next: int | None = None  # the token to feed next
     _cancel: bool = False
 
@@ -163,6 +164,8 @@ class Decoder:
     def _credit(rows: list[Row], logits: torch.Tensor, seconds: float, fed: list[bool] | None = None) -> None:
         """Each fed row gets its share of the forward's time and, while decoding, its logits."""
         share = seconds / max(1, len(rows) if fed is None else sum(fed))
+        # one argmax for the batch (per row, it cost 19 calls of 0.19 ms each in a 19-row step)
+        best = logits.float().argmax(-1).tolist() if any(r.teacher is None for r in rows) else None
         for i, r in enumerate(rows):
             if fed is not None and not fed[i]:
                 continue
@@ -171,6 +174,7 @@ class Decoder:
             r._next = None
             if not r.done:
                 r._logits = logits[i]
+                r._best = None if best is None else best[i]
 
     @property
     def rows(self) -> list[Row]:
@@ -203,10 +207,15 @@ class Decoder:
             self._finish(row, "cancelled")
             return False
         logits, row._logits = row._logits, None
+        best, row._best = row._best, None
         if row.on_logits is not None:
             row.on_logits(row, logits)
+            best = None  # the hook may have changed them
         j = len(row.tokens)
-        tok = row.teacher[j] if row.teacher is not None else int(logits.argmax(-1))
+        if row.teacher is not None:
+            tok = row.teacher[j]
+        else:
+            tok = best if best is not None else int(logits.argmax(-1))
         if tok in row.stops:
             self._finish(row, "stop")
             return False
