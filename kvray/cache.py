@@ -192,6 +192,9 @@ class KVRayLayer(DynamicLayer):
                 kb[:, :, :T] = self.keys
                 vb[:, :, :T] = self.values
             self._bufs = (kb, vb)
+            blocks = self.prefix.__dict__.get("_decode_blocks") if self.prefix is not None else None
+            if blocks is not None and blocks.tail_ptr == self.keys.data_ptr():
+                blocks.tail_ptr = kb.data_ptr()  # the same tail, moved: the attention's blocks still hold it
         kb[:, :, T:T + n] = key_states
         vb[:, :, T:T + n] = value_states
         self.keys, self.values = kb[:, :, :T + n], vb[:, :, :T + n]
@@ -410,6 +413,11 @@ class KVRayCache(Cache):
             if T:
                 rows = torch.tensor(keep, device=old.keys.device)
                 layer.set_tail(old.keys.index_select(0, rows)[:, :, trim:], old.values.index_select(0, rows)[:, :, trim:])
+                # the attention's decode blocks move to the new batch without a rebuild; this
+                # batch, if used again, rebuilds its own (kvray.runtime.attention.DecodeBlocks)
+                blocks = x.__dict__.pop("_decode_blocks", None)
+                if blocks is not None and blocks.filled == T and blocks.fits(old.keys):
+                    ragged._decode_blocks = blocks.select(keep, trim, layer.keys)
             layers.append(layer)
         return self._with_rows(layers, RowLayout(tuple(starts[b] for b in keep), tuple(pads[b] - trim for b in keep)))
 

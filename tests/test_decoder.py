@@ -94,6 +94,52 @@ def test_decode_blocks_follow_the_tail_step_by_step(layout, monkeypatch):
     assert 3 <= len(built) < 12
 
 
+def test_decode_blocks_move_with_the_rows_that_stay(monkeypatch):
+    """Rows leaving the batch (`select_rows`, also reordered, with the tail's unused leading slots
+    trimmed) keep attending through the same blocks, not rebuilt ones, until their room runs
+    out; every step matches the slow reference; the batch they left rebuilds its own if used."""
+    import kvray.runtime.attention as attn
+
+    monkeypatch.setattr(attn, "BLOCK_ROOM", 3)
+    torch.manual_seed(3)
+    H, G, d = 2, 3, 16
+    lengths = LAYOUTS["grouped"]
+    B = len(lengths) // H
+    total = sum(lengths)
+    prefix = RaggedKV(torch.randn(total, d), torch.randn(total, d), torch.arange(total), tuple(lengths), B, H)
+    pads = (3, 0, 2, 1, 0, 2)  # rows 1 and 4 hold the longest tails: once they leave, 1 slot is trimmed
+    layer = KVRayLayer(prefix=prefix, rows=RowLayout(tuple([total] * B), pads))
+    layer.set_tail(torch.randn(B, H, 4, d), torch.randn(B, H, 4, d))
+    cache = KVRayCache([layer])
+    built = []
+    monkeypatch.setattr(attn.DecodeBlocks, "__init__", _counting(attn.DecodeBlocks.__init__, built))
+
+    def step(cache, tag):
+        layer = cache.layers[0]
+        n = layer.prefix.batch
+        layer.update(torch.randn(n, H, 1, d), torch.randn(n, H, 1, d))
+        query = torch.randn(n, H * G, 1, d)
+        got = ragged_attention(query, layer, 1 / math.sqrt(d), impl="torch")
+        want = dense_masked_reference(query, *_dense(layer.prefix), layer.keys, layer.values, layer.rows.pads)
+        assert (got.double() - want).abs().max().item() < 1e-5, tag
+
+    for i in range(3):  # built at the first step (tail 5, room 8); tail 7
+        step(cache, f"all rows, step {i}")
+    old = cache
+    cache = cache.select_rows([0, 2, 3, 5])  # a row from the middle of a group, and the longest tails
+    assert cache.layers[0].rows.pads == (2, 1, 0, 1)
+    step(cache, "4 rows, step 0")  # tail 7 of the room left after the trim, 7: no rebuild
+    assert len(built) == 1
+    step(cache, "4 rows, step 1")  # tail 8: the room has run out
+    assert len(built) == 2
+    cache = cache.select_rows([3, 0])  # reordered
+    for i in range(2):
+        step(cache, f"2 rows, step {i}")
+    assert len(built) == 2
+    step(old, "the batch left behind")  # rebuilds its own blocks
+    assert len(built) == 3
+
+
 def _counting(init, calls):
     def wrapped(self, *a, **k):
         calls.append(1)

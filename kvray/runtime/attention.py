@@ -216,7 +216,9 @@ class DecodeBlocks:
     Built at the first forward over a batch (the feed of the question, or the first decode
     step) and kept with its prefix: a padded copy of the entries, held while the batch lives,
     not in `nbytes()` (which counts the packed layout, all the Triton path holds). Rebuilt when
-    the tail outgrows its room or is replaced (`KVRayLayer.set_tail` / `crop` drop it)."""
+    the tail outgrows its room or is replaced (`KVRayLayer.set_tail` / `crop` drop it). Rows
+    leaving the batch (`KVRayCache.select_rows`) take no rebuild: `select` keeps the other rows'
+    slots where they lie."""
 
     def __init__(self, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor, pads):
         B, H, T, d = tail_k.shape
@@ -235,8 +237,7 @@ class DecodeBlocks:
                     tail0[b * H + h] = head0[b * H + h] + P
             order += rows
             slot += len(rows) * H * W
-        self.perm = None if order == list(range(B)) else torch.tensor(order, device=dev)
-        self.inv = None if self.perm is None else torch.argsort(self.perm)
+        self._set_order(order, dev)
         self.tail0 = torch.tensor(tail0, device=dev)
         head0 = torch.tensor(head0, device=dev)
         lengths = torch.tensor(prefix.lengths, device=dev)
@@ -250,7 +251,45 @@ class DecodeBlocks:
         self.values.index_copy_(0, dst, prefix.values)
         self.bias.index_fill_(0, dst, 0.0)
         self.room, self.filled, self.tail_ptr = room, 0, tail_k.data_ptr()
+        self.shift = 0  # tail slot t lies at block slot P + shift + t (select drops leading slots)
         self.append(tail_k, tail_v, pads)
+
+    def _set_order(self, order: list[int], dev) -> None:
+        self.order = order  # the rows in block order
+        self.perm = None if order == list(range(len(order))) else torch.tensor(order, device=dev)
+        self.inv = None if self.perm is None else torch.argsort(self.perm)
+
+    def select(self, keep: list[int], trim: int, tail_k: torch.Tensor) -> "DecodeBlocks":
+        """The blocks of rows `keep` (new row i is row keep[i]) after their tail lost its first
+        `trim` slots (`KVRayCache.select_rows`), without copying: the kept rows' slots stay where
+        they lie, a group is split where a row left it, and the slots of the rows that left go
+        unused. `tail_k` is the new tail. The blocks move to the result; this object must not be
+        used again."""
+        H = self.tail0.numel() // len(self.order)
+        new_of = {b: i for i, b in enumerate(keep)}
+        groups, order = [], []
+        for first, n, off, P, W in self.groups:
+            i = 0
+            while i < n:
+                if self.order[first + i] not in new_of:
+                    i += 1
+                    continue
+                j = i
+                while j < n and self.order[first + j] in new_of:
+                    j += 1
+                groups.append((len(order), j - i, off + i * H * W, P, W))
+                order += [new_of[self.order[first + k]] for k in range(i, j)]
+                i = j
+        out = object.__new__(DecodeBlocks)
+        dev = self.tail0.device
+        out.groups = groups
+        out._set_order(order, dev)
+        rows = torch.tensor(keep, device=dev)
+        out.tail0 = self.tail0.view(-1, H).index_select(0, rows).reshape(-1) + trim
+        out.keys, out.values, out.bias = self.keys, self.values, self.bias
+        out.room, out.filled, out.shift = self.room - trim, self.filled - trim, self.shift + trim
+        out.tail_ptr = tail_k.data_ptr()
+        return out
 
     def fits(self, tail_k: torch.Tensor) -> bool:
         T = tail_k.shape[2]
@@ -295,7 +334,7 @@ class DecodeBlocks:
             else:
                 s = _capped(torch.bmm(qb, k.transpose(1, 2)).mul_(scaling), softcap) + bias
             if q_len > 1:  # the causal mask touches only the new slots' columns
-                c0 = P + self.filled - q_len
+                c0 = P + self.shift + self.filled - q_len
                 s[:, :, c0:c0 + q_len].masked_fill_(future, float("-inf"))
             probs = _probs(s, q.dtype)
             torch.bmm(probs, v, out=out[first:first + n].view(n * H, R, -1))
