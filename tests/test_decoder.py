@@ -28,6 +28,14 @@ LAYOUTS = {  # per (row, head) lengths, H = 2
 }
 
 
+def _random_prefix(layout: str, d: int) -> RaggedKV:
+    """Random keys and values laid out as `LAYOUTS[layout]` (H = 2)."""
+    lengths = LAYOUTS[layout]
+    total = sum(lengths)
+    return RaggedKV(torch.randn(total, d), torch.randn(total, d), torch.arange(total), tuple(lengths),
+                    len(lengths) // 2, 2)
+
+
 def _dense(prefix: RaggedKV):
     """The oracle's layout of a ragged prefix: keys, values [B, H, N, d] and keep [B, H, N]
     (the missing entries zero and masked)."""
@@ -46,10 +54,8 @@ def _dense(prefix: RaggedKV):
 def test_ragged_attention_matches_reference(G, q_len, layout):
     torch.manual_seed(0)
     H, d, T = 2, 16, 6
-    lengths = LAYOUTS[layout]
-    B = len(lengths) // H
-    total = sum(lengths)
-    prefix = RaggedKV(torch.randn(total, d), torch.randn(total, d), torch.arange(total), tuple(lengths), B, H)
+    prefix = _random_prefix(layout, d)
+    B = prefix.batch
     pads = (0, 2, T - q_len, 1, 0, 3)[:B]  # row 2 joined just now: its tail is only the new tokens
     query = torch.randn(B, H * G, q_len, d)
     tk, tv = torch.randn(B, H, T, d), torch.randn(B, H, T, d)
@@ -70,10 +76,8 @@ def test_decode_blocks_follow_the_tail_step_by_step(layout, monkeypatch):
     monkeypatch.setattr(attn, "BLOCK_ROOM", 3)  # rebuilt every few steps
     torch.manual_seed(2)
     H, G, d = 2, 3, 16
-    lengths = LAYOUTS[layout]
-    B = len(lengths) // H
-    total = sum(lengths)
-    prefix = RaggedKV(torch.randn(total, d), torch.randn(total, d), torch.arange(total), tuple(lengths), B, H)
+    prefix = _random_prefix(layout, d)
+    B, total = prefix.batch, prefix.keys.shape[0]
     pads = tuple(range(B))  # left padding of the merged tails
     layer = KVRayLayer(prefix=prefix, rows=RowLayout(tuple([total] * B), pads))
     layer.set_tail(torch.randn(B, H, B + 1, d), torch.randn(B, H, B + 1, d))
@@ -103,10 +107,8 @@ def test_decode_blocks_move_with_the_rows_that_stay(monkeypatch):
     monkeypatch.setattr(attn, "BLOCK_ROOM", 3)
     torch.manual_seed(3)
     H, G, d = 2, 3, 16
-    lengths = LAYOUTS["grouped"]
-    B = len(lengths) // H
-    total = sum(lengths)
-    prefix = RaggedKV(torch.randn(total, d), torch.randn(total, d), torch.arange(total), tuple(lengths), B, H)
+    prefix = _random_prefix("grouped", d)
+    B, total = prefix.batch, prefix.keys.shape[0]
     pads = (3, 0, 2, 1, 0, 2)  # rows 1 and 4 hold the longest tails: once they leave, 1 slot is trimmed
     layer = KVRayLayer(prefix=prefix, rows=RowLayout(tuple([total] * B), pads))
     layer.set_tail(torch.randn(B, H, 4, d), torch.randn(B, H, 4, d))
