@@ -289,6 +289,34 @@ def test_budgets_and_determinism(llama_pre, head_adaptive):
     assert all(list(layer.prefix.lengths) == [N] * state.num_kv_heads for layer in full.layers)
 
 
+@pytest.mark.parametrize("scoring,parity", [("kvpress", None), ("paper", None), ("kvpress", "kvpress")])
+def test_parts_computed_once_per_layer_and_shared_by_every_ratio(tiny_llama, monkeypatch, scoring, parity):
+    """The attention and leverage parts do not depend on the budget or the weight: on one state
+    every ratio and blending computes them once per layer, and scores exactly as a press that
+    scores on a state of its own (a fresh prefill: nothing memoised)."""
+    calls = []
+    for name in ("prerope_keys", "noncausal_chunk_attention", "kvpress_chunk_attention"):
+        real = getattr(cp, name)
+        monkeypatch.setattr(cp, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    shared = prefill(tiny_llama, prompt(), capture_hidden=True).state(False)
+    presses = [CompactorPress(compression_ratio=r, scoring=scoring, parity=parity,
+                              blending=None if parity else b)
+               for r in (0.25, 0.5, 0.75) for b in (None, 0.3)]
+    got = [[p.score(layer) for layer in shared.layers] for p in presses]
+    per_layer = 2  # pre-RoPE keys and the chunked attention
+    assert len(calls) == per_layer * len(shared.layers)
+    for press, scores in zip(presses, got):
+        fresh = prefill(tiny_llama, prompt(), capture_hidden=True).state(False)
+        for layer, s in zip(fresh.layers, scores):
+            assert torch.equal(press.score(layer), s)
+    # the weight still weighs: two ratios with blending=None score differently
+    assert not torch.equal(got[0][1], got[2][1])
+    # another chunk size is other parts
+    calls.clear()
+    CompactorPress(compression_ratio=0.5, scoring=scoring, parity=parity, chunk_size=32).score(shared.layers[0])
+    assert len(calls) == per_layer
+
+
 def test_parameters_validated_and_jsonable():
     p = CompactorPress(compression_ratio=0.5)
     assert p.name == "compactor" and p.needs_hidden and not p.needs_queries

@@ -308,13 +308,29 @@ class CompactorPress(Press):
         scores = torch.zeros(B, H, N, dtype=torch.float32, device=layer.keys.device)
         end = N - last
         if end > first:
-            hidden = layer.hidden[:, first:end]
-            phi = gaussian_sketch(d, min(self.sketch_dim, d), self.seed)
-            leverage = approx_leverage(prerope_keys(layer.module, hidden), phi)
-            queries = context_queries(layer.module, hidden, torch.arange(first, end))
-            attention = noncausal_chunk_attention(queries, layer.keys[:, :, first:end], self.chunk_size)
-            scores[..., first:end] = zscore(attention) + self.weight * zscore(leverage)
+            def parts():
+                hidden = layer.hidden[:, first:end]
+                phi = gaussian_sketch(d, min(self.sketch_dim, d), self.seed)
+                leverage = approx_leverage(prerope_keys(layer.module, hidden), phi)
+                queries = context_queries(layer.module, hidden, torch.arange(first, end))
+                attention = noncausal_chunk_attention(queries, layer.keys[:, :, first:end], self.chunk_size)
+                return zscore(attention), zscore(leverage)
+
+            attention, leverage = self._parts(layer, "paper", parts)
+            scores[..., first:end] = attention + self.weight * leverage
         return protect(scores, first=first, last=last)
+
+    def _parts(self, layer: LayerInputs, kind: str, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention, leverage), z-scored: what the score blends with `weight`. Neither depends
+        on the budget or the weight, so they are computed once per layer view and memoised on it
+        (`Prefill.state` shares the views by every config of a sample: every ratio, and every
+        trial of a Tune actor, pays for them once)."""
+        memo = layer.__dict__.setdefault("_compactor_parts", {})
+        key = (kind, self.sink_tokens, self.recent_tokens, self.chunk_size, self.sketch_dim, self.seed,
+               id(layer.keys), id(layer.values), id(layer.hidden), id(layer.module))
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
 
     def kvpress_score(self, layer: LayerInputs) -> torch.Tensor:
         """The scores of kvpress's CompactorPress (see the class docstring)."""
@@ -324,14 +340,18 @@ class CompactorPress(Press):
         end = N - last
         if end <= first:
             raise ValueError(f"{self.name}: kvpress needs tokens between the {first} sinks and the {last} recent ones")
-        hidden, module = layer.hidden[:, first:end], layer.module
-        keys = prerope_keys(module, hidden)
-        phi = kvpress_sketch(self.seed, layer.layer_idx, (B, H, d, self.sketch_dim), keys.dtype).to(keys.device)
-        leverage = kvpress_zscore(kvpress_leverage(keys, phi))
-        queries = context_queries(module, hidden, torch.arange(first, end))
-        mass = kvpress_chunk_attention(queries, layer.keys[:, :, first:end], self.chunk_size)
-        mass = mass.view(B, H, -1, end - first).mean(dim=-2) * layer.values[:, :, first:end].norm(dim=-1)
-        attention = kvpress_zscore(F.avg_pool1d(mass, kernel_size=3, padding=1, stride=1))
+
+        def parts():
+            hidden, module = layer.hidden[:, first:end], layer.module
+            keys = prerope_keys(module, hidden)
+            phi = kvpress_sketch(self.seed, layer.layer_idx, (B, H, d, self.sketch_dim), keys.dtype).to(keys.device)
+            leverage = kvpress_zscore(kvpress_leverage(keys, phi))
+            queries = context_queries(module, hidden, torch.arange(first, end))
+            mass = kvpress_chunk_attention(queries, layer.keys[:, :, first:end], self.chunk_size)
+            mass = mass.view(B, H, -1, end - first).mean(dim=-2) * layer.values[:, :, first:end].norm(dim=-1)
+            return kvpress_zscore(F.avg_pool1d(mass, kernel_size=3, padding=1, stride=1)), leverage
+
+        attention, leverage = self._parts(layer, "kvpress", parts)
         scores = self.weight * leverage + attention
         return F.pad(scores, (first, last), value=scores.max().item())
 

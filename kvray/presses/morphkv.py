@@ -60,8 +60,10 @@ def window_logits(queries: torch.Tensor, query_positions: torch.Tensor, keys: to
     [B, H, m] (or [m]) -> [B, H, G, t, m], -inf where the key comes after the query."""
     B, Hq, t, d = queries.shape
     H, m = keys.shape[1], keys.shape[2]
-    q = queries.float().reshape(B, H, Hq // H, t, d)
-    logits = torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)) / d**0.5
+    G = Hq // H
+    # one [G * t, d] x [d, m] product per (row, KV head), not G broadcast ones
+    q = queries.float().reshape(B, H, G * t, d)
+    logits = (torch.matmul(q, keys.float().transpose(-1, -2)) / d**0.5).view(B, H, G, t, m)
     kpos = key_positions.to(keys.device)
     kpos = kpos.view(1, 1, m) if kpos.dim() == 1 else kpos
     future = kpos[:, :, None, None, :] > query_positions.to(keys.device)[None, None, None, :, None]
