@@ -56,6 +56,7 @@ from .runtime import Prefill, PromptTokens, build_prompt, capture_window_for, fo
 from .models import LanguageModel
 from .cache import KVRayCache
 from .presses import Press, make_press
+from .generate import compressed
 from .probe import NeighbourCalibrator, ProbeCalibrator, ProbeSpec, choose_spans, from_json_object, probe_feed
 
 _SMALL_B = 1e-6          # |b| below this: second-order Taylor expansion around b = 0
@@ -357,8 +358,8 @@ def measure_curves(lm: LanguageModel, sample, methods: dict[str, dict], retentio
     state = pre.state(query_aware)
     rest, first = pre.rest(query_aware), pre.first_logits(query_aware)
     full = make_press("full").compress(state)
-    caches = [full] + [press.compress_prefill(lm, pre, query_aware) for ps in presses.values() for press in ps
-                       if press is not None]
+    made = [press for ps in presses.values() for press in ps if press is not None]
+    caches = [full] + [cache for cache, _ in compressed(lm, pre, made, [query_aware] * len(made))]
     answer_nll = _answer_rows_nll(lm, caches, rest, answer, first)
     starts, probe_nll = _probe(lm, prompt, token_nll, start, pre.n_context, caches, spec) if spec is not None else ([], None)
     scores: list[tuple[str, float]] | None = _decode_scores(lm, sample, caches, rest, first) if score else None

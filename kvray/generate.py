@@ -7,7 +7,7 @@ import os
 import resource
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -108,6 +108,32 @@ def compress(lm: LanguageModel, pre: Prefill, press: Press, query_aware: bool) -
     return press.compress_prefill(lm, pre, query_aware)  # presses without the model: compress(pre.state(...))
 
 
+def compressed(lm: LanguageModel, pre: Prefill, presses: Sequence[Press],
+               protocols: Sequence[bool]) -> Iterator[tuple[KVRayCache, float]]:
+    """(cache, seconds) of each press in its protocol, in order, made one at a time as they are
+    asked for; except presses of one protocol that share a `together_key` (e.g. LAQ at several
+    ratios): those are made in one `compress_together` call when the first of them is asked
+    for, share its time, and wait for their turn."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (press, aware) in enumerate(zip(presses, protocols)):
+        key = press.together_key()
+        if key is not None:
+            groups.setdefault((bool(aware), key), []).append(i)
+    together = {i: members for members in groups.values() if len(members) > 1 for i in members}
+    ready: dict[int, tuple[KVRayCache, float]] = {}
+    for i, (press, aware) in enumerate(zip(presses, protocols)):
+        if i not in ready:
+            members = together.get(i, [i])
+            t0 = time.perf_counter()
+            if len(members) > 1:
+                caches = type(press).compress_together(lm, pre, aware, [presses[j] for j in members])
+            else:
+                caches = [compress(lm, pre, press, aware)]
+            share = (time.perf_counter() - t0) / len(members)
+            ready.update({j: (cache, share) for j, cache in zip(members, caches)})
+        yield ready.pop(i)
+
+
 def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_aware: bool | list[bool],
                 max_new_tokens: int, kv_budget: int | None = None, release_prefill: bool = False,
                 impl: str = "auto", ignore_eos: bool = False) -> list[GenerationOutput]:
@@ -145,12 +171,11 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
     waiting: dict[tuple, list] = {}
     dec = Decoder(lm, impl=impl)
     made: list[tuple | None] = [None] * len(presses)
+    making = compressed(lm, pre, presses, protocols)
     for i, (press, aware) in enumerate(zip(presses, protocols)):
         rest, first = pre.rest(aware), pre.first_logits(aware)
         n_tokens, full_bytes, _ = sizes[aware]
-        t0 = time.perf_counter()
-        cache = compress(lm, pre, press, aware)
-        compress_s = time.perf_counter() - t0
+        cache, compress_s = next(making)
         if release_prefill and i == len(presses) - 1:
             pre.cache = pre.hidden = None
         stats = (aware, compress_s, cache.prefix_entries(), cache.prefix_nbytes(), cache.window_nbytes())

@@ -291,3 +291,34 @@ def test_agnostic_lookahead_does_not_see_the_answer_prefix(tiny_llama):
     c2 = press.compress_prefill(lm, prefill(lm, p2), False)
     for a, b in zip(c1.layers, c2.layers):
         assert torch.equal(a.prefix.positions, b.prefix.positions)
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+def test_lookaheads_of_several_presses_decode_together(tiny_llama, monkeypatch, query_aware):
+    """LAQ at several budgets (and stage-1 / stage-2 settings) on one prefill: `compress_together`
+    decodes their lookaheads as the rows of one lane -- one forward per pseudo token for all --
+    and every press keeps exactly what `compress_prefill` keeps alone. A different lookahead
+    is a group of its own; through `run_configs` each config gets the tokens it gets alone."""
+    import kvray.runtime.decoder as dec_mod
+
+    lm = tiny_llama
+    pre = prefill(lm, prompt())
+    presses = [LAQPress(compression_ratio=0.3), LAQPress(compression_ratio=0.6, kernel_size=3),
+               LAQPress(compression_ratio=0.8, stage2_window=0), LAQPress(compression_ratio=0.5, lookahead=3)]
+    assert len({p.together_key() for p in presses[:3]}) == 1 and presses[3].together_key() != presses[0].together_key()
+    alone = [p.compress_prefill(lm, pre, query_aware) for p in presses]
+    real, rows_per_forward = dec_mod.forward, []
+    monkeypatch.setattr(dec_mod, "forward", lambda lm, rows, *a, **k: rows_per_forward.append(len(rows)) or real(lm, rows, *a, **k))
+    together = LAQPress.compress_together(lm, pre, query_aware, presses)
+    # the group of three: 3-row forwards, at most one per pseudo token; the other press alone
+    assert rows_per_forward.count(3) <= presses[0].lookahead and rows_per_forward.count(3) >= 1
+    assert set(rows_per_forward) == {1, 3} and rows_per_forward.count(1) <= presses[3].lookahead
+    for a, b in zip(alone, together):
+        for x, y in zip(a.layers, b.layers):
+            assert x.prefix.lengths == y.prefix.lengths
+            assert torch.equal(x.prefix.positions, y.prefix.positions)
+            assert x.tail_length() == y.tail_length() == 0
+    monkeypatch.setattr(dec_mod, "forward", real)
+    outs = run_configs(lm, pre, presses, query_aware, 6, ignore_eos=True)
+    for press, out in zip(presses, outs):
+        assert out.token_ids == run_configs(lm, pre, [press], query_aware, 6, ignore_eos=True)[0].token_ids

@@ -198,6 +198,18 @@ class Press:
         """One cache of the rows of `caches` (presses with the same `lane_key`)."""
         raise NotImplementedError("this press decodes in a lane of its own")
 
+    def together_key(self) -> tuple | None:
+        """Presses of one prompt and protocol whose keys are equal (not None) compress in one
+        `compress_together` call (e.g. LAQ's lookaheads decoded as the rows of one lane); None:
+        each compresses alone."""
+        return None
+
+    @classmethod
+    def compress_together(cls, lm, pre, query_aware: bool, presses: list["Press"]) -> list[KVRayCache]:
+        """`compress_prefill` of each of `presses` (one `together_key`): the same caches, made
+        together where that is cheaper."""
+        return [p.compress_prefill(lm, pre, query_aware) for p in presses]
+
     def compress_prefill(self, lm, pre, query_aware: bool) -> KVRayCache:
         """Compress the prefill `pre` (a `kvray.runtime.Prefill`) for one protocol with the model
         `lm` at hand; presses with `needs_model` override this, the rest use `compress`."""

@@ -134,25 +134,76 @@ class LAQPress(Press):
         """Greedy pseudo tokens on `cache` (their entries are appended to its tail) and, per
         layer, their post-RoPE queries [B, Hq, n, d] with positions [n]. Feeds `feed` first, or
         starts from `first_logits` when it is empty; stops at a stop token or `lookahead`."""
+        return self.pseudo_decode_rows(lm, cache, feed, first_logits)[0]
+
+    @torch.inference_mode()
+    def pseudo_decode_rows(self, lm, cache: KVRayCache, feed: list[int], first_logits: torch.Tensor | None
+                           ) -> list[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """`pseudo_decode` for every row of `cache` (one prompt; e.g. provisional caches of several
+        budgets, merged), all in one lane: one forward per pseudo token for all rows. A row that
+        stops early is fed a filler until the others are done; its queries are those of its own
+        tokens (the first it fed), which the others' never change."""
         if not feed and first_logits is None:
             raise ValueError(f"{self.name}: nothing to start the lookahead from (no tokens to feed, no logits)")
         if feed:
-            first_logits = forward(lm, [feed], cache)[0]
+            first_logits = forward(lm, [feed] * cache.batch, cache)
         for layer in cache.layers:  # capture only the pseudo tokens, not `feed`
             layer.capture_window = self.lookahead
         try:
             # every pseudo token is fed too (feed_final): its queries are what stage 2 reads
             dec = Decoder(lm)
-            row = dec.add(cache, first_logits=first_logits, max_new_tokens=self.lookahead, feed_final=True)[0]
+            rows = dec.add(cache, first_logits=first_logits, max_new_tokens=self.lookahead, feed_final=True)
             dec.run()
-            if row.error is not None:
-                raise row.error
+            for row in rows:
+                if row.error is not None:
+                    raise row.error
         finally:
             for layer in cache.layers:
                 layer.capture_window = 0
-        tokens = row.tokens
-        queries = [(layer.window_queries, layer.window_positions) for layer in cache.layers] if tokens else []
-        return tokens, queries
+        out = []
+        for b, row in enumerate(rows):
+            n = len(row.tokens)
+            out.append((row.tokens, [(layer.window_queries[b:b + 1, :, :n], layer.window_positions[:n])
+                                     for layer in cache.layers] if n else []))
+        return out
+
+    def together_key(self) -> tuple | None:
+        """Presses of one prompt and protocol with the same key decode their lookaheads together
+        (`compress_together`): the same number of pseudo tokens after the same feed."""
+        return (type(self), self.lookahead, self.lookahead_sees_question)
+
+    @classmethod
+    @torch.inference_mode()
+    def compress_together(cls, lm, pre, query_aware: bool, presses: list["LAQPress"]) -> list[KVRayCache]:
+        """`compress_prefill` of each press (the same caches), with the lookaheads of those that
+        share a `together_key` decoded as the rows of one lane: each row its own provisional
+        SnapKV cache at its own budget, one forward per pseudo token for all."""
+        state = pre.state(query_aware)
+        out: list[KVRayCache | None] = [None] * len(presses)
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(presses):
+            if (p.target_ratio == 0.0 and p.plan is None) or state.batch != 1:
+                out[i] = p.compress_prefill(lm, pre, query_aware)
+            else:
+                groups.setdefault(p.together_key(), []).append(i)
+        for members in groups.values():
+            if len(members) == 1:
+                out[members[0]] = presses[members[0]].compress_prefill(lm, pre, query_aware)
+                continue
+            ensure_kvray_attention(lm)
+            head = presses[members[0]]
+            provisional = [presses[i].stage1().compress(state) for i in members]
+            feed = head.lookahead_feed(pre, query_aware)
+            first = pre.first_logits(query_aware) if not feed else None
+            looked = head.pseudo_decode_rows(lm, KVRayCache.merge(provisional), feed, first)
+            for i, prov, (tokens, pseudo) in zip(members, provisional, looked):
+                press = presses[i]
+                if not tokens:
+                    out[i] = KVRayCache([_untailed(layer) for layer in prov.layers])
+                    continue
+                layers = [press.observed(layer, *pseudo[layer.layer_idx]) for layer in state.layers]
+                out[i] = press.compress(dataclasses.replace(state, layers=layers))
+        return out
 
     @torch.inference_mode()
     def compress_prefill(self, lm, pre, query_aware: bool) -> KVRayCache:
