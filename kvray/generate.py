@@ -108,20 +108,22 @@ def compress(lm: LanguageModel, pre: Prefill, press: Press, query_aware: bool) -
     return press.compress_prefill(lm, pre, query_aware)  # presses without the model: compress(pre.state(...))
 
 
-def compressed(lm: LanguageModel, pre: Prefill, presses: Sequence[Press],
+def compressed(lm: LanguageModel, pres: Prefill | Sequence[Prefill], presses: Sequence[Press],
                protocols: Sequence[bool]) -> Iterator[tuple[KVRayCache, float]]:
-    """(cache, seconds) of each press in its protocol, in order, made one at a time as they are
-    asked for; except presses of one protocol that share a `together_key` (e.g. LAQ at several
-    ratios): those are made in one `compress_together` call when the first of them is asked
-    for, share its time, and wait for their turn."""
+    """(cache, seconds) of each press in its protocol on its prefill (`pres`: one for all, or one
+    per press), in order, made one at a time as they are asked for; except presses of one
+    prefill and protocol that share a `together_key` (e.g. LAQ at several ratios): those are
+    made in one `compress_together` call when the first of them is asked for, share its time,
+    and wait for their turn."""
+    pres = [pres] * len(presses) if isinstance(pres, Prefill) else list(pres)
     groups: dict[tuple, list[int]] = {}
-    for i, (press, aware) in enumerate(zip(presses, protocols)):
+    for i, (pre, press, aware) in enumerate(zip(pres, presses, protocols)):
         key = press.together_key()
         if key is not None:
-            groups.setdefault((bool(aware), key), []).append(i)
+            groups.setdefault((id(pre), bool(aware), key), []).append(i)
     together = {i: members for members in groups.values() if len(members) > 1 for i in members}
     ready: dict[int, tuple[KVRayCache, float]] = {}
-    for i, (press, aware) in enumerate(zip(presses, protocols)):
+    for i, (pre, press, aware) in enumerate(zip(pres, presses, protocols)):
         if i not in ready:
             members = together.get(i, [i])
             t0 = time.perf_counter()
@@ -134,9 +136,9 @@ def compressed(lm: LanguageModel, pre: Prefill, presses: Sequence[Press],
         yield ready.pop(i)
 
 
-def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_aware: bool | list[bool],
-                max_new_tokens: int, kv_budget: int | None = None, release_prefill: bool = False,
-                impl: str = "auto", ignore_eos: bool = False) -> list[GenerationOutput]:
+def run_configs(lm: LanguageModel, pre: Prefill | Sequence[Prefill], presses: list[Press],
+                query_aware: bool | list[bool], max_new_tokens: int | Sequence[int], kv_budget: int | None = None,
+                release_prefill: bool = False, impl: str = "auto", ignore_eos: bool = False) -> list[GenerationOutput]:
     """Compress a copy of the prefill cache with each press and decode them all on one
     `Decoder`: the compressed caches join the running batch as they are made, while the KV
     bytes the decoder holds stay within `kv_budget` (default `default_kv_budget`); a row leaves
@@ -144,41 +146,51 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
     a batch of configs costs little more than one. `decode_s` is each row's share of the
     forwards it took part in. Presses that evict while decoding (`evicts_during_decoding`, e.g.
     MorphKV) are decoded in a lane of their own with their `after_step` hook, one lane for those
-    of a protocol that share a `lane_key` (MorphKV at several ratios: one forward per step).
+    of a prefill, protocol and token limit that share a `lane_key` (MorphKV at several ratios:
+    one forward per step).
 
-    `query_aware`: one protocol for all presses, or one per press (both protocols of a sample
-    then share the decoder). Outputs keep the order of `presses`. With `release_prefill` the
-    full cache is dropped once the last config is compressed (real memory savings when nothing
-    else shares the prefill). `ignore_eos`: decode exactly `max_new_tokens` tokens."""
+    `pre`: one prefill for all presses, or one per press (rows of different prompts then share
+    the batch: e.g. a Tune trial's samples). `query_aware` and `max_new_tokens`: one for all
+    presses, or one per press (both protocols of a sample then share the decoder). Outputs keep
+    the order of `presses`. With `release_prefill` each prefill's full cache is dropped once its
+    last config is compressed (real memory savings when nothing else shares the prefill).
+    `ignore_eos`: decode exactly `max_new_tokens` tokens."""
     budget = default_kv_budget(lm.device) if kv_budget is None else int(kv_budget)
     if budget < 1:
         raise ValueError(f"kv_budget must be >= 1 byte, got {kv_budget}")
-    protocols = [bool(query_aware)] * len(presses) if isinstance(query_aware, bool) else [bool(q) for q in query_aware]
-    if len(protocols) != len(presses):
-        raise ValueError(f"{len(presses)} presses but {len(protocols)} protocols")
+    n = len(presses)
+    protocols = [bool(query_aware)] * n if isinstance(query_aware, bool) else [bool(q) for q in query_aware]
+    pres = [pre] * n if isinstance(pre, Prefill) else list(pre)
+    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+    for what, got in (("protocols", protocols), ("prefills", pres), ("max_new_tokens", limits)):
+        if len(got) != n:
+            raise ValueError(f"{n} presses but {len(got)} {what}")
     sizes = {}
-    for aware in set(protocols):  # (tokens, full bytes, heads x layers x batch) per protocol
-        st = pre.state(aware)
-        sizes[aware] = (st.n_tokens, st.kv_bytes(), st.num_kv_heads * st.num_layers * st.batch)
-    # presses that evict while decoding and may share a lane (same protocol and `lane_key`, e.g.
-    # MorphKV at several ratios): their caches wait until the last of them is made, then join as one
+    for p, aware in zip(pres, protocols):  # (tokens, full bytes, heads x layers x batch) per prefill and protocol
+        if (id(p), aware) not in sizes:
+            st = p.state(aware)
+            sizes[id(p), aware] = (st.n_tokens, st.kv_bytes(), st.num_kv_heads * st.num_layers * st.batch)
+    last_use = {id(p): i for i, p in enumerate(pres)}
+    # presses that evict while decoding and may share a lane (same prefill, protocol, token limit and
+    # `lane_key`, e.g. MorphKV at several ratios): their caches wait until the last of them is made,
+    # then join as one
     lanes: dict[tuple, list[int]] = {}
-    for i, (press, aware) in enumerate(zip(presses, protocols)):
+    for i, (p, press, aware, limit) in enumerate(zip(pres, presses, protocols, limits)):
         key = press.lane_key() if press.evicts_during_decoding else None
         if key is not None:
-            lanes.setdefault((aware, key), []).append(i)
+            lanes.setdefault((id(p), aware, limit, key), []).append(i)
     lane_of = {i: key for key, members in lanes.items() for i in members}
     waiting: dict[tuple, list] = {}
     dec = Decoder(lm, impl=impl)
-    made: list[tuple | None] = [None] * len(presses)
-    making = compressed(lm, pre, presses, protocols)
-    for i, (press, aware) in enumerate(zip(presses, protocols)):
-        rest, first = pre.rest(aware), pre.first_logits(aware)
-        n_tokens, full_bytes, _ = sizes[aware]
+    made: list[tuple | None] = [None] * n
+    making = compressed(lm, pres, presses, protocols)
+    for i, (p, press, aware, limit) in enumerate(zip(pres, presses, protocols, limits)):
+        rest, first = p.rest(aware), p.first_logits(aware)
+        n_tokens, full_bytes, _ = sizes[id(p), aware]
         cache, compress_s = next(making)
-        if release_prefill and i == len(presses) - 1:
-            pre.cache = pre.hidden = None
-        stats = (aware, compress_s, cache.prefix_entries(), cache.prefix_nbytes(), cache.window_nbytes())
+        if release_prefill and i == last_use[id(p)]:
+            p.cache = p.hidden = None
+        stats = (p, aware, compress_s, cache.prefix_entries(), cache.prefix_nbytes(), cache.window_nbytes())
         members = [i]
         if i in lane_of:
             key = lane_of[i]
@@ -191,10 +203,10 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
         else:
             member_stats = [stats]
         # room for these rows (their prefixes plus the tokens they will add), else decode until there is
-        need = cache.nbytes() + full_bytes / max(n_tokens, 1) * (len(rest) + max_new_tokens) * len(members)
+        need = cache.nbytes() + full_bytes / max(n_tokens, 1) * (len(rest) + limit) * len(members)
         while dec.active and dec.kv_bytes() + need > budget:
             dec.step()
-        rows = dec.add(cache, feed=rest, first_logits=first, max_new_tokens=max_new_tokens,
+        rows = dec.add(cache, feed=rest, first_logits=first, max_new_tokens=limit,
                        ignore_stop_tokens=ignore_eos, after_step=press.after_step if press.evicts_during_decoding else None)
         for j, row, st in zip(members, rows, member_stats):
             made[j] = (row,) + st
@@ -202,14 +214,14 @@ def run_configs(lm: LanguageModel, pre: Prefill, presses: list[Press], query_awa
     dec.run()
     peak = peak_memory_bytes(lm.device)
     outputs = []
-    for row, aware, compress_s, kept_entries, kept_bytes, windowed_bytes in made:
+    for row, p, aware, compress_s, kept_entries, kept_bytes, windowed_bytes in made:
         if row.error is not None:
             raise row.error
-        n_tokens, full_bytes, heads = sizes[aware]
+        n_tokens, full_bytes, heads = sizes[id(p), aware]
         stats = GenerationStats(
             kv_tokens_full=n_tokens, kv_tokens_kept=kept_entries / heads, kv_bytes_full=full_bytes,
             kv_bytes_kept=kept_bytes, compression_ratio=1.0 - kept_entries / (n_tokens * heads),
-            prefill_s=pre.prefill_s, compress_s=compress_s, decode_s=row.decode_s, new_tokens=len(row.tokens),
+            prefill_s=p.prefill_s, compress_s=compress_s, decode_s=row.decode_s, new_tokens=len(row.tokens),
             peak_mem_bytes=peak, kv_bytes_windowed=windowed_bytes)
         outputs.append(GenerationOutput(text=lm.tokenizer.decode(row.tokens, skip_special_tokens=True),
                                         stats=stats, token_ids=row.tokens))

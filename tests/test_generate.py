@@ -98,3 +98,33 @@ def test_release_prefill_drops_the_full_cache(tiny_llama):
     outs = run_configs(tiny_llama, pre, [kvray.make_press("knorm", compression_ratio=0.5)], False, 3,
                        release_prefill=True)
     assert pre.cache is None and outs[0].stats.kv_bytes_kept * 2 == pytest.approx(outs[0].stats.kv_bytes_full, rel=0.02)
+
+
+def test_run_configs_over_several_prefills_equals_each_alone(tiny_llama):
+    """Presses on prefills of different prompts (one per press), both protocols, their own token
+    limits, MorphKV lanes and LAQ groups per prefill, in one call: each config gets the tokens,
+    bytes and full-cache size it gets alone on its own prefill; each prefill is released after
+    its last config."""
+    from kvray.generate import prefill, run_configs
+
+    lm = tiny_llama
+    pres = [prefill(lm, build_prompt(lm.tokenizer, CONTEXT[:n], q), capture_window=8, with_question=True)
+            for n, q in ((900, "What was the weather?"), (1500, "Which town?"))]
+    morph = [kvray.make_press("morphkv", compression_ratio=r, window_size=4) for r in (0.25, 0.5, 0.75)]
+    laq = [kvray.make_press("laq", compression_ratio=r, lookahead=2) for r in (0.25, 0.5)]
+    snap = kvray.make_press("snapkv", compression_ratio=0.5)
+    presses = [morph[0], snap, laq[0], morph[1], laq[1], snap, morph[0], laq[0], morph[2]]
+    which = [0, 0, 1, 0, 1, 1, 1, 0, 0]
+    aware = [False, True, False, False, False, False, True, True, False]
+    limits = [3, 5, 4, 6, 2, 5, 4, 3, 6]  # morph[1] and morph[2]: one lane; morph[0] another limit
+    outs = run_configs(lm, [pres[w] for w in which], presses, aware, limits, ignore_eos=True)
+    for press, w, q, limit, out in zip(presses, which, aware, limits, outs):
+        alone = run_configs(lm, pres[w], [press], q, limit, ignore_eos=True)[0]
+        assert out.token_ids == alone.token_ids and len(out.token_ids) == limit
+        assert out.stats.kv_bytes_kept == alone.stats.kv_bytes_kept
+        assert out.stats.kv_tokens_full == alone.stats.kv_tokens_full == pres[w].state(q).n_tokens
+    assert pres[0].state(True).n_tokens != pres[1].state(True).n_tokens
+    released = run_configs(lm, pres, [snap, snap], False, 2, release_prefill=True)
+    assert len(released) == 2 and all(p.cache is None for p in pres)
+    with pytest.raises(ValueError, match="2 presses but 3 prefills"):
+        run_configs(lm, pres + pres[:1], [snap, snap], False, 2)

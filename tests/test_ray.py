@@ -4,6 +4,7 @@ the Tune search, and the main job's --smoke-test."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,6 +20,10 @@ ray = pytest.importorskip("ray")
 from conftest import _tiny_lm  # noqa: E402
 from kvray.eval.runner import ModelHost, build_presses, run_eval  # noqa: E402
 from kvray.eval.tasks import make_samples  # noqa: E402
+from kvray.eval.metrics import score_sample  # noqa: E402
+from kvray.generate import run_configs  # noqa: E402
+from kvray.runtime import build_prompt, prefill  # noqa: E402
+import kvray  # noqa: E402
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +146,16 @@ def test_tune_search_reuses_actors_and_never_loses_to_uniform(ray_session, tiny_
 
     samples = _samples(4, seed=9)
     space = SearchSpace.default("snapkv", 0.5, window_size=[8, 16], kernel_size=[1, 3])
+    # a random tiny model scores 0 on the task (and says the same words to every context): make
+    # two samples' answers what it says alone under the uniform allocation in more tokens than
+    # their neighbours get, so that a batch handing a sample another's output is caught below
+    samples = [dataclasses.replace(s, max_new_tokens=12 if i % 2 == 0 else 5) for i, s in enumerate(samples)]
+    lm = kvray.load_model(tiny_dir)
+    pres = {s.sample_id: prefill(lm, build_prompt(lm.tokenizer, s.context, s.question, s.answer_prefix),
+                                 capture_window=16, with_question=True) for s in samples}
+    base = space.press(space.baseline(), lm.plan_layers, lm.num_kv_heads)
+    samples = [dataclasses.replace(s, answers=(run_configs(lm, pres[s.sample_id], [base], True, s.max_new_tokens)[0]
+                                               .text.strip(),)) if i % 2 == 0 else s for i, s in enumerate(samples)]
     lines: list[str] = []
     res = search_budgets(space, samples, model=tiny_dir, num_trials=6, max_concurrent=2, storage_path=str(tmp_path),
                          progress=lines.append)
@@ -155,6 +170,14 @@ def test_tune_search_reuses_actors_and_never_loses_to_uniform(ray_session, tiny_
     # reuse_actors: at most one model per concurrent trial slot, and prefills kept across trials
     assert df["actor_pid"].nunique() <= 2 < len(df)
     assert res.sample_evaluations == df["evaluated"].sum() <= res.sample_steps == df["n_samples"].sum() <= 6 * len(samples)
+    # the samples up to each rung decode as one batch (rows of different prompts), none past the
+    # point where ASHA stopped the trial, and every trial scores what each sample scores alone
+    assert (df["evaluated"] <= df["n_samples"]).all()
+    for _, trial in df.iterrows():
+        press = space.press(json.loads(trial["config"]), lm.plan_layers, lm.num_kv_heads)
+        alone = [score_sample(s, run_configs(lm, pres[s.sample_id], [press], True, s.max_new_tokens)[0].text)
+                 for s in samples[:trial["n_samples"]]]
+        assert trial["score"] == pytest.approx(sum(alone) / len(alone)), trial["config"]
     table = trials_table(res, "r", "tiny")
     assert table["is_best"].sum() == 1
     press = space.press(res.best_config, 3, 2)

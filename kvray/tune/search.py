@@ -44,7 +44,8 @@ def _trainable_cls():
         """One trial = one allocation config, evaluated sample by sample (`n_samples` is ASHA's
         time axis). The model and the prefills outlive `reset_config`."""
 
-        def setup(self, config, space=None, samples=None, model=None, query_aware=True, threads=1, run=""):
+        def setup(self, config, space=None, samples=None, model=None, query_aware=True, threads=1, run="",
+                  chunk_ends=()):
             import torch
 
             if threads:
@@ -53,6 +54,7 @@ def _trainable_cls():
             self.samples: list[Sample] = list(samples)
             self.query_aware = bool(query_aware)
             self.run_tag = run
+            self.chunk_ends = sorted(int(e) for e in chunk_ends)  # sample counts where ASHA judges (its rungs)
             self.lm = load_model(model)
             self.prefills: dict[str, object] = {}
             # (config, sample) -> (score, kept): the searcher may propose a config again; a
@@ -81,14 +83,19 @@ def _trainable_cls():
 
         def step(self):
             sample = self.samples[self.n]
-            key = (self.config_key, sample.sample_id)
-            if key not in self.memo:
-                pre = self._prefill(sample)
-                out = run_configs(self.lm, pre, [self.press], self.query_aware, sample.max_new_tokens)[0]
-                self.memo[key] = (score_sample(sample, out.text), 1.0 - out.stats.compression_ratio)
-                self.evaluated += 1
-                record("kvray_tune_sample_evaluations", 1, run=self.run_tag, method=self.space.method)
-            score, kept = self.memo[key]
+            if (self.config_key, sample.sample_id) not in self.memo:
+                # this sample and the next ones up to the next rung: ASHA judges the trial only
+                # there, so none of them is decoded in vain, and they decode as one batch
+                end = next((e for e in self.chunk_ends if e > self.n), len(self.samples))
+                chunk = [s for s in self.samples[self.n:end] if (self.config_key, s.sample_id) not in self.memo]
+                outs = run_configs(self.lm, [self._prefill(s) for s in chunk], [self.press] * len(chunk),
+                                   self.query_aware, [s.max_new_tokens for s in chunk])
+                for s, out in zip(chunk, outs):
+                    self.memo[self.config_key, s.sample_id] = (score_sample(s, out.text),
+                                                               1.0 - out.stats.compression_ratio)
+                self.evaluated += len(chunk)
+                record("kvray_tune_sample_evaluations", len(chunk), run=self.run_tag, method=self.space.method)
+            score, kept = self.memo[self.config_key, sample.sample_id]
             self.n += 1
             self.total += score
             self.kept += kept
@@ -121,6 +128,17 @@ def _scheduler(space: SearchSpace, max_t: int, grace_period: int, reduction_fact
 
     return ASHAKeepBaseline(time_attr="n_samples", metric="score", mode="max", max_t=max_t,
                             grace_period=grace_period, reduction_factor=reduction_factor)
+
+
+def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
+    """The sample counts at which ASHA (one bracket) compares trials, ascending: grace_period *
+    reduction_factor**k below max_t, as Ray's `ASHAScheduler` places its rungs."""
+    import math
+
+    if max_t <= grace_period:
+        return []
+    n = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return sorted({math.ceil(grace_period * reduction_factor ** k) for k in range(n)} - {max_t})
 
 
 @dataclass
@@ -192,7 +210,8 @@ def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str 
     searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable_cls(), space=space, samples=samples, model=model, query_aware=query_aware,
-                             threads=0 if use_gpu else max(1, int(cpus_per_trial)), run=run),
+                             threads=0 if use_gpu else max(1, int(cpus_per_trial)), run=run,
+                             chunk_ends=asha_rungs(len(samples), min(grace_period, len(samples)), reduction_factor)),
         resources)
     t0 = time.perf_counter()
     tuner = tune.Tuner(
