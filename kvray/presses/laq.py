@@ -176,8 +176,7 @@ class LAQPress(Press):
     @torch.inference_mode()
     def compress_together(cls, lm, pre, query_aware: bool, presses: list["LAQPress"]) -> list[KVRayCache]:
         """`compress_prefill` of each press (the same caches), with the lookaheads of those that
-        share a `together_key` decoded as the rows of one lane: each row its own provisional
-        SnapKV cache at its own budget, one forward per pseudo token for all."""
+        share a `together_key` decoded as the rows of one lane (`_with_lookahead`)."""
         state = pre.state(query_aware)
         out: list[KVRayCache | None] = [None] * len(presses)
         groups: dict[tuple, list[int]] = {}
@@ -187,22 +186,8 @@ class LAQPress(Press):
             else:
                 groups.setdefault(p.together_key(), []).append(i)
         for members in groups.values():
-            if len(members) == 1:
-                out[members[0]] = presses[members[0]].compress_prefill(lm, pre, query_aware)
-                continue
-            ensure_kvray_attention(lm)
-            head = presses[members[0]]
-            provisional = [presses[i].stage1().compress(state) for i in members]
-            feed = head.lookahead_feed(pre, query_aware)
-            first = pre.first_logits(query_aware) if not feed else None
-            looked = head.pseudo_decode_rows(lm, KVRayCache.merge(provisional), feed, first)
-            for i, prov, (tokens, pseudo) in zip(members, provisional, looked):
-                press = presses[i]
-                if not tokens:
-                    out[i] = KVRayCache([_untailed(layer) for layer in prov.layers])
-                    continue
-                layers = [press.observed(layer, *pseudo[layer.layer_idx]) for layer in state.layers]
-                out[i] = press.compress(dataclasses.replace(state, layers=layers))
+            for i, cache in zip(members, cls._with_lookahead(lm, pre, query_aware, [presses[i] for i in members])):
+                out[i] = cache
         return out
 
     @torch.inference_mode()
@@ -212,16 +197,28 @@ class LAQPress(Press):
             return self.compress(state)
         if state.batch != 1:
             raise ValueError(f"{self.name}: the lookahead decodes one sequence; got a batch of {state.batch}")
+        return self._with_lookahead(lm, pre, query_aware, [self])[0]
+
+    @staticmethod
+    def _with_lookahead(lm, pre, query_aware: bool, presses: list["LAQPress"]) -> list[KVRayCache]:
+        """Stage 1, the lookahead and stage 2 for presses of one `together_key` (a compressing
+        budget, a one-sequence prefill): each its own provisional SnapKV cache, all of them one
+        row each of the lookahead's lane, then each rescored and compressed on its own."""
+        state = pre.state(query_aware)
         ensure_kvray_attention(lm)
-        provisional = self.stage1().compress(state)
-        feed = self.lookahead_feed(pre, query_aware)
+        head = presses[0]
+        provisional = [p.stage1().compress(state) for p in presses]
+        feed = head.lookahead_feed(pre, query_aware)
         first = pre.first_logits(query_aware) if not feed else None
-        tokens, pseudo = self.pseudo_decode(lm, provisional, feed, first)
-        if not tokens:
-            return KVRayCache([_untailed(layer) for layer in provisional.layers])
-        del provisional
-        layers = [self.observed(layer, *pseudo[layer.layer_idx]) for layer in state.layers]
-        return self.compress(dataclasses.replace(state, layers=layers))
+        lane = provisional[0] if len(provisional) == 1 else KVRayCache.merge(provisional)
+        out = []
+        for press, prov, (tokens, pseudo) in zip(presses, provisional, head.pseudo_decode_rows(lm, lane, feed, first)):
+            if not tokens:  # nothing looked ahead at: the stage-1 cache
+                out.append(KVRayCache([_untailed(layer) for layer in prov.layers]))
+                continue
+            layers = [press.observed(layer, *pseudo[layer.layer_idx]) for layer in state.layers]
+            out.append(press.compress(dataclasses.replace(state, layers=layers)))
+        return out
 
 
 def _untailed(layer: KVRayLayer) -> KVRayLayer:
