@@ -219,7 +219,28 @@ def stage_calibration(cfg, pool, run_path, count_tokens):
     return fitted
 
 
-def stage_tune(cfg, run_id, run_path, count_tokens, cpus_per_trial):
+def tune_prefills(cfg, pool, run_path, count_tokens, num_layers, num_kv_heads) -> dict:
+    """The tune split's prefills, made once on the model actors before they go (one that every
+    search still to run can use) and left in the object store: each Tune trial actor then takes
+    them instead of prefilling every sample itself, once per method. {} when no search is left."""
+    from kvray.actors import prefill_distributed
+    from kvray.tune import tune_prefill_spec
+
+    tu = cfg["tune"]
+    todo = [m for m in tu["methods"] if not (run_path / "tune" / f"{m}.parquet").is_file()]
+    if not todo:
+        return {}
+    spec = tune_prefill_spec([tune_space(tu, m) for m in todo], [tune_aware(tu, m) for m in todo], num_layers,
+                             num_kv_heads)
+    samples = samples_for(tu, cfg["seed"], count_tokens, offset=1)
+    t0 = time.perf_counter()
+    refs = prefill_distributed(pool, samples, **spec)
+    print(f"[tune] {len(refs)} prefills of the tune split made once for {', '.join(todo)} "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    return refs
+
+
+def stage_tune(cfg, run_id, run_path, count_tokens, cpus_per_trial, prefills=None):
     import pandas as pd
 
     from kvray.tune import search_budgets, trials_table
@@ -242,7 +263,7 @@ def stage_tune(cfg, run_id, run_path, count_tokens, cpus_per_trial):
                              query_aware=tune_aware(tu, method), grace_period=int(tu["grace_period"]),
                              reduction_factor=float(tu["reduction_factor"]), seed=int(cfg["seed"]),
                              storage_path=str(out / "ray"), name=f"{run_id}-{method}", run=run_id, verbose=0,
-                             progress=lambda line: print(line, flush=True))
+                             progress=lambda line: print(line, flush=True), prefills=prefills)
         table = trials_table(res, run_id, cfg["model"] or "SmolLM2-135M-Instruct")
         table.to_parquet(path, index=False)
         print(f"[tune] {method}: best {res.best_score:.3f} vs uniform {res.baseline_score:.3f} "
@@ -721,9 +742,12 @@ def main(argv=None) -> int:
             df = stage_select(cfg, pool, run_id, run_path, count_tokens, df)
         if "calibration" not in skip:
             calibrated = stage_calibration(cfg, pool, run_path, count_tokens)
+        shared = {} if "tune" in skip else tune_prefills(cfg, pool, run_path, count_tokens,
+                                                          info.get("plan_layers", info["num_layers"]),
+                                                          info["num_kv_heads"])
     finally:
         pool.shutdown()  # free the CPUs/GPUs for the Tune trial actors
-    tuned = {} if "tune" in skip else stage_tune(cfg, run_id, run_path, count_tokens, cpus)
+    tuned = {} if "tune" in skip else stage_tune(cfg, run_id, run_path, count_tokens, cpus, prefills=shared)
     candidates, notes = build_candidates(cfg, df, tuned, info.get("plan_layers", info["num_layers"]),
                                          info["num_kv_heads"])
     policies, dropped = [], []

@@ -128,3 +128,33 @@ def test_run_configs_over_several_prefills_equals_each_alone(tiny_llama):
     assert len(released) == 2 and all(p.cache is None for p in pres)
     with pytest.raises(ValueError, match="2 presses but 3 prefills"):
         run_configs(lm, pres + pres[:1], [snap, snap], False, 2)
+
+
+def test_prefill_travels_between_processes_and_binds_to_its_model(tiny_llama):
+    """A prefill pickled (as Ray's object store does) and bound to a copy of the same model gives
+    every press, in both protocols, the tokens and bytes the original prefill gives; it cannot
+    be used unbound, nor bound to a model of another shape."""
+    import pickle
+
+    from conftest import _tiny_lm
+    from kvray.generate import prefill, run_configs
+
+    lm = tiny_llama
+    pre = prefill(lm, build_prompt(lm.tokenizer, CONTEXT, "What was the weather?"), capture_window=8,
+                  with_question=True, capture_hidden=True)
+    moved = pickle.loads(pickle.dumps(pre))
+    assert moved.modules is None
+    with pytest.raises(RuntimeError, match="bind"):
+        moved.state(False)
+    other = _tiny_lm("llama")  # a second copy of the same seeded model, as another actor loads it
+    assert moved.bind(other) is moved
+    presses = [kvray.make_press(m, compression_ratio=0.5) for m in ("snapkv", "compactor", "knorm")]
+    for aware in (False, True):
+        a = run_configs(lm, pre, presses, aware, 5, ignore_eos=True)
+        b = run_configs(other, moved, presses, aware, 5, ignore_eos=True)
+        assert [o.token_ids for o in a] == [o.token_ids for o in b]
+        assert [o.stats.kv_bytes_kept for o in a] == [o.stats.kv_bytes_kept for o in b]
+    wrong = _tiny_lm("llama")  # a model of another shape: fewer layers than the prefill has
+    wrong.model.model.layers = wrong.model.model.layers[:1]
+    with pytest.raises(ValueError, match="bind it to the model that made it"):
+        pickle.loads(pickle.dumps(pre)).bind(wrong)

@@ -186,6 +186,41 @@ def test_tune_search_reuses_actors_and_never_loses_to_uniform(ray_session, tiny_
     assert Policy.from_json(pol.to_json()).press() == press
 
 
+def test_tune_trials_share_prefills_made_once_on_the_pool(pool, tiny_dir, tmp_path):
+    """Prefills made once on the model actors (`prefill_distributed`, the union `tune_prefill_spec`
+    of a query-aware snapkv and an agnostic compactor search) and left in the object store after
+    the pool's actors are done: no trial actor prefills, and every trial scores what each sample
+    scores alone on its own prefill. A shared prefill that lacks what a search reads (here the
+    question, for a query-aware search) is not used: the trial actors prefill themselves."""
+    from kvray.actors import prefill_distributed
+    from kvray.tune import SearchSpace, search_budgets, tune_prefill_spec
+
+    samples = _samples(3, seed=11)
+    lm = kvray.load_model(tiny_dir)
+    snap = SearchSpace.default("snapkv", 0.5, window_size=[8, 16], kernel_size=[1, 3])
+    compactor = SearchSpace.default("compactor", 0.5)
+    spec = tune_prefill_spec([snap, compactor], [True, False], lm.plan_layers, lm.num_kv_heads)
+    assert spec == {"capture_window": 64, "with_question": True, "capture_hidden": True}
+    refs = prefill_distributed(pool, samples, **spec)
+    assert sorted(refs) == sorted(s.sample_id for s in samples)
+    res = search_budgets(snap, samples, model=tiny_dir, num_trials=4, max_concurrent=2,
+                         storage_path=str(tmp_path / "a"), prefills=refs)
+    df = res.trials
+    assert len(df) == 4 and (df["prefills_made"] == 0).all()
+    for _, trial in df.iterrows():
+        press = snap.press(json.loads(trial["config"]), lm.plan_layers, lm.num_kv_heads)
+        alone = []
+        for s in samples[:trial["n_samples"]]:
+            own = prefill(lm, build_prompt(lm.tokenizer, s.context, s.question, s.answer_prefix), capture_window=16,
+                          with_question=True)
+            alone.append(score_sample(s, run_configs(lm, own, [press], True, s.max_new_tokens)[0].text))
+        assert trial["score"] == pytest.approx(sum(alone) / len(alone)), trial["config"]
+    lacking = prefill_distributed(pool, samples, capture_window=16, with_question=False, capture_hidden=False)
+    res = search_budgets(snap, samples, model=tiny_dir, num_trials=2, max_concurrent=2,
+                         storage_path=str(tmp_path / "b"), prefills=lacking)
+    assert (res.trials["prefills_made"] > 0).all()
+
+
 def test_calibrate_job_smoke(ray_session, tiny_dir, tmp_path):
     """jobs/calibrate.py --smoke-test end to end (its own Ray driver, the tiny model)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

@@ -5,7 +5,8 @@ atomic Parquet shards as the single-process runner (resume by run id, actor rest
 
 Names are loaded on first use, so `kvray.actors.metrics` imports without ray."""
 
-__all__ = ["EvaluationError", "ModelWorker", "WorkerPool", "measure_curves_distributed", "run_eval_distributed",
+__all__ = ["EvaluationError", "ModelWorker", "WorkerPool", "measure_curves_distributed", "prefill_distributed",
+           "run_eval_distributed",
            "start_workers"]
 
 

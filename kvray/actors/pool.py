@@ -84,6 +84,16 @@ class ModelWorker:
             record("kvray_kv_bytes_saved", row["kv_bytes_full"] - row["kv_bytes_kept"], run=run_id, method=row["method"])
         return os.getpid(), rows
 
+    def prefill(self, sample: Sample, capture_window: int, with_question: bool, capture_hidden: bool):
+        """(pid, one sample's prefill), for another process to use (`Prefill.bind` there): e.g.
+        the prefills Tune's trial actors share instead of each making its own."""
+        from ..runtime import build_prompt, prefill
+
+        lm = self.host.lm
+        prompt = build_prompt(lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
+        return os.getpid(), prefill(lm, prompt, capture_window=capture_window, with_question=with_question,
+                                    capture_hidden=capture_hidden)
+
     def measure_curves(self, sample: Sample, methods: dict[str, dict], retentions: Sequence[float],
                        query_aware: bool = False, probe: dict | None = None,
                        score: bool = False) -> tuple[int, list[dict]]:
@@ -333,3 +343,23 @@ def measure_curves_distributed(pool: WorkerPool, samples: Sequence[Sample], meth
         raise EvaluationError(f"{len(failed)} calibration curves failed: " +
                               "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:5]), failed)
     return rows
+
+
+
+def prefill_distributed(pool: WorkerPool, samples: Sequence[Sample], *, capture_window: int, with_question: bool,
+                        capture_hidden: bool) -> dict[str, Any]:
+    """{sample_id: ObjectRef of its `Prefill`}: every sample prefilled once, round robin over
+    the pool, the prefills left in Ray's object store (owned by this process, so they outlive
+    the pool's actors) for other actors to `ray.get` and `bind` to their own copy of the model.
+    Returns when all are made; a prefill that fails raises here, with its sample."""
+    refs, pids = {}, {}
+    for i, s in enumerate(samples):
+        actor = pool.actors[i % len(pool.actors)]
+        pid, pre = actor.prefill.options(num_returns=2).remote(s, capture_window, with_question, capture_hidden)
+        refs[s.sample_id], pids[pid] = pre, s.sample_id
+    for ref, sample_id in pids.items():
+        try:
+            ray.get(ref)
+        except RayTaskError as exc:
+            raise EvaluationError(f"the prefill of {sample_id} failed: {exc.cause or exc}", {sample_id: str(exc)}) from exc
+    return refs

@@ -123,6 +123,25 @@ class Prefill:
     hidden: list | None = None  # per layer [B, n_aware, D] attention inputs (capture_hidden only)
     _states: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def __getstate__(self) -> dict:
+        """A prefill travels between processes (e.g. through Ray's object store) without the
+        model's attention modules and the scorers' views: the receiver calls `bind` with its
+        own copy of the same model."""
+        state = dict(self.__dict__)
+        state["modules"], state["_states"] = None, {}
+        return state
+
+    def bind(self, lm) -> "Prefill":
+        """Attach `lm`'s attention modules (after unpickling); `lm` must be the model that made
+        the prefill (same layers, KV heads and head size). Returns self."""
+        modules = attention_modules(lm.model)
+        layer = self.cache.layers[0]
+        if len(modules) != len(self.cache.layers) or lm.num_kv_heads != layer.keys.shape[1]:
+            raise ValueError(f"this prefill has {len(self.cache.layers)} layers x {layer.keys.shape[1]} KV heads; "
+                             f"{lm.name} has {len(modules)} x {lm.num_kv_heads}: bind it to the model that made it")
+        self.modules, self._states = modules, {}
+        return self
+
     def state(self, query_aware: bool) -> PrefillState:
         """The scorers' views of one protocol, built once and shared by every config of the
         sample (so what scorers memoise on a layer, e.g. window scores, is computed once)."""
@@ -131,6 +150,8 @@ class Prefill:
         return self._states[query_aware]
 
     def _state(self, query_aware: bool) -> PrefillState:
+        if self.modules is None:
+            raise RuntimeError("this prefill came from another process: call .bind(lm) with the model first")
         n = self.n_aware if query_aware else self.n_context
         n_q = len(self.prompt.question)
         question = (self.n_context, self.n_context + n_q) if query_aware and n_q and self.n_aware > self.n_context else None

@@ -45,7 +45,7 @@ def _trainable_cls():
         time axis). The model and the prefills outlive `reset_config`."""
 
         def setup(self, config, space=None, samples=None, model=None, query_aware=True, threads=1, run="",
-                  chunk_ends=()):
+                  chunk_ends=(), prefills=None):
             import torch
 
             if threads:
@@ -57,6 +57,8 @@ def _trainable_cls():
             self.chunk_ends = sorted(int(e) for e in chunk_ends)  # sample counts where ASHA judges (its rungs)
             self.lm = load_model(model)
             self.prefills: dict[str, object] = {}
+            self.shared = dict(prefills or {})  # sample_id -> ObjectRef of a Prefill made elsewhere
+            self.made = 0  # prefills this actor made itself
             # (config, sample) -> (score, kept): the searcher may propose a config again; a
             # repeat on this actor costs nothing (evaluation is deterministic)
             self.memo: dict[tuple[str, str], tuple[float, float]] = {}
@@ -74,11 +76,31 @@ def _trainable_cls():
 
         def _prefill(self, sample: Sample):
             pre = self.prefills.get(sample.sample_id)
+            if pre is None and sample.sample_id in self.shared:
+                pre = self._shared_prefill(sample)
             if pre is None:
                 prompt = build_prompt(self.lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
                 pre = prefill(self.lm, prompt, capture_window=self.window, with_question=self.query_aware,
                               capture_hidden=self.space.needs_hidden())
+                self.made += 1
                 self.prefills[sample.sample_id] = pre
+            return pre
+
+        def _shared_prefill(self, sample: Sample):
+            """The prefill made elsewhere for `sample`, bound to this actor's model, if it has what
+            this trial's press reads (its window of queries, the question, hidden states); else
+            None (the trial makes its own)."""
+            import ray
+
+            pre = ray.get(self.shared[sample.sample_id]).bind(self.lm)
+            window = pre.agnostic_queries[0][0].shape[2] if pre.agnostic_queries[0][0] is not None else 0
+            if ((self.space.needs_hidden() and pre.hidden is None)
+                    or (self.query_aware and pre.prompt.rest and pre.n_aware == pre.n_context)
+                    or window < min(self.window, pre.n_context)):
+                log.warning("the shared prefill of %s lacks what %s reads; prefilling it again", sample.sample_id,
+                            self.space.method)
+                return None
+            self.prefills[sample.sample_id] = pre
             return pre
 
         def step(self):
@@ -101,7 +123,7 @@ def _trainable_cls():
             self.kept += kept
             return {"score": self.total / self.n, "n_samples": self.n, "evaluated": self.evaluated,
                     "kept_fraction": self.kept / self.n, "actor_pid": os.getpid(),
-                    "prefills_cached": len(self.prefills), "done": self.n >= len(self.samples)}
+                    "prefills_cached": len(self.prefills), "prefills_made": self.made, "done": self.n >= len(self.samples)}
 
         def save_checkpoint(self, checkpoint_dir):
             Path(checkpoint_dir, "state.json").write_text(json.dumps({"n": self.n, "total": self.total,
@@ -114,6 +136,19 @@ def _trainable_cls():
             self.evaluated = state.get("evaluated", 0)
 
     return BudgetTrainable
+
+
+def tune_prefill_spec(spaces: Sequence[SearchSpace], query_aware: Sequence[bool], num_layers: int,
+                      num_kv_heads: int) -> dict:
+    """Arguments of one prefill per sample that every search of `spaces` (each in its protocol)
+    can share: the widest window of queries any of their presses reads, the question when any
+    search is query-aware, hidden states when any press reads them."""
+    from ..runtime import capture_window_for
+
+    window = max(max(capture_window_for([sp.press(cfg, num_layers, num_kv_heads)]) for cfg in sp.grid())
+                 for sp in spaces)
+    return {"capture_window": window, "with_question": any(query_aware),
+            "capture_hidden": any(sp.needs_hidden() for sp in spaces)}
 
 
 def _scheduler(space: SearchSpace, max_t: int, grace_period: int, reduction_factor: float):
@@ -182,9 +217,12 @@ def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str 
                    use_gpu: bool | None = None, query_aware: bool = True, grace_period: int = 2,
                    reduction_factor: float = 3, seed: int = 0, storage_path: str | None = None,
                    name: str | None = None, run: str = "", verbose: int = 0,
-                   progress: Callable[[str], None] | None = None) -> SearchResult:
+                   progress: Callable[[str], None] | None = None, prefills: dict | None = None) -> SearchResult:
     """Search `space` on `samples` (the calibration split, evaluated in this order by every
-    trial). Needs a running Ray (`ray.init()`); one model per trial actor, reused across trials."""
+    trial). Needs a running Ray (`ray.init()`); one model per trial actor, reused across trials.
+    `prefills`: {sample_id: ObjectRef of the sample's `Prefill`} made once elsewhere (e.g.
+    `kvray.actors.prefill_distributed`, with `tune_prefill_spec`), instead of a prefill per
+    sample on every trial actor; each must come from the same model."""
     import optuna
     import pandas as pd
     import ray
@@ -211,7 +249,8 @@ def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str 
     trainable = tune.with_resources(
         tune.with_parameters(_trainable_cls(), space=space, samples=samples, model=model, query_aware=query_aware,
                              threads=0 if use_gpu else max(1, int(cpus_per_trial)), run=run,
-                             chunk_ends=asha_rungs(len(samples), min(grace_period, len(samples)), reduction_factor)),
+                             chunk_ends=asha_rungs(len(samples), min(grace_period, len(samples)), reduction_factor),
+                             prefills=prefills),
         resources)
     t0 = time.perf_counter()
     tuner = tune.Tuner(
@@ -236,7 +275,8 @@ def search_budgets(space: SearchSpace, samples: Sequence[Sample], *, model: str 
                                                                                sort_keys=True),
                         "score": m.get("score", float("nan")), "n_samples": int(m.get("n_samples", 0)),
                         "evaluated": int(m.get("evaluated", 0)), "kept_fraction": m.get("kept_fraction", float("nan")),
-                        "actor_pid": m.get("actor_pid"), "time_total_s": m.get("time_total_s", float("nan")),
+                        "actor_pid": m.get("actor_pid"), "prefills_made": int(m.get("prefills_made", 0)),
+                        "time_total_s": m.get("time_total_s", float("nan")),
                         "error": str(r.error) if r.error is not None else None})
     df = pd.DataFrame(records)
     if df.empty or df["error"].notna().all():
