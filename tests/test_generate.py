@@ -146,7 +146,9 @@ def test_prefill_travels_between_processes_and_binds_to_its_model(tiny_llama):
     assert moved.modules is None
     with pytest.raises(RuntimeError, match="bind"):
         moved.state(False)
-    other = _tiny_lm("llama")  # a second copy of the same seeded model, as another actor loads it
+    # fresh copies (_tiny_lm is cached: its object is the fixture every other test shares)
+    other = _tiny_lm.__wrapped__("llama")  # a second copy of the same seeded model, as another actor loads it
+    assert other.model is not lm.model
     assert moved.bind(other) is moved
     presses = [kvray.make_press(m, compression_ratio=0.5) for m in ("snapkv", "compactor", "knorm")]
     for aware in (False, True):
@@ -154,7 +156,7 @@ def test_prefill_travels_between_processes_and_binds_to_its_model(tiny_llama):
         b = run_configs(other, moved, presses, aware, 5, ignore_eos=True)
         assert [o.token_ids for o in a] == [o.token_ids for o in b]
         assert [o.stats.kv_bytes_kept for o in a] == [o.stats.kv_bytes_kept for o in b]
-    wrong = _tiny_lm("llama")  # a model of another shape: fewer layers than the prefill has
+    wrong = _tiny_lm.__wrapped__("llama")  # a model of another shape: fewer layers than the prefill has
     wrong.model.model.layers = wrong.model.model.layers[:1]
     with pytest.raises(ValueError, match="bind it to the model that made it"):
         pickle.loads(pickle.dumps(pre)).bind(wrong)

@@ -140,6 +140,37 @@ def test_failing_sample_is_reported_and_others_written(pool, tmp_path):
     assert sorted(df["sample_id"].unique()) == sorted(s.sample_id for s in good)
 
 
+def test_failing_sample_in_a_group_fails_alone(pool, tiny_dir, tmp_path):
+    """Samples with few configs go to the actors in groups that decode together; a sample that
+    fails inside a group fails alone, its group's other samples are written, and they equal the
+    single-process runner's rows."""
+    from kvray.actors import EvaluationError, run_eval_distributed
+    from kvray.eval.runner import sample_groups
+    from kvray.eval.tasks import Sample
+    from kvray.models import load_model
+    from kvray.results import read_results
+
+    good = _samples(7, seed=6)
+    bad = Sample(context="word " * 6000, question="What?", answer_prefix="", answers=("x",), task="niah_single",
+                 sample_id="too-long", max_new_tokens=good[0].max_new_tokens)
+    presses = build_presses(["full", "snapkv"], [0.5])
+    groups = sample_groups([*good, bad], len(presses), len(pool.actors))
+    assert any(bad in g and len(g) > 1 for g in groups)  # it shares a group
+    with pytest.raises(EvaluationError) as err:
+        run_eval_distributed(pool, [*good, bad], presses, out_dir=tmp_path, run_id="g", progress=False)
+    assert list(err.value.failed) == ["too-long"] and "tokens" in err.value.failed["too-long"]
+    df = read_results(tmp_path, run_id="g")
+    assert sorted(df["sample_id"].unique()) == sorted(s.sample_id for s in good) and df["item_id"].is_unique
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each actor
+    try:
+        _, local = run_eval(ModelHost(load_model(tiny_dir)), good, presses, out_dir=tmp_path / "l",
+                            progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert _content(df).equals(_content(local))
+
+
 def test_tune_search_reuses_actors_and_never_loses_to_uniform(ray_session, tiny_dir, tmp_path):
     from kvray.policy import Policy
     from kvray.tune import SearchSpace, search_budgets, trials_table

@@ -11,7 +11,7 @@ from kvray import results
 from kvray.cli import main as kvray_main
 from kvray.eval import make_samples
 from kvray.eval import runner as runner_mod
-from kvray.eval.runner import ModelHost, build_presses, run_eval, summarize
+from kvray.eval.runner import ModelHost, build_presses, by_cost, run_eval, summarize
 from kvray.results import COLUMNS, read_results
 
 
@@ -56,24 +56,28 @@ def test_resume_skips_done_shards_and_never_duplicates(tiny_llama, tmp_path, mon
     host = ModelHost(tiny_llama)
     presses = small_presses()
     ss = samples(tiny_llama, n=3)
-    real = host.evaluate_sample
-    seen = []
+    real = host.evaluate_samples
+    seen, lost = [], []
+    last = by_cost(ss)[-1]  # in the last group handed out: the groups before it are done
 
-    def crash_on_third(sample, *a, **k):
-        if sample.sample_id == ss[2].sample_id and not seen:
+    def crash_on_last(group, *a, **k):  # the samples decoded together with it are lost with it
+        if last in group and not seen:
             seen.append(1)
+            lost.extend(s.sample_id for s in group)
             raise RuntimeError("killed")
-        return real(sample, *a, **k)
+        return real(group, *a, **k)
 
-    monkeypatch.setattr(host, "evaluate_sample", crash_on_third)
+    monkeypatch.setattr(host, "evaluate_samples", crash_on_last)
     with pytest.raises(RuntimeError):
         run_eval(host, ss, presses, out_dir=tmp_path, run_id="r1", progress=False)
     partial = read_results(tmp_path / "run_id=r1")
-    assert len(partial) == 2 * len(presses)  # what was done is kept
+    assert 0 < len(partial) == (3 - len(lost)) * len(presses)  # what was done is kept
+    assert not set(partial["sample_id"]) & set(lost)
     done = []
-    monkeypatch.setattr(host, "evaluate_sample", lambda s, *a, **k: done.append(s.sample_id) or real(s, *a, **k))
+    monkeypatch.setattr(host, "evaluate_samples",
+                        lambda g, *a, **k: done.extend(s.sample_id for s in g) or real(g, *a, **k))
     _, df = run_eval(host, ss, presses, out_dir=tmp_path, run_id="r1", progress=False)
-    assert done == [ss[2].sample_id]
+    assert sorted(done) == sorted(lost) and last.sample_id in done
     assert len(df) == 3 * len(presses) and df["item_id"].is_unique
     assert not list((tmp_path / "run_id=r1").glob(".*tmp"))
     with pytest.raises(ValueError, match="other methods/ratios"):
@@ -154,3 +158,32 @@ def test_costliest_samples_are_handed_out_first(tiny_llama):
     long_answer = runner_mod.Sample(**{**ss[0].__dict__, "sample_id": "long-answer", "max_new_tokens": 99})
     order = runner_mod.by_cost(ss + [long_answer])
     assert order[0] is long_answer and order[1] is ss[2]
+
+
+def test_samples_decoded_together_equal_each_alone(tiny_llama):
+    """`evaluate_samples`: the configs of several samples (different prompts and token limits,
+    both protocols, each protocol its own presses) decode as rows of one batch, and each sample
+    gets the rows it gets alone."""
+    import dataclasses
+
+    host = ModelHost(tiny_llama)
+    ss = samples(tiny_llama, n=2, length=300) + samples(tiny_llama, n=1, length=500)
+    ss = [dataclasses.replace(s, max_new_tokens=m) for s, m in zip(ss, (3, 7, 5))]
+    presses = {False: build_presses(["full", "snapkv"], [0.5]), True: build_presses(["knorm", "adakv"], [0.5, 0.75])}
+    together = host.evaluate_samples(ss, presses)
+    keep = ["config_id", "sample_id", "prediction", "kv_bytes_kept", "kv_bytes_full", "new_tokens", "context_tokens"]
+    for s, rows in zip(ss, together):
+        alone = host.evaluate_sample(s, presses)
+        assert [{k: r[k] for k in keep} for r in rows] == [{k: r[k] for k in keep} for r in alone]
+        assert {r["sample_id"] for r in rows} == {s.sample_id} and len(rows) == 6  # 2 agnostic + 4 aware configs
+    assert len({r["new_tokens"] for rows in together for r in rows}) > 1  # the limits differ per sample
+
+
+def test_sample_groups_cut_by_configs_and_workers(tiny_llama):
+    ss = samples(tiny_llama, n=8, length=300) + samples(tiny_llama, n=4, length=500)
+    order = runner_mod.by_cost(ss)
+    for n_configs, workers, size in ((6, 2, 3), (6, 1, 4), (74, 2, 1), (19, 2, 1), (1, 1, 6), (12, 2, 2)):
+        groups = runner_mod.sample_groups(ss, n_configs, workers)
+        assert [s for g in groups for s in g] == order  # every sample once, the costliest first
+        assert max(len(g) for g in groups) == size, (n_configs, workers)
+        assert len(groups) >= min(len(ss), 2 * workers)

@@ -1,7 +1,8 @@
 """Model actors and the driver loops that spread work over them.
 
 The unit of work is one sample with every config (docs/architecture.md, section 6: the prefill dominates, so all
-(method, ratio, plan) variants of a sample run inside one actor task on one prefill). The
+(method, ratio, plan) variants of a sample run inside one actor task on one prefill); samples with
+few configs go a few to a task, their rows decoded together (`sample_groups`). The
 driver writes each sample's rows as one atomic shard as soon as its task returns, so a crash
 of the driver or of an actor loses nothing already written, and a rerun of the run id skips
 those shards. Actors are restarted by Ray when they die (`max_restarts`) and their in-flight
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from ..eval.runner import ModelHost, by_cost, config_pairs, shard_name, start_run
+from ..eval.runner import ModelHost, by_cost, config_pairs, sample_groups, shard_name, start_run
 from ..eval.tasks import Sample
 from ..presses import Press
 from ..results import read_results, run_dir, write_shard
@@ -93,6 +94,32 @@ class ModelWorker:
         prompt = build_prompt(lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
         return os.getpid(), prefill(lm, prompt, capture_window=capture_window, with_question=with_question,
                                     capture_hidden=capture_hidden)
+
+    def evaluate_group(self, samples: Sequence[Sample], presses: Sequence[Press] | Mapping[bool, Sequence[Press]],
+                       protocols: Sequence[bool], run_id: str) -> tuple[int, list]:
+        """(pid, per sample its rows or, if it failed, its error as a string): the samples decoded
+        together (`ModelHost.evaluate_samples`). When the group fails, each sample is evaluated
+        alone, so one bad sample fails alone and its neighbours' rows come back."""
+        t0 = time.perf_counter()
+        try:
+            results: list = self.host.evaluate_samples(samples, presses, protocols, run_id=run_id)
+        except Exception as exc:  # noqa: BLE001 -- which sample failed is found below
+            if len(samples) == 1:
+                results = [f"{type(exc).__name__}: {exc}"]
+            else:
+                results = [self.evaluate_group([s], presses, protocols, run_id)[1][0] for s in samples]
+                return os.getpid(), results
+        for rows in results:
+            if isinstance(rows, str):
+                continue
+            record("kvray_samples_evaluated", 1, run=run_id, actor=self.label)
+            for row in rows:
+                record("kvray_configs_evaluated", 1, run=run_id, method=row["method"])
+                record("kvray_score", row["score"], run=run_id, method=row["method"])
+                record("kvray_kv_bytes_saved", row["kv_bytes_full"] - row["kv_bytes_kept"], run=run_id,
+                       method=row["method"])
+        record("kvray_sample_latency_s", (time.perf_counter() - t0) / len(samples), run=run_id)
+        return os.getpid(), results
 
     def measure_curves(self, sample: Sample, methods: dict[str, dict], retentions: Sequence[float],
                        query_aware: bool = False, probe: dict | None = None,
@@ -292,23 +319,30 @@ def run_eval_distributed(pool: WorkerPool, samples: Sequence[Sample],
                                         run_id=run_id)
     pool.run = run_id
     n_configs = len(config_pairs(presses, protocols))
-    by_key = {shard_name(s): s for s in by_cost(todo)}
+    # a few samples per task when they have few configs: their rows decode as one batch
+    by_key = {shard_name(g[0]): g for g in sample_groups(todo, n_configs, len(pool.actors))}
     scores: list[float] = []
+    errors: dict[str, str] = {}
     bar = _Progress(len(todo) * n_configs, f"eval {run_id}", "cfg", enabled=progress)
 
-    def done(key: str, rows: list[dict]) -> None:
-        write_shard(rows, out_dir, run_id, key)
-        scores.extend(r["score"] for r in rows)
-        bar.update(len(rows), f"mean score {sum(scores) / len(scores):.3f}")
+    def done(key: str, results: list) -> None:
+        for sample, rows in zip(by_key[key], results):
+            if isinstance(rows, str):  # this sample failed (alone); its neighbours' rows are written
+                errors[sample.sample_id] = rows
+                log.error("sample %s failed: %s", sample.sample_id, rows)
+                continue
+            write_shard(rows, out_dir, run_id, shard_name(sample))
+            scores.extend(r["score"] for r in rows)
+            bar.update(len(rows), f"mean score {sum(scores) / max(1, len(scores)):.3f}")
 
     work = presses if isinstance(presses, Mapping) else list(presses)
-    items = [(key, "evaluate", (s, work, protocols, run_id)) for key, s in by_key.items()]
+    items = [(key, "evaluate_group", (group, work, protocols, run_id)) for key, group in by_key.items()]
     try:
         failed = _schedule(pool, items, done, max_in_flight=max_in_flight, on_submit=on_submit)
     finally:
         bar.close()
-    if failed:
-        names = {by_key[k].sample_id: err for k, err in failed.items()}
+    if failed or errors:
+        names = {s.sample_id: err for k, err in failed.items() for s in by_key[k]} | errors
         raise EvaluationError(
             f"{len(names)} of {len(todo)} samples failed (the other rows are written; rerun with run id "
             f"{run_id!r} to retry only these): " + "; ".join(f"{k}: {v}" for k, v in list(names.items())[:5]),

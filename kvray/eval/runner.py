@@ -55,6 +55,20 @@ def config_pairs(presses: Sequence[Press] | Mapping[bool, Sequence[Press]],
     return [(p, bool(q)) for q in dict.fromkeys(protocols) for p in presses]
 
 
+ROWS_TOGETHER = 24  # configs x samples one actor task decodes as one batch (see `sample_groups`)
+
+
+def sample_groups(samples: Sequence[Sample], n_configs: int, workers: int = 1,
+                  rows: int = ROWS_TOGETHER) -> list[list[Sample]]:
+    """`samples` (in `by_cost` order) cut into consecutive groups that one task evaluates
+    together (`ModelHost.evaluate_samples`): up to `rows` // `n_configs` samples each (a sample
+    with many configs already fills a batch: one per group), and at least two groups per worker
+    while there are samples enough, so that no worker waits on another's long group."""
+    order = by_cost(samples)
+    k = max(1, min(rows // max(1, n_configs), -(-len(order) // (2 * max(1, workers)))))
+    return [order[i:i + k] for i in range(0, len(order), k)]
+
+
 def by_cost(samples: Sequence[Sample]) -> list[Sample]:
     """Samples in the order to hand them out, the costliest first (most new tokens, then the
     longest context): when work is spread over actors, the last ones to finish are short."""
@@ -76,16 +90,27 @@ class ModelHost:
     def evaluate_sample(self, sample: Sample, presses: Sequence[Press] | Mapping[bool, Sequence[Press]],
                         protocols: Sequence[bool] = (False,), run_id: str = "") -> list[dict]:
         """Rows for every (press, protocol) on one prefill of `sample` (`config_pairs`)."""
+        return self.evaluate_samples([sample], presses, protocols, run_id)[0]
+
+    def evaluate_samples(self, samples: Sequence[Sample], presses: Sequence[Press] | Mapping[bool, Sequence[Press]],
+                         protocols: Sequence[bool] = (False,), run_id: str = "") -> list[list[dict]]:
+        """Each sample's rows (as `evaluate_sample`), every config of every sample on one decoder:
+        one prefill per sample, and the rows of all of them decode together (a decode step of a
+        small model costs about the same for 6 rows as for 24), each leaving when it is done."""
         lm = self.lm
         configs = config_pairs(presses, protocols)
         every = [p for p, _ in configs]
-        prompt = build_prompt(lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
-        pre: Prefill = prefill(lm, prompt, capture_window=capture_window_for(every),
-                               capture_hidden=hidden_needed_for(every), with_question=any(q for _, q in configs))
-        # every (protocol, press) of the sample on one decoder: rows leave as they finish
-        outs = run_configs(lm, pre, every, [q for _, q in configs], sample.max_new_tokens,
+        pres: list[Prefill] = []
+        for sample in samples:
+            prompt = build_prompt(lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
+            pres.append(prefill(lm, prompt, capture_window=capture_window_for(every),
+                                capture_hidden=hidden_needed_for(every), with_question=any(q for _, q in configs)))
+        n = len(configs)
+        outs = run_configs(lm, [pre for pre in pres for _ in configs], every * len(samples),
+                           [q for _, q in configs] * len(samples), [s.max_new_tokens for s in samples for _ in configs],
                            self.kv_budget, release_prefill=True)
-        return [self._row(run_id, sample, press, q, out) for (press, q), out in zip(configs, outs)]
+        return [[self._row(run_id, sample, press, q, out) for (press, q), out in zip(configs, outs[i * n:(i + 1) * n])]
+                for i, sample in enumerate(samples)]
 
     def _row(self, run_id, sample, press, query_aware, out) -> dict:
         s = out.stats
@@ -160,12 +185,12 @@ def run_eval(host: ModelHost, samples: Sequence[Sample], presses: Sequence[Press
     n_configs = len(config_pairs(presses, protocols))
     bar = tqdm(total=len(todo) * n_configs, disable=not progress, unit="cfg", desc=f"eval {run_id}")
     try:
-        for sample in todo:
+        for group in sample_groups(todo, n_configs):  # rows of a few samples decode together
             t0 = time.perf_counter()
-            rows = host.evaluate_sample(sample, presses, protocols, run_id=run_id)
-            write_shard(rows, out_dir, run_id, shard_name(sample))
-            bar.update(n_configs)
-            bar.set_postfix(sample=sample.sample_id, s=f"{time.perf_counter() - t0:.1f}")
+            for sample, rows in zip(group, host.evaluate_samples(group, presses, protocols, run_id=run_id)):
+                write_shard(rows, out_dir, run_id, shard_name(sample))
+            bar.update(n_configs * len(group))
+            bar.set_postfix(sample=group[-1].sample_id, s=f"{(time.perf_counter() - t0) / len(group):.1f}")
     finally:
         bar.close()
     return run_id, read_results(run_dir(out_dir, run_id))
