@@ -54,18 +54,56 @@ def states(lm):
     return out
 
 
-def mismatches(make, fx: dict, states) -> tuple[list[str], int]:
+TIE = 1e-4  # scores this close (relative to the cut's size) are a tie that float rounding breaks
+
+
+def keys_as_kvpress(states) -> list[list[bool]]:
+    """Per prompt, per layer: are kvray's keys bit for bit the keys kvpress scored? They are on the
+    CPUs the fixtures were written on; a CPU whose float32 GEMM kernels add in another order
+    (MKL picks its kernels per CPU: here MKL_ENABLE_INSTRUCTIONS=AVX2 alone restores layer 0) gives
+    keys a few ulps apart, and ties at a cut can break the other way."""
+    out = []
+    for p, state in zip(fixture("prompts")["prompts"], states):
+        ours = [hashlib.sha1(layer.keys.contiguous().numpy().tobytes()).hexdigest()[:16] for layer in state.layers]
+        out.append([a == b for a, b in zip(ours, p["keys_sha1"], strict=True)])
+    return out
+
+
+def near_tie(press, state, layer: int, head: int, ours: list[int], theirs: list[int], margin: float | None) -> bool:
+    """A kept set that differs from kvpress's only by a tie: kvpress's own cut has a margin within
+    TIE, the two sets have one size, and every position in one set but not the other scores (by
+    kvray's scorer) within TIE of kvray's cut."""
+    if margin is None or len(ours) != len(theirs):
+        return False
+    scores = press.score(state.layers[layer])[0].float()  # [H or 1, N]
+    s = scores[head] if scores.shape[0] > 1 else scores[0]
+    cut = s[ours].min()
+    tol = TIE * max(1.0, float(cut.abs()))
+    if abs(margin) > tol:
+        return False
+    differ = sorted(set(ours) ^ set(theirs))
+    return bool((s[differ] - cut).abs().max() <= tol)
+
+
+def mismatches(make, fx: dict, states, exact=None) -> tuple[list[str], int]:
     """Every (prompt, ratio, layer, head) whose kept set differs from the fixture's, described with
-    kvpress's score margin at its cut (a tiny margin: a near-tie), and the number compared."""
+    kvpress's score margin at its cut (a tiny margin: a near-tie), and the number compared. Where
+    `exact[prompt][layer]` is False (kvray's keys are not kvpress's bit for bit on this CPU), a
+    difference that is only a near tie (`near_tie`) is not counted."""
     bad, total = [], 0
     for case in fx["cases"]:
-        kept = make(case["compression_ratio"]).select(states[case["prompt"]])  # per layer, per (b, h); b = 1
+        press = make(case["compression_ratio"])
+        state = states[case["prompt"]]
+        kept = press.select(state)  # per layer, per (b, h); b = 1
         for layer, (ours, theirs) in enumerate(zip(kept, case["kept"], strict=True)):
             for head, (a, b) in enumerate(zip(ours, theirs, strict=True)):
                 total += 1
                 if a.tolist() != b:
                     margins = case["margin"][layer]
                     margin = margins[head] if len(margins) > 1 else margins[0]
+                    if exact is not None and not exact[case["prompt"]][layer] and \
+                            near_tie(press, state, layer, head, a.tolist(), b, margin):
+                        continue
                     diff = len(set(a.tolist()) ^ set(b))
                     bad.append(f"prompt {case['prompt']} r={case['compression_ratio']} layer {layer} head {head}: "
                                f"kept {len(a)} vs {len(b)}, {diff} positions differ, kvpress margin {margin}")
@@ -104,18 +142,21 @@ def test_kvpress_query_aware_layout_is_question_in_context():
 @pytest.mark.slow
 def test_prefill_keys_are_kvpress_bit_for_bit(states):
     """kvray's prefill (its attention, transformers 5.24) gives the keys kvpress scored (SDPA,
-    transformers 5.2) bit for bit; if not, index mismatches below may be float noise."""
-    for i, (p, state) in enumerate(zip(fixture("prompts")["prompts"], states)):
-        ours = [hashlib.sha1(layer.keys.contiguous().numpy().tobytes()).hexdigest()[:16] for layer in state.layers]
-        differ = [layer for layer, (a, b) in enumerate(zip(ours, p["keys_sha1"], strict=True)) if a != b]
-        assert not differ, f"prompt {i}: the keys of layers {differ} differ from kvpress's"
+    transformers 5.2) bit for bit on the CPUs the fixtures were written on; on another CPU (its
+    float32 GEMM kernels round otherwise) the kept sets below are compared up to near ties."""
+    exact = keys_as_kvpress(states)
+    differ = {i: [layer for layer, same in enumerate(row) if not same] for i, row in enumerate(exact)}
+    if any(differ.values()):
+        pytest.skip(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) rounds float32 GEMMs otherwise than the "
+                    f"fixtures' CPU: keys of layers {differ} differ; kept sets are compared up to near ties")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_kept_indices_match_kvpress(states, method):
     fx = fixture(method)
-    bad, total = mismatches(lambda r: kvray.make_press(method, compression_ratio=r, parity="kvpress"), fx, states)
+    bad, total = mismatches(lambda r: kvray.make_press(method, compression_ratio=r, parity="kvpress"), fx, states,
+                            exact=keys_as_kvpress(states))
     assert total == 2 * 3 * 30 * 3  # ratios x prompts x layers x KV heads
     head = f"{method}: {len(bad)} of {total} kept sets differ from kvpress {fx['kvpress']}:\n"
     assert not bad, head + "\n".join(bad[:20])
@@ -123,9 +164,12 @@ def test_kept_indices_match_kvpress(states, method):
 
 @pytest.mark.slow
 def test_kvray_own_snapkv_does_not_match(states):
-    """The comparison can fail: kvray's default SnapKV (W=32, kernel 7, max-pool) keeps other tokens."""
-    bad, total = mismatches(lambda r: kvray.make_press("snapkv", compression_ratio=r), fixture("snapkv"), states)
-    assert len(bad) > total // 2
+    """The comparison can fail: kvray's default SnapKV (W=32, kernel 7, max-pool) keeps other tokens,
+    also where every difference that is a near tie is forgiven."""
+    make = lambda r: kvray.make_press("snapkv", compression_ratio=r)  # noqa: E731
+    for exact in (None, [[False] * 30] * 3):
+        bad, total = mismatches(make, fixture("snapkv"), states, exact=exact)
+        assert len(bad) > total // 2
 
 
 # ----------------------------------------------------------------------------- the option itself
