@@ -182,8 +182,10 @@ def test_samples_decoded_together_equal_each_alone(tiny_llama):
 def test_sample_groups_cut_by_configs_and_workers(tiny_llama):
     ss = samples(tiny_llama, n=8, length=300) + samples(tiny_llama, n=4, length=500)
     order = runner_mod.by_cost(ss)
-    for n_configs, workers, size in ((6, 2, 3), (6, 1, 4), (74, 2, 1), (19, 2, 1), (1, 1, 6), (12, 2, 2)):
-        groups = runner_mod.sample_groups(ss, n_configs, workers)
+    cases = [(6, 2, 24, 3), (6, 1, 24, 4), (74, 2, 24, 1), (19, 2, 24, 1), (1, 1, 24, 6), (12, 2, 24, 2),
+             (19, 1, 64, 3), (74, 2, 64, 1), (6, 1, 64, 6), (40, 1, 64, 1)]
+    for n_configs, workers, rows, size in cases:
+        groups = runner_mod.sample_groups(ss, n_configs, workers, rows)
         assert [s for g in groups for s in g] == order  # every sample once, the costliest first
-        assert max(len(g) for g in groups) == size, (n_configs, workers)
+        assert max(len(g) for g in groups) == size, (n_configs, workers, rows)
         assert len(groups) >= min(len(ss), 2 * workers)
