@@ -57,7 +57,8 @@ def states(lm):
 TIE = 1e-4  # scores this close (relative to the cut's size) are a tie that float rounding breaks
 
 
-def keys_as_kvpress(states) -> list[list[bool]]:
+@pytest.fixture(scope="module")
+def exact(states) -> list[list[bool]]:
     """Per prompt, per layer: are kvray's keys bit for bit the keys kvpress scored? They are on the
     CPUs the fixtures were written on; a CPU whose float32 GEMM kernels add in another order
     (MKL picks its kernels per CPU: here MKL_ENABLE_INSTRUCTIONS=AVX2 alone restores layer 0) gives
@@ -88,7 +89,7 @@ def near_tie(press, state, layer: int, head: int, ours: list[int], theirs: list[
 def mismatches(make, fx: dict, states, exact=None) -> tuple[list[str], int]:
     """Every (prompt, ratio, layer, head) whose kept set differs from the fixture's, described with
     kvpress's score margin at its cut (a tiny margin: a near-tie), and the number compared. Where
-    `exact[prompt][layer]` is False (kvray's keys are not kvpress's bit for bit on this CPU), a
+    `exact[prompt][layer]` (the `exact` fixture) is False (kvray's keys are not kvpress's bit for bit on this CPU), a
     difference that is only a near tie (`near_tie`) is not counted."""
     bad, total = [], 0
     for case in fx["cases"]:
@@ -140,11 +141,10 @@ def test_kvpress_query_aware_layout_is_question_in_context():
 
 
 @pytest.mark.slow
-def test_prefill_keys_are_kvpress_bit_for_bit(states):
+def test_prefill_keys_are_kvpress_bit_for_bit(exact):
     """kvray's prefill (its attention, transformers 5.24) gives the keys kvpress scored (SDPA,
     transformers 5.2) bit for bit on the CPUs the fixtures were written on; on another CPU (its
     float32 GEMM kernels round otherwise) the kept sets below are compared up to near ties."""
-    exact = keys_as_kvpress(states)
     differ = {i: [layer for layer, same in enumerate(row) if not same] for i, row in enumerate(exact)}
     if any(differ.values()):
         pytest.skip(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) rounds float32 GEMMs otherwise than the "
@@ -153,10 +153,10 @@ def test_prefill_keys_are_kvpress_bit_for_bit(states):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_kept_indices_match_kvpress(states, method):
+def test_kept_indices_match_kvpress(states, exact, method):
     fx = fixture(method)
     bad, total = mismatches(lambda r: kvray.make_press(method, compression_ratio=r, parity="kvpress"), fx, states,
-                            exact=keys_as_kvpress(states))
+                            exact=exact)
     assert total == 2 * 3 * 30 * 3  # ratios x prompts x layers x KV heads
     head = f"{method}: {len(bad)} of {total} kept sets differ from kvpress {fx['kvpress']}:\n"
     assert not bad, head + "\n".join(bad[:20])

@@ -77,13 +77,21 @@ class ModelWorker:
                  protocols: Sequence[bool], run_id: str) -> tuple[int, list[dict]]:
         t0 = time.perf_counter()
         rows = self.host.evaluate_sample(sample, presses, protocols, run_id=run_id)
-        record("kvray_samples_evaluated", 1, run=run_id, actor=self.label)
-        record("kvray_sample_latency_s", time.perf_counter() - t0, run=run_id)
-        for row in rows:
-            record("kvray_configs_evaluated", 1, run=run_id, method=row["method"])
-            record("kvray_score", row["score"], run=run_id, method=row["method"])
-            record("kvray_kv_bytes_saved", row["kv_bytes_full"] - row["kv_bytes_kept"], run=run_id, method=row["method"])
+        self._record([rows], run_id, time.perf_counter() - t0)
         return os.getpid(), rows
+
+    def _record(self, results: list, run_id: str, seconds: float) -> None:
+        """The metrics of evaluated samples (`results`: per sample its rows, or its error string)."""
+        for rows in results:
+            if isinstance(rows, str):
+                continue
+            record("kvray_samples_evaluated", 1, run=run_id, actor=self.label)
+            for row in rows:
+                record("kvray_configs_evaluated", 1, run=run_id, method=row["method"])
+                record("kvray_score", row["score"], run=run_id, method=row["method"])
+                record("kvray_kv_bytes_saved", row["kv_bytes_full"] - row["kv_bytes_kept"], run=run_id,
+                       method=row["method"])
+        record("kvray_sample_latency_s", seconds / max(1, len(results)), run=run_id)
 
     def prefill(self, sample: Sample, capture_window: int, with_question: bool, capture_hidden: bool):
         """(pid, one sample's prefill), for another process to use (`Prefill.bind` there): e.g.
@@ -104,21 +112,10 @@ class ModelWorker:
         try:
             results: list = self.host.evaluate_samples(samples, presses, protocols, run_id=run_id)
         except Exception as exc:  # noqa: BLE001 -- which sample failed is found below
-            if len(samples) == 1:
-                results = [f"{type(exc).__name__}: {exc}"]
-            else:
-                results = [self.evaluate_group([s], presses, protocols, run_id)[1][0] for s in samples]
-                return os.getpid(), results
-        for rows in results:
-            if isinstance(rows, str):
-                continue
-            record("kvray_samples_evaluated", 1, run=run_id, actor=self.label)
-            for row in rows:
-                record("kvray_configs_evaluated", 1, run=run_id, method=row["method"])
-                record("kvray_score", row["score"], run=run_id, method=row["method"])
-                record("kvray_kv_bytes_saved", row["kv_bytes_full"] - row["kv_bytes_kept"], run=run_id,
-                       method=row["method"])
-        record("kvray_sample_latency_s", (time.perf_counter() - t0) / len(samples), run=run_id)
+            if len(samples) > 1:  # each alone (each records its own metrics)
+                return os.getpid(), [self.evaluate_group([s], presses, protocols, run_id)[1][0] for s in samples]
+            results = [f"{type(exc).__name__}: {exc}"]
+        self._record(results, run_id, time.perf_counter() - t0)
         return os.getpid(), results
 
     def measure_curves(self, sample: Sample, methods: dict[str, dict], retentions: Sequence[float],
