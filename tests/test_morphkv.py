@@ -111,12 +111,15 @@ def logits_from_scratch(layer: MorphKVLayer, all_queries, all_keys, d):
     return out
 
 
+@pytest.mark.parametrize("check_every_step", [True, False])
 @pytest.mark.parametrize("fusion,gqa", [("sum", "max"), ("max", "mean")])
 @pytest.mark.parametrize("G,N", [(2, 13), (3, 37)])
-def test_decoding_eviction_against_slow_reference(G, N, fusion, gqa):
+def test_decoding_eviction_against_slow_reference(G, N, fusion, gqa, check_every_step):
     """Several decoding steps (first a 5-token feed, as the query-agnostic protocol does): the
     kept positions per head, the kept keys/values, and the cached window logits all match a
-    from-scratch computation over the full history."""
+    from-scratch computation over the full history. The one-token steps run in the ring layout
+    (`MorphKVLayer.ring`); checking puts the layer back in position order (`canonical`), so
+    without a check between steps they run one after the other in the ring."""
     torch.manual_seed(G + N)
     H, d, R, C, steps = 2, 8, 3, 9, 8
     total = N + 5 + steps
@@ -126,10 +129,14 @@ def test_decoding_eviction_against_slow_reference(G, N, fusion, gqa):
     cache = press.compress(PrefillState([layer], N))
     kept = slow_keep(queries[:, N - R:N], keys, [list(range(N))] * H, R, C, fusion, gqa)
     end = N
+    rings = 0
     for step, T in enumerate([5] + [1] * steps):  # a first feed longer than the window
         mine = cache.layers[0]
-        assert [p.tolist() for p in mine.prefix.positions.view(H, -1)] == kept
-        torch.testing.assert_close(mine.window_logits, logits_from_scratch(mine, queries, keys, d), atol=1e-5, rtol=1e-5)
+        rings += mine.ring
+        if check_every_step or step == 0:
+            mine.canonical()
+            assert [p.tolist() for p in mine.prefix.positions.view(H, -1)] == kept
+            torch.testing.assert_close(mine.window_logits, logits_from_scratch(mine, queries, keys, d), atol=1e-5, rtol=1e-5)
         # append T tokens the way a forward pass does, then evict
         mine.update(keys[None, :, end:end + T], values[None, :, end:end + T])
         mine._capture(queries[None, :, end:end + T])
@@ -137,6 +144,8 @@ def test_decoding_eviction_against_slow_reference(G, N, fusion, gqa):
         end += T
         kept = slow_keep(queries[:, end - R:end], keys, [k + list(range(end - T, end)) for k in kept], R, C, fusion, gqa)
     mine = cache.layers[0]
+    assert rings == steps - 1 and mine.ring  # every one-token step ran in the ring (counted after it)
+    mine.canonical()
     assert [p.tolist() for p in mine.prefix.positions.view(H, -1)] == kept
     assert mine.prefix.lengths == (C,) * H and mine.tail_length() == 0 and mine.get_seq_length() == end
     for h in range(H):
@@ -164,6 +173,9 @@ def test_one_keep_mask_for_cache_and_logits_hand_made():
     m.update(torch.zeros(1, 1, 1, 2), torch.tensor([10.0, 11]).view(1, 1, 1, 2))
     m._capture(torch.tensor([[-1.0, 0], [0, 1]]).view(1, 2, 1, 2))
     press.after_step(cache, 0)
+    # in the ring layout (`MorphKVLayer.ring`) the leaving token 4 took token 0's slot
+    assert m.ring and m.prefix.positions.tolist() == [4, 2, 5]
+    m.canonical()
     assert m.prefix.positions.tolist() == [2, 4, 5] and m.prefix_tokens == 6 and m.tail_length() == 0
     assert m.prefix.values.tolist() == [[4.0, 5], [8, 9], [10, 11]]
     # only the row of position 5 is left (window 1), against keys 2, 4, 5
@@ -379,10 +391,21 @@ def test_parameters_validated_and_json():
 # ----------------------------------------------------------------------------- one lane for several sizes
 
 
-def test_merged_lane_keeps_what_each_row_keeps_alone(tiny_llama):
+def test_merged_lane_keeps_what_each_row_keeps_alone(tiny_llama, monkeypatch):
     """Three MorphKV caches of one prompt (different constant sizes) merged into one lane and fed
-    the same tokens: after every eviction each row holds exactly the entries (per layer and KV
-    head) and the window logits it holds decoded alone, and gets the same logits."""
+    the same tokens get the logits each gets decoded alone at every step and, after the steps,
+    hold exactly the entries (per layer and KV head) and the window logits each holds alone.
+    The one-token steps run in the ring layout, and the lane's attention blocks (a ragged
+    prefix) follow them in place: built once per layer, not at every step."""
+    attention = sys.modules["kvray.runtime.attention"]
+    builds = []
+    build = attention.DecodeBlocks.__init__
+
+    def counting(self, *args, **kwargs):
+        builds.append(1)
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention.DecodeBlocks, "__init__", counting)
     lm = tiny_llama
     p = prompt(60, n_q=3, n_suffix=0)
     pre = prefill(lm, p, with_question=False)
@@ -393,21 +416,26 @@ def test_merged_lane_keeps_what_each_row_keeps_alone(tiny_llama):
     assert isinstance(first, MorphKVLayer) and first.budgets == tuple(c.layers[0].budget for c in alone)
     assert len(set(first.budgets)) == 3
     g = torch.Generator().manual_seed(1)
-    feeds = [p.question] + [[int(t)] for t in torch.randint(10, 1000, (6,), generator=g)]
+    feeds = [p.question] + [[int(t)] for t in torch.randint(10, 1000, (10,), generator=g)]
     with torch.inference_mode():
         for step, toks in enumerate(feeds):
+            if step == 3:  # step 1 laid the lane out as a ring, step 2 built its blocks
+                builds.clear()
             got = lm.model(input_ids=torch.tensor([toks] * 3), cache=lane).logits[:, -1]
             presses[0].after_step(lane, step)
             for b, (press, cache) in enumerate(zip(presses, alone)):
                 want = lm.model(input_ids=torch.tensor([toks]), cache=cache).logits[0, -1]
                 press.after_step(cache, step)
                 torch.testing.assert_close(got[b], want, atol=1e-4, rtol=1e-4)
-                for mine, ref in zip(lane.layers, cache.layers):
-                    s, e = mine.prefix.row_span(b)
-                    assert mine.prefix.row_lengths(b) == ref.prefix.lengths
-                    assert torch.equal(mine.prefix.positions[s:e], ref.prefix.positions)
-                    torch.testing.assert_close(mine.row_logits[b], ref.window_logits, atol=1e-4, rtol=1e-4)
-    assert all(lane.layers[0].prefix.row_lengths(b) == alone[b].layers[0].prefix.lengths for b in range(3))
+    assert not builds and all(layer.ring for layer in lane.layers)
+    for b, cache in enumerate(alone):
+        for mine, ref in zip(lane.layers, cache.layers):
+            mine.canonical(), ref.canonical()  # both back in position order (a ring's order is its own)
+            s, e = mine.prefix.row_span(b)
+            assert mine.prefix.row_lengths(b) == ref.prefix.lengths
+            assert torch.equal(mine.prefix.positions[s:e], ref.prefix.positions)
+            torch.testing.assert_close(mine.prefix.keys[s:e], ref.prefix.keys)
+            torch.testing.assert_close(mine.row_logits[b], ref.window_logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("query_aware", [False, True])

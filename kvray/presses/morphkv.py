@@ -34,6 +34,10 @@ class MorphKVLayer(KVRayLayer):
         if len(self.budgets) != prefix.batch:
             raise ValueError(f"MorphKVLayer: {len(self.budgets)} budgets for {prefix.batch} rows")
         self.row_logits: list[torch.Tensor] | None = None
+        #: the ring layout of the steady state (`MorphKVPress.evict`): per (row, KV head) the C - R
+        #: old entries in any order, then slot C - R + (p mod R) for the window token at position
+        #: p, and the logits' row p mod R for the window query at p. False: position order.
+        self.ring = False
 
     @property
     def budget(self) -> int:
@@ -44,14 +48,56 @@ class MorphKVLayer(KVRayLayer):
 
     @property
     def window_logits(self) -> torch.Tensor | None:
-        """[B, H, G, R', n] of every row (rows with different counts: read `row_logits`)."""
+        """[B, H, G, R', n] of every row (rows with different counts: read `row_logits`), in
+        position order (reading it takes the layer out of the ring layout: `canonical`)."""
         if self.row_logits is None:
             return None
+        self.canonical()
         return self.row_logits[0] if len(self.row_logits) == 1 else torch.cat(self.row_logits)
+
+    def _relayout(self, entry: list[torch.Tensor], rows: torch.Tensor) -> None:
+        """Permute the entries of every (row, KV head) (`entry[b]`: [H, C_b] head-local source
+        indices) and the window rows of every row's logits (`rows`: [R] source rows)."""
+        prefix, H = self.prefix, self.prefix.heads
+        dev = prefix.keys.device
+        starts = torch.tensor(prefix.offsets[:-1], device=dev).view(-1, H)
+        flat = torch.cat([(idx.to(dev) + starts[b, :, None]).reshape(-1) for b, idx in enumerate(entry)])
+        self.prefix = RaggedKV(prefix.keys.index_select(0, flat), prefix.values.index_select(0, flat),
+                               prefix.positions.index_select(0, flat), prefix.lengths, prefix.batch, H)
+        self.row_logits = [take_entries(rl, idx[None].to(rl.device)).index_select(3, rows.to(rl.device))
+                           for rl, idx in zip(self.row_logits, entry)]
+        self._tail_replaced()  # the attention's decode blocks copied the old layout
+
+    def to_ring(self, window: int) -> None:
+        """Position order -> ring layout (see `ring`): every row holds its constant size C_b >
+        `window` R, with the last R positions (all kept, consecutive) as its window and R rows
+        of logits."""
+        if self.ring:
+            return
+        P, R = self.prefix_tokens, window  # cached positions < P; the window is P - R .. P - 1
+        roll = (torch.arange(R) - P) % R  # ring slot r <- sorted window index (r - P) mod R
+        entry = []
+        for b, C in enumerate(self.budgets):
+            order = torch.cat([torch.arange(C - R), C - R + roll])
+            entry.append(order.expand(self.prefix.heads, C))
+        self._relayout(entry, roll)
+        self.ring = True
+
+    def canonical(self) -> None:
+        """Back to position order (entries by position, logits rows oldest first)."""
+        if not self.ring:
+            return
+        R = self.row_logits[0].shape[3]
+        P = self.prefix_tokens
+        entry = [self.prefix.positions[slice(*self.prefix.row_span(b))].view(self.prefix.heads, -1).argsort(-1)
+                 for b in range(self.prefix.batch)]
+        self._relayout(entry, (torch.arange(R) + P) % R)  # sorted row i (query P - R + i) <- ring row (P + i) mod R
+        self.ring = False
 
     @window_logits.setter
     def window_logits(self, logits: torch.Tensor | None) -> None:
         self.row_logits = None if logits is None else list(logits.split(1))
+        self.ring = False
 
 
 def window_logits(queries: torch.Tensor, query_positions: torch.Tensor, keys: torch.Tensor,
@@ -101,7 +147,10 @@ class MorphKVPress(Press):
     - Decoding (`after_step`, called by the runtime's decoder after every forward): the new
       token(s) are appended, their query rows are added to the cached window logits, and each
       head is cut back to C with one keep mask applied to both the KV entries and the columns of
-      the cached logits. Positions never move (no RoPE re-rotation).
+      the cached logits. Positions never move (no RoPE re-rotation). In the steady state (one
+      token per step, the cache at C) exactly one entry per head leaves: the ring step
+      (`_ring_step`) does this in place, the leaving window token taking the freed slot, with
+      no re-packing of the cache, its logits or the attention's blocks (`MorphKVLayer.ring`).
 
     Budget: C = `cache_size` if given (tokens per KV head; it then overrides `compression_ratio`,
     and the cache grows until it reaches C when the context is shorter), else
@@ -253,6 +302,9 @@ class MorphKVPress(Press):
         T = layer.tail_length()
         if T == 0:
             return
+        if T == 1 and self._steady(layer):
+            return self._ring_step(layer)
+        layer.canonical()
         prefix = layer.prefix
         B, H = prefix.batch, prefix.heads
         t = min(T, self.window_size)
@@ -280,3 +332,79 @@ class MorphKVPress(Press):
             logits_out.append(take_entries(logits, idx))
         layer.keep(indices)
         layer.row_logits = [r for x in logits_out for r in x.split(1)]
+
+    def _steady(self, layer: MorphKVLayer) -> bool:
+        """Whether the ring step applies: one prompt, every row at its constant size with a
+        full window of R logits rows and old entries to choose from (else `evict`'s general
+        path, which also handles feeds of several tokens and caches still growing)."""
+        R, prefix = self.window_size, layer.prefix
+        return (layer.rows is None and layer.prefix_tokens >= R and all(
+            rl.shape[3] == R and C > R and set(prefix.row_lengths(b)) == {C}
+            for b, (C, rl) in enumerate(zip(layer.budgets, layer.row_logits))))
+
+    def _ring_step(self, layer: MorphKVLayer) -> None:
+        """`evict` for one new token at the constant size, in place (ring layout, `MorphKVLayer.
+        ring`): the new query's logits row replaces the oldest row; the token leaving the window
+        (position p - R) competes with the C - R old entries, and the lowest score of those
+        C - R + 1 leaves: the leaving token takes the freed old slot (unless it is the lowest
+        itself), and the new token its window slot. The same keep rule as the general path
+        (one token in, one out, per KV head), without re-packing the cache or its logits."""
+        layer.to_ring(self.window_size)
+        prefix, R = layer.prefix, self.window_size
+        H, d = prefix.heads, prefix.keys.shape[-1]
+        dev = prefix.keys.device
+        p = layer.prefix_tokens  # the new token's position
+        r = p % R  # its logits row, and its window slot
+        q_new = layer.window_queries[:, :, -1].float()  # [B, Hq, d]
+        k_new = layer.keys[:, :, 0]  # [B, H, d]
+        G = q_new.shape[1] // H
+        heads = torch.arange(H, device=dev)
+        moved, slots = [], []  # per row: the packed index of each head's freed old slot / window slot
+        for b, C in enumerate(layer.budgets):
+            s, e = prefix.row_span(b)
+            L = layer.row_logits[b].view(H, G, R, C)
+            q = q_new[b].view(H, G, d)
+            o, slot = C - R, C - R + r  # old slots [0, o); the leaving token's window slot
+            logits = torch.matmul(q, prefix.keys[s:e].view(H, C, d).float().transpose(1, 2)) / d**0.5
+            L[:, :, r] = logits  # the new query sees every entry
+            leaving = logits.new_empty((H, G, R))
+            leaving.copy_(L[:, :, :, slot])  # every window query sees the leaving token
+            # softmax over the C - R + 1 candidates, per query head and window row
+            top = torch.maximum(L[..., :o].amax(dim=-1), leaving)
+            p_old = (L[..., :o] - top[..., None]).exp_()
+            p_leaving = (leaving - top).exp_()
+            total = p_old.sum(dim=-1).add_(p_leaving)
+            p_old.div_(total[..., None])
+            p_leaving.div_(total)
+            grouped = (p_old.amax(1), p_leaving.amax(1)) if self.gqa_reduction == "max" else (p_old.mean(1), p_leaving.mean(1))
+            fused = [g.sum(1) if self.fusion == "sum" else g.amax(1) for g in grouped]  # [H, o], [H]
+            drop = torch.cat([fused[0], fused[1][:, None]], dim=1).argmin(dim=1)  # o: the leaving token
+            to = torch.where(drop < o, drop, slot)  # [H]; its own slot: a no-op move
+            # the leaving token's column into the freed one; the new token's column: only its own
+            # query (row r) sees it
+            cols = L.view(H, G * R, C)
+            flat = (heads[:, None] * (G * R * C) + torch.arange(G * R, device=dev) * C + to[:, None]).reshape(-1)
+            cols.view(-1).index_copy_(0, flat, leaving.reshape(-1))
+            L[:, :, :, slot] = float("-inf")
+            L[:, :, r, slot] = torch.matmul(q, k_new[b].float()[:, :, None])[..., 0] / d**0.5
+            base = s + heads * C
+            moved.append(base + to)
+            slots.append(base + slot)
+        # the cache: every row's leaving token into its freed slot, then the new token into its
+        # window slot, with one copy per tensor for all rows
+        moved, slots = torch.cat(moved), torch.cat(slots)
+        for x, new in ((prefix.keys, k_new), (prefix.values, layer.values[:, :, 0]),
+                       (prefix.positions, torch.full((slots.numel(),), p, dtype=torch.long, device=dev))):
+            x.index_copy_(0, moved, x.index_select(0, slots))
+            x.index_copy_(0, slots, new.reshape(slots.numel(), -1).squeeze(-1) if x.dim() == 1 else new.reshape(-1, x.shape[-1]))
+        layer.prefix_tokens += 1
+        layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]  # the tail's buffers stay
+        blocks = prefix.__dict__.get("_decode_blocks")  # the attention's copy of a ragged prefix
+        buffer = layer._bufs[0]  # where the next token goes (an empty view has no address)
+        if blocks is not None and blocks.filled == 1 and buffer is not None:
+            at = torch.cat([moved, slots])
+            blocks.absorb_tail(at_bh := torch.bucketize(at, torch.tensor(prefix.offsets[1:], device=dev), right=True),
+                               at - torch.tensor(prefix.offsets[:-1], device=dev)[at_bh],
+                               prefix.keys.index_select(0, at), prefix.values.index_select(0, at), buffer)
+        else:
+            layer._tail_replaced()

@@ -240,7 +240,7 @@ class DecodeBlocks:
             slot += len(rows) * H * W
         self._set_order(order, dev)
         self.tail0 = torch.tensor(tail0, device=dev)
-        head0 = torch.tensor(head0, device=dev)
+        self.head0 = head0 = torch.tensor(head0, device=dev)
         lengths = torch.tensor(prefix.lengths, device=dev)
         starts = torch.tensor(prefix.offsets[:-1], device=dev)
         total = prefix.keys.shape[0]
@@ -281,6 +281,7 @@ class DecodeBlocks:
         out._set_order(order, dev)
         rows = torch.tensor(keep, device=dev)
         out.tail0 = self.tail0.view(-1, H).index_select(0, rows).reshape(-1) + trim
+        out.head0 = self.head0.view(-1, H).index_select(0, rows).reshape(-1)
         out.keys, out.values, out.bias = self.keys, self.values, self.bias
         out.room, out.filled, out.shift = self.room - trim, self.filled - trim, self.shift + trim
         out.tail_ptr = tail_k.data_ptr()
@@ -306,6 +307,20 @@ class DecodeBlocks:
             dst = dst.view(B, H, new)[own[:, None, :].expand(B, H, new)]
         self.bias.index_fill_(0, dst, 0.0)
         self.filled = T
+
+    def absorb_tail(self, bh: torch.Tensor, j: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    tail_k: torch.Tensor) -> None:
+        """The prefix changed in place and took in the tail (MorphKV's ring step): prefix entry
+        j[i] of (row, head) bh[i] now holds keys[i] / values[i], and the tail is empty; `tail_k`
+        is the buffer its next tokens go to. The blocks follow without a rebuild."""
+        dst = self.head0[bh] + j
+        self.keys.index_copy_(0, dst, keys)
+        self.values.index_copy_(0, dst, values)
+        if self.filled:
+            t = torch.arange(self.filled, device=dst.device)
+            self.bias.index_fill_(0, (self.tail0[:, None] + t).reshape(-1), float("-inf"))
+        self.filled = 0
+        self.tail_ptr = tail_k.data_ptr()
 
     def attend(self, qg: torch.Tensor, q_len: int, scaling: float, softcap: float | None) -> torch.Tensor:
         """qg [B, H, R, d], R = G * q_len rows per KV head (row g * q_len + i: query i, the
