@@ -28,6 +28,7 @@ of rows from different prompts is fed with explicit `position_ids` (the decoder 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -86,6 +87,9 @@ class RaggedKV:
     def __post_init__(self):
         assert len(self.lengths) == self.batch * self.heads
         assert self.keys.shape[0] == sum(self.lengths) == self.values.shape[0]
+        self._layout()
+
+    def _layout(self) -> None:
         self.offsets = [0]
         for n in self.lengths:
             self.offsets.append(self.offsets[-1] + n)
@@ -110,7 +114,38 @@ class RaggedKV:
 
     @property
     def nbytes(self) -> int:
+        pending = self.__dict__.get("_pending")
+        if pending is not None:  # what the entries will take once copied
+            src = pending[0]
+            return sum(self.lengths) * (src.keys[0].nbytes + src.values[0].nbytes)
         return self.keys.nbytes + self.values.nbytes
+
+    def select_rows(self, keep: Sequence[int]) -> "RaggedKV":
+        """The entries of batch rows `keep` (new row i is row keep[i]), copied when first read
+        (`keys`, `values`, `positions`), not now: a decode batch that a row leaves attends through
+        its own blocks (`kvray.runtime.attention.DecodeBlocks`, which move to the new batch) and
+        may never read them, and a chain of selections copies once. Until then the source's
+        tensors stay referenced (`nbytes` counts the selected entries only)."""
+        src, picked = self.__dict__.get("_pending") or (self, None)
+        dev = src.positions.device
+        sel = torch.cat([torch.arange(*self.row_span(b), device=dev) for b in keep]) if keep else \
+            torch.empty(0, dtype=torch.long, device=dev)
+        out = object.__new__(RaggedKV)
+        out.lengths = tuple(n for b in keep for n in self.row_lengths(b))
+        out.batch, out.heads = len(keep), self.heads
+        out._pending = (src, sel if picked is None else picked.index_select(0, sel))
+        out._layout()
+        return out
+
+    def __getattr__(self, name: str):
+        # the entries of a lazy selection (`select_rows`), copied at the first read
+        pending = self.__dict__.get("_pending")
+        if pending is None or name not in ("keys", "values", "positions"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        src, sel = pending
+        self.keys, self.values, self.positions = (t.index_select(0, sel) for t in (src.keys, src.values, src.positions))
+        del self._pending
+        return self.__dict__[name]
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, H, n, d] views; only when all heads hold the same count."""
@@ -402,12 +437,7 @@ class KVRayCache(Cache):
             x = old.prefix
             if x is None:
                 raise ValueError("select_rows needs a compressed cache")
-            H = x.heads
-            spans = [torch.arange(*x.row_span(b), device=x.keys.device) for b in keep]
-            idx = torch.cat(spans) if spans else torch.empty(0, dtype=torch.long, device=x.keys.device)
-            ragged = RaggedKV(x.keys.index_select(0, idx), x.values.index_select(0, idx),
-                              x.positions.index_select(0, idx), tuple(n for b in keep for n in x.row_lengths(b)),
-                              len(keep), H)
+            ragged = x.select_rows(keep)  # copied when read: the attention's blocks move without a copy
             layer = KVRayLayer(prefix=ragged)
             layer.window = old.window
             if T:

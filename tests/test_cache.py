@@ -108,3 +108,31 @@ def test_a_decode_step_appends_in_place(inference):
             first = layer._bufs[0]
     assert moved.count(True) == 1  # once, when the TAIL_SLACK slots of room were used up
     assert torch.equal(layer.keys[:, :, 5:], torch.cat(steps, dim=2))
+
+
+def test_row_selection_copies_when_read_and_once_for_a_chain():
+    """`RaggedKV.select_rows` equals packing the kept rows' entries; the copy waits for the
+    first read of the entries, and a selection of a selection copies once, from the source."""
+    torch.manual_seed(0)
+    B, H, d = 4, 2, 3
+    lengths = (2, 5, 1, 3, 4, 4, 6, 2)
+    total = sum(lengths)
+    src = RaggedKV(torch.randn(total, d), torch.randn(total, d), torch.arange(total) * 10, lengths, B, H)
+
+    def eager(x: RaggedKV, keep):
+        parts = [slice(*x.row_span(b)) for b in keep]
+        return [torch.cat([t[p] for p in parts]) for t in (x.keys, x.values, x.positions)]
+
+    one = src.select_rows([3, 1])
+    assert "keys" not in one.__dict__ and one.lengths == (6, 2, 1, 3) and one.batch == 2
+    assert one.nbytes == 12 * 2 * d * 4  # the selected entries, before the copy
+    two = one.select_rows([1])  # row 1 of the selection: the source's row 1
+    assert "keys" not in one.__dict__ and two.__dict__["_pending"][0] is src
+    for got, want in zip((two.keys, two.values, two.positions), eager(src, [1])):
+        assert torch.equal(got, want)
+    for got, want in zip((one.keys, one.values, one.positions), eager(src, [3, 1])):
+        assert torch.equal(got, want)
+    assert "_pending" not in one.__dict__ and one.nbytes == one.keys.nbytes + one.values.nbytes
+    assert one.offsets == [0, 6, 8, 9, 12] and not one.uniform
+    with pytest.raises(AttributeError):
+        one.no_such_attribute
