@@ -360,6 +360,7 @@ class MorphKVPress(Press):
         G = q_new.shape[1] // H
         heads = torch.arange(H, device=dev)
         moved, slots = [], []  # per row: the packed index of each head's freed old slot / window slot
+        local = []  # per row: (row-head, freed slot, window slot), head-local
         for b, C in enumerate(layer.budgets):
             s, e = prefix.row_span(b)
             L = layer.row_logits[b].view(H, G, R, C)
@@ -390,21 +391,23 @@ class MorphKVPress(Press):
             base = s + heads * C
             moved.append(base + to)
             slots.append(base + slot)
+            local.append((b * H + heads, to, torch.full_like(to, slot)))
         # the cache: every row's leaving token into its freed slot, then the new token into its
         # window slot, with one copy per tensor for all rows
         moved, slots = torch.cat(moved), torch.cat(slots)
-        for x, new in ((prefix.keys, k_new), (prefix.values, layer.values[:, :, 0]),
-                       (prefix.positions, torch.full((slots.numel(),), p, dtype=torch.long, device=dev))):
+        n = slots.numel()
+        for x, new in ((prefix.keys, k_new.reshape(n, -1)), (prefix.values, layer.values[:, :, 0].reshape(n, -1)),
+                       (prefix.positions, torch.full((n,), p, dtype=torch.long, device=dev))):
             x.index_copy_(0, moved, x.index_select(0, slots))
-            x.index_copy_(0, slots, new.reshape(slots.numel(), -1).squeeze(-1) if x.dim() == 1 else new.reshape(-1, x.shape[-1]))
+            x.index_copy_(0, slots, new)
         layer.prefix_tokens += 1
         layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]  # the tail's buffers stay
         blocks = prefix.__dict__.get("_decode_blocks")  # the attention's copy of a ragged prefix
         buffer = layer._bufs[0]  # where the next token goes (an empty view has no address)
         if blocks is not None and blocks.filled == 1 and buffer is not None:
-            at = torch.cat([moved, slots])
-            blocks.absorb_tail(at_bh := torch.bucketize(at, torch.tensor(prefix.offsets[1:], device=dev), right=True),
-                               at - torch.tensor(prefix.offsets[:-1], device=dev)[at_bh],
-                               prefix.keys.index_select(0, at), prefix.values.index_select(0, at), buffer)
+            bh = torch.cat([x[0] for x in local] * 2)
+            at = torch.cat([x[1] for x in local] + [x[2] for x in local])  # head-local: moved, then window slots
+            written = torch.cat([moved, slots])
+            blocks.absorb_tail(bh, at, prefix.keys.index_select(0, written), prefix.values.index_select(0, written), buffer)
         else:
             layer._tail_replaced()
