@@ -100,8 +100,8 @@ class RaggedKV:
     def head_ids(self) -> torch.Tensor:
         """[total] int16: the KV head (0..H-1) of every packed entry (built once, on demand)."""
         if self._head_ids is None:
-            heads = torch.arange(self.heads, device=self.keys.device, dtype=torch.int16).repeat(self.batch)
-            counts = torch.tensor(self.lengths, device=self.keys.device, dtype=torch.long)
+            heads = torch.arange(self.heads, device=self.device, dtype=torch.int16).repeat(self.batch)
+            counts = torch.tensor(self.lengths, device=self.device, dtype=torch.long)
             self._head_ids = torch.repeat_interleave(heads, counts)
         return self._head_ids
 
@@ -114,36 +114,92 @@ class RaggedKV:
 
     @property
     def nbytes(self) -> int:
-        pending = self.__dict__.get("_pending")
-        if pending is not None:  # what the entries will take once copied
-            src = pending[0]
-            return sum(self.lengths) * (src.keys[0].nbytes + src.values[0].nbytes)
+        if "_pending" in self.__dict__:  # what the entries will take once copied
+            src = self._source()
+            return sum(self.lengths) * (src.keys.shape[-1] * src.keys.element_size()
+                                        + src.values.shape[-1] * src.values.element_size())
         return self.keys.nbytes + self.values.nbytes
+
+    def _source(self) -> "RaggedKV":
+        """A RaggedKV whose tensors exist and have this one's device, dtype and dims."""
+        pending = self.__dict__.get("_pending")
+        return self if pending is None else pending[0][0]
+
+    @property
+    def device(self) -> torch.device:
+        return self._source().keys.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._source().keys.dtype
 
     def select_rows(self, keep: Sequence[int]) -> "RaggedKV":
         """The entries of batch rows `keep` (new row i is row keep[i]), copied when first read
         (`keys`, `values`, `positions`), not now: a decode batch that a row leaves attends through
         its own blocks (`kvray.runtime.attention.DecodeBlocks`, which move to the new batch) and
-        may never read them, and a chain of selections copies once. Until then the source's
-        tensors stay referenced (`nbytes` counts the selected entries only)."""
-        src, picked = self.__dict__.get("_pending") or (self, None)
-        dev = src.positions.device
+        may never read them, and a chain of selections (or merges, `concat`) copies once. Until
+        then the sources' tensors stay referenced (`nbytes` counts the selected entries only)."""
+        parts, picked = self.__dict__.get("_pending") or ((self,), None)
+        dev = self.device
         sel = torch.cat([torch.arange(*self.row_span(b), device=dev) for b in keep]) if keep else \
             torch.empty(0, dtype=torch.long, device=dev)
-        out = object.__new__(RaggedKV)
-        out.lengths = tuple(n for b in keep for n in self.row_lengths(b))
-        out.batch, out.heads = len(keep), self.heads
-        out._pending = (src, sel if picked is None else picked.index_select(0, sel))
+        return self._lazy(parts, sel if picked is None else picked.index_select(0, sel),
+                          tuple(n for b in keep for n in self.row_lengths(b)), len(keep), self.heads)
+
+    @classmethod
+    def concat(cls, parts: Sequence["RaggedKV"]) -> "RaggedKV":
+        """The rows of `parts` one after the other (same heads), copied when first read, like
+        `select_rows`: a decode batch attends through blocks merged without a copy
+        (`kvray.runtime.attention.DecodeBlocks.merge`) and may never read the packed entries."""
+        if len({x.heads for x in parts}) != 1:
+            raise ValueError("caches to merge must have the same KV heads")
+        srcs, sels, base, any_sel = [], [], 0, False
+        for x in parts:
+            xs, sel = x.__dict__.get("_pending") or ((x,), None)
+            n = sum(y.keys.shape[0] for y in xs)
+            any_sel |= sel is not None
+            sels.append((sel if sel is not None else torch.arange(n, device=x.device)) + base)
+            srcs += xs
+            base += n
+        return cls._lazy(tuple(srcs), torch.cat(sels) if any_sel else None,
+                         tuple(n for x in parts for n in x.lengths), sum(x.batch for x in parts), parts[0].heads)
+
+    @classmethod
+    def _lazy(cls, parts: tuple["RaggedKV", ...], sel: torch.Tensor | None, lengths: tuple[int, ...], batch: int,
+              heads: int) -> "RaggedKV":
+        """Entries `sel` (None: all) of `parts` packed one after the other, copied at the first
+        read; `parts` hold their tensors (never lazy themselves)."""
+        out = object.__new__(cls)
+        out.lengths, out.batch, out.heads = lengths, batch, heads
+        out._pending = (parts, sel)
         out._layout()
         return out
 
+    def pieces(self) -> list[tuple["RaggedKV", int]]:
+        """(source, first packed entry) of runs that hold this prefix's entries in order, without
+        copying them: the parts of a lazy `concat`, else this prefix itself."""
+        pending = self.__dict__.get("_pending")
+        if pending is None or pending[1] is not None:
+            return [(self, 0)]
+        out, at = [], 0
+        for x in pending[0]:
+            out.append((x, at))
+            at += x.keys.shape[0]
+        return out
+
     def __getattr__(self, name: str):
-        # the entries of a lazy selection (`select_rows`), copied at the first read
+        # the entries of a lazy selection or concatenation, copied at the first read
         pending = self.__dict__.get("_pending")
         if pending is None or name not in ("keys", "values", "positions"):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        src, sel = pending
-        self.keys, self.values, self.positions = (t.index_select(0, sel) for t in (src.keys, src.values, src.positions))
+        parts, sel = pending
+        for attr in ("keys", "values", "positions"):
+            ts = [getattr(x, attr) for x in parts]
+            if sel is None:  # a fresh tensor, also for one part: the sources stay as they are
+                t = torch.cat(ts) if len(ts) > 1 else ts[0].clone()
+            else:
+                t = (torch.cat(ts) if len(ts) > 1 else ts[0]).index_select(0, sel)
+            self.__dict__[attr] = t
         del self._pending
         return self.__dict__[name]
 
@@ -361,6 +417,25 @@ class KVRayLayer(DynamicLayer):
                           self.values.new_empty((B, H, 0, self.values.shape[-1])))
 
 
+def _merge_blocks(parts: list[KVRayLayer], tails: list[tuple[torch.Tensor, torch.Tensor]], merged: KVRayLayer) -> None:
+    """Give the merged layer the attention blocks of its sources (`DecodeBlocks.merge`, no copy),
+    when one of them has blocks up to date with its tail; the others get theirs built."""
+    found = [p.prefix.__dict__.pop("_decode_blocks", None) for p in parts]  # they move to the batch
+    found = [b if b is not None and b.filled == p.tail_length() and (not p.tail_length() or b.fits(p.keys)) else None
+             for b, p in zip(found, parts)]
+    T = merged.tail_length()
+    if T == 0 or all(b is None for b in found):
+        return  # built at the first forward over the batch, once for all its rows
+    from .runtime.attention import DecodeBlocks
+
+    blocks = []
+    for b, p, (k, v) in zip(found, parts, tails):
+        if b is None:
+            b = DecodeBlocks(p.prefix, k, v, p.rows.pads if p.rows is not None and any(p.rows.pads) else None)
+        blocks.append((b, T - k.shape[2]))
+    merged.prefix._decode_blocks = DecodeBlocks.merge(blocks, merged.keys)
+
+
 class KVRayCache(Cache):
     """A transformers `Cache` of `KVRayLayer`s (see module docstring)."""
 
@@ -378,8 +453,10 @@ class KVRayCache(Cache):
     def merge(cls, caches: list["KVRayCache"]) -> "KVRayCache":
         """One batch from compressed caches of possibly different prompts, lengths, budgets and
         tail lengths (each may itself be a merged batch): its rows are the rows of `caches`, in
-        order. Copies the entries (prefixes packed one after the other, tails left-padded to the
-        longest); the sources can be dropped afterwards."""
+        order. The entries are copied when first read (`RaggedKV.concat`; tails, left-padded to
+        the longest, now); the sources can be dropped afterwards, and are left as they are. When
+        a source's layer has attention blocks (`kvray.runtime.attention.DecodeBlocks`), the
+        batch takes them over, without a copy, and builds its own for the other sources."""
         if not caches:
             raise ValueError("nothing to merge")
         n_layers = {len(c.layers) for c in caches}
@@ -391,30 +468,23 @@ class KVRayCache(Cache):
             prefixes = [p.prefix for p in parts]
             if any(x is None for x in prefixes):
                 raise ValueError("only compressed caches (with a prefix in every layer) can be merged")
-            if len({x.heads for x in prefixes}) != 1:
-                raise ValueError("caches to merge must have the same KV heads")
-            ragged = RaggedKV(torch.cat([x.keys for x in prefixes]), torch.cat([x.values for x in prefixes]),
-                              torch.cat([x.positions for x in prefixes]),
-                              tuple(n for x in prefixes for n in x.lengths),
-                              sum(x.batch for x in prefixes), prefixes[0].heads)
+            ragged = RaggedKV.concat(prefixes)
             layer = KVRayLayer(prefix=ragged)
             layer.window = parts[0].window
             T = max(p.tail_length() for p in parts)
+            tails = []
+            for p, x in zip(parts, prefixes):
+                t = p.tail_length()
+                if t:
+                    k, v = p.keys, p.values
+                else:
+                    d = x._source().keys.shape[-1]
+                    k = v = torch.empty((x.batch, x.heads, 0, d), dtype=x.dtype, device=x.device)
+                tails.append((k, v))
             if T:
-                tails_k, tails_v = [], []
-                for p, x in zip(parts, prefixes):
-                    t = p.tail_length()
-                    if t:
-                        k, v = p.keys, p.values
-                    else:
-                        d = x.keys.shape[-1]
-                        k = v = x.keys.new_zeros((x.batch, x.heads, 0, d))
-                    if t < T:  # left-pad: the row's own entries stay at the end
-                        k = torch.nn.functional.pad(k, (0, 0, T - t, 0))
-                        v = torch.nn.functional.pad(v, (0, 0, T - t, 0))
-                    tails_k.append(k)
-                    tails_v.append(v)
-                layer.set_tail(torch.cat(tails_k), torch.cat(tails_v))
+                layer.set_tail(torch.cat([torch.nn.functional.pad(k, (0, 0, T - k.shape[2], 0)) for k, _ in tails]),
+                               torch.cat([torch.nn.functional.pad(v, (0, 0, T - v.shape[2], 0)) for _, v in tails]))
+            _merge_blocks(parts, tails, layer)
             layers.append(layer)
         T = layers[0].tail_length()
         starts, pads = [], []

@@ -127,7 +127,7 @@ def test_row_selection_copies_when_read_and_once_for_a_chain():
     assert "keys" not in one.__dict__ and one.lengths == (6, 2, 1, 3) and one.batch == 2
     assert one.nbytes == 12 * 2 * d * 4  # the selected entries, before the copy
     two = one.select_rows([1])  # row 1 of the selection: the source's row 1
-    assert "keys" not in one.__dict__ and two.__dict__["_pending"][0] is src
+    assert "keys" not in one.__dict__ and two.__dict__["_pending"][0] == (src,)
     for got, want in zip((two.keys, two.values, two.positions), eager(src, [1])):
         assert torch.equal(got, want)
     for got, want in zip((one.keys, one.values, one.positions), eager(src, [3, 1])):
@@ -136,3 +136,35 @@ def test_row_selection_copies_when_read_and_once_for_a_chain():
     assert one.offsets == [0, 6, 8, 9, 12] and not one.uniform
     with pytest.raises(AttributeError):
         one.no_such_attribute
+
+
+def test_concatenation_copies_when_read_and_leaves_the_sources():
+    """`RaggedKV.concat` (a merge) equals packing the parts one after the other, also of a lazy
+    selection and of a concatenation; nothing is copied before the first read, the result is
+    a copy (the sources stay as they were when it is written), and `pieces` lists the parts."""
+    torch.manual_seed(1)
+    d = 3
+
+    def ragged(lengths, B, H=2):
+        n = sum(lengths)
+        return RaggedKV(torch.randn(n, d), torch.randn(n, d), torch.randint(0, 99, (n,)), lengths, B, H)
+
+    a, b, c = ragged((2, 1, 3, 4), 2), ragged((5, 0), 1), ragged((1, 2, 2, 2, 0, 3), 3)
+    sel = c.select_rows([2, 0])
+    ab = RaggedKV.concat([a, b])
+    assert "keys" not in ab.__dict__ and ab.pieces() == [(a, 0), (b, 10)]
+    assert ab.nbytes == 15 * 2 * d * 4 and ab.lengths == (2, 1, 3, 4, 5, 0) and ab.batch == 3
+    whole = RaggedKV.concat([ab, sel])
+    assert "keys" not in whole.__dict__ and whole.__dict__["_pending"][0] == (a, b, c)
+    for attr in ("keys", "values", "positions"):
+        t = lambda x: getattr(x, attr)  # noqa: E731
+        rows_c = torch.cat([t(c)[slice(*c.row_span(r))] for r in (2, 0)])
+        assert torch.equal(t(whole), torch.cat([t(a), t(b), rows_c]))
+        assert torch.equal(t(ab), torch.cat([t(a), t(b)]))
+    assert whole.lengths == (2, 1, 3, 4, 5, 0, 0, 3, 1, 2) and whole.offsets[-1] == 21
+    before = a.keys.clone()
+    one = RaggedKV.concat([a])
+    one.keys.add_(1)  # written in place (MorphKV's ring does): the source is not
+    assert torch.equal(a.keys, before)
+    with pytest.raises(ValueError, match="same KV heads"):
+        RaggedKV.concat([a, ragged((1, 1, 1), 1, H=3)])

@@ -142,6 +142,54 @@ def test_decode_blocks_move_with_the_rows_that_stay(monkeypatch):
     assert len(built) == 3
 
 
+def test_merged_batches_keep_their_blocks(monkeypatch):
+    """Batches merged into one (`KVRayCache.merge`: tails of different lengths, left-padded)
+    keep their attention blocks without a copy (`DecodeBlocks.merge`); a source without blocks
+    gets its own built, and the packed entries are copied only when read. A feed of several
+    tokens and the decode steps after it match the slow reference (the blocks rebuilt when the
+    room the sources had left runs out), and the sources stay as they were."""
+    import kvray.runtime.attention as attn
+
+    monkeypatch.setattr(attn, "BLOCK_ROOM", 3)
+    torch.manual_seed(4)
+    H, G, d = 2, 3, 16
+
+    def part(layout, T, pads):
+        prefix = _random_prefix(layout, d)
+        B = prefix.batch
+        layer = KVRayLayer(prefix=prefix, rows=RowLayout(tuple(range(20, 20 + B)), pads))
+        if T:
+            layer.set_tail(torch.randn(B, H, T, d), torch.randn(B, H, T, d))
+        return KVRayCache([layer])
+
+    a, b, c = part("skewed", 4, (0, 1, 2)), part("grouped", 2, (0,) * 6), part("empty_head", 0, (0,) * 3)
+    for src in (a, b):  # a decode step each: their blocks are built
+        layer = src.layers[0]
+        n = layer.prefix.batch
+        layer.update(torch.randn(n, H, 1, d), torch.randn(n, H, 1, d))
+        ragged_attention(torch.randn(n, H * G, 1, d), layer, 1 / math.sqrt(d), impl="torch")
+    kept = [src.layers[0].prefix.keys.clone() for src in (a, b, c)]
+    built = []
+    monkeypatch.setattr(attn.DecodeBlocks, "__init__", _counting(attn.DecodeBlocks.__init__, built))
+    merged = KVRayCache.merge([a, b, c])
+    layer = merged.layers[0]
+    assert len(built) == 1  # c's, not a's or b's
+    assert layer.rows.pads == (0, 1, 2, 2, 2, 2, 2, 2, 2, 5, 5, 5)
+    assert "keys" not in layer.prefix.__dict__  # the packed entries: not copied yet
+    dense = None
+    for q_len in (3, 1, 1, 1):
+        n = layer.prefix.batch
+        layer.update(torch.randn(n, H, q_len, d), torch.randn(n, H, q_len, d))
+        query = torch.randn(n, H * G, q_len, d)
+        got = ragged_attention(query, layer, 1 / math.sqrt(d), impl="torch")
+        dense = dense or _dense(layer.prefix)
+        want = dense_masked_reference(query, *dense, layer.keys, layer.values, layer.rows.pads)
+        assert (got.double() - want).abs().max().item() < 1e-5, f"q_len {q_len}"
+        assert len(built) == (1 if q_len == 3 else 2), q_len  # 3 slots of room left: rebuilt at the next
+    for src, k in zip((a, b, c), kept):
+        assert torch.equal(src.layers[0].prefix.keys, k)
+
+
 def _counting(init, calls):
     def wrapped(self, *a, **k):
         calls.append(1)

@@ -408,6 +408,8 @@ class MorphKVPress(Press):
             bh = torch.cat([x[0] for x in local] * 2)
             at = torch.cat([x[1] for x in local] + [x[2] for x in local])  # head-local: moved, then window slots
             written = torch.cat([moved, slots])
-            blocks.absorb_tail(bh, at, prefix.keys.index_select(0, written), prefix.values.index_select(0, written), buffer)
+            if not blocks.absorb_tail(bh, at, prefix.keys.index_select(0, written),
+                                      prefix.values.index_select(0, written), buffer):
+                layer._tail_replaced()
         else:
             layer._tail_replaced()

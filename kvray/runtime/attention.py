@@ -207,30 +207,34 @@ class DecodeBlocks:
     """A non-uniform prefix and its tail laid out for attention on the torch path: rows of
     similar length (`_length_groups`) share a block [n, H, W, d] that holds, per (row, KV head),
     its entries padded to the group's longest head P, then its tail slots, with room for
-    `BLOCK_ROOM` more (W = P + tail + room). All blocks lie in one flat buffer, so a decode step
-    appends every row's new key and value with one `index_copy_` each, and a group attends with
-    one SDPA call (padding, free room and the tail's left padding masked by an additive bias; a
-    feed of several tokens adds the causal mask): no gathers, no concatenation, no separate
-    tail, no loop over rows or heads.
+    `BLOCK_ROOM` more (W = P + tail + room). The blocks lie in flat buffers (one when built, one
+    per source batch after `merge`), so a decode step appends every row's new key and value with
+    one `index_copy_` per buffer, and a group attends with one SDPA call (padding, free room and
+    the tail's left padding masked by an additive bias; a feed of several tokens adds the causal
+    mask): no gathers, no concatenation, no separate tail, no loop over rows or heads.
 
     Built at the first forward over a batch (the feed of the question, or the first decode
     step) and kept with its prefix: a padded copy of the entries, held while the batch lives,
     not in `nbytes()` (which counts the packed layout, all the Triton path holds). Rebuilt when
     the tail outgrows its room or is replaced (`KVRayLayer.set_tail` / `crop` drop it). Rows
     leaving the batch (`KVRayCache.select_rows`) take no rebuild: `select` keeps the other rows'
-    slots where they lie."""
+    slots where they lie; batches merged into one (`KVRayCache.merge`) keep theirs too (`merge`).
+
+    Per group (first row in block order, rows, buffer, slot offset, P, W, shift): tail slot t of
+    its rows lies in block column P + shift + t (shift: tail slots dropped by `select`, minus
+    the left padding a `merge` added)."""
 
     def __init__(self, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor, pads):
         B, H, T, d = tail_k.shape
-        dev, dtype = prefix.keys.device, prefix.keys.dtype
+        dev, dtype = prefix.device, prefix.dtype
         room = T + BLOCK_ROOM
-        order, self.groups = [], []  # groups: (first row in block order, rows, slot offset, P, W)
+        order, self.groups = [], []
         head0, tail0 = [0] * (B * H), [0] * (B * H)  # per (row, head): the slot of its entry 0 / tail slot 0
         slot = 0
         for rows in _length_groups(prefix):
             P = max(max(prefix.row_lengths(b)) for b in rows)
             W = P + room
-            self.groups.append((len(order), len(rows), slot, P, W))
+            self.groups.append((len(order), len(rows), 0, slot, P, W, 0))
             for i, b in enumerate(rows):
                 for h in range(H):
                     head0[b * H + h] = slot + (i * H + h) * W
@@ -242,22 +246,34 @@ class DecodeBlocks:
         self.head0 = head0 = torch.tensor(head0, device=dev)
         lengths = torch.tensor(prefix.lengths, device=dev)
         starts = torch.tensor(prefix.offsets[:-1], device=dev)
-        total = prefix.keys.shape[0]
-        dst = torch.repeat_interleave(head0 - starts, lengths) + torch.arange(total, device=dev)
-        self.keys = torch.zeros((slot, d), dtype=dtype, device=dev)  # zeros: padding must stay finite
-        self.values = torch.zeros((slot, prefix.values.shape[-1]), dtype=dtype, device=dev)
-        self.bias = torch.full((slot,), float("-inf"), dtype=dtype, device=dev)
-        self.keys.index_copy_(0, dst, prefix.keys)
-        self.values.index_copy_(0, dst, prefix.values)
-        self.bias.index_fill_(0, dst, 0.0)
+        dst = torch.repeat_interleave(head0 - starts, lengths) + torch.arange(sum(prefix.lengths), device=dev)
+        keys = torch.zeros((slot, d), dtype=dtype, device=dev)  # zeros: padding must stay finite
+        values = torch.zeros((slot, tail_v.shape[-1]), dtype=dtype, device=dev)
+        bias = torch.full((slot,), float("-inf"), dtype=dtype, device=dev)
+        for src, at in prefix.pieces():  # the parts of a merged batch, copied from where they lie
+            part = dst[at:at + src.keys.shape[0]]
+            keys.index_copy_(0, part, src.keys)
+            values.index_copy_(0, part, src.values)
+        bias.index_fill_(0, dst, 0.0)
+        self.bufs = [(keys, values, bias)]
+        self.buf_rows = None  # per buffer, its rows (a tensor) when there are several
         self.room, self.filled, self.tail_ptr = room, 0, tail_k.data_ptr()
-        self.shift = 0  # tail slot t lies at block slot P + shift + t (select drops leading slots)
         self.append(tail_k, tail_v, pads)
 
     def _set_order(self, order: list[int], dev) -> None:
         self.order = order  # the rows in block order
         self.perm = None if order == list(range(len(order))) else torch.tensor(order, device=dev)
         self.inv = None if self.perm is None else torch.argsort(self.perm)
+
+    def _set_buf_rows(self, dev) -> None:
+        """Which rows lie in which buffer (for appends), from the groups."""
+        if len(self.bufs) == 1:
+            self.buf_rows = None
+            return
+        rows = [[] for _ in self.bufs]
+        for first, n, buf, *_ in self.groups:
+            rows[buf] += self.order[first:first + n]
+        self.buf_rows = [torch.tensor(sorted(r), dtype=torch.long, device=dev) for r in rows]
 
     def select(self, keep: list[int], trim: int, tail_k: torch.Tensor) -> "DecodeBlocks":
         """The blocks of rows `keep` (new row i is row keep[i]) after their tail lost its first
@@ -268,11 +284,11 @@ class DecodeBlocks:
         H = self.tail0.numel() // len(self.order)
         new_of = {b: i for i, b in enumerate(keep)}
         groups, order = [], []
-        for first, n, off, P, W in self.groups:  # each run of kept rows: a group
+        for first, n, buf, off, P, W, shift in self.groups:  # each run of kept rows: a group
             for kept, run in itertools.groupby(range(n), key=lambda i: self.order[first + i] in new_of):
                 if kept:
                     run = list(run)
-                    groups.append((len(order), len(run), off + run[0] * H * W, P, W))
+                    groups.append((len(order), len(run), buf, off + run[0] * H * W, P, W, shift + trim))
                     order += [new_of[self.order[first + i]] for i in run]
         out = object.__new__(DecodeBlocks)
         dev = self.tail0.device
@@ -281,8 +297,37 @@ class DecodeBlocks:
         rows = torch.tensor(keep, device=dev)
         out.tail0 = self.tail0.view(-1, H).index_select(0, rows).reshape(-1) + trim
         out.head0 = self.head0.view(-1, H).index_select(0, rows).reshape(-1)
-        out.keys, out.values, out.bias = self.keys, self.values, self.bias
-        out.room, out.filled, out.shift = self.room - trim, self.filled - trim, self.shift + trim
+        out.bufs = self.bufs
+        out._set_buf_rows(dev)
+        out.room, out.filled = self.room - trim, self.filled - trim
+        out.tail_ptr = tail_k.data_ptr()
+        return out
+
+    @classmethod
+    def merge(cls, parts: list[tuple["DecodeBlocks", int]], tail_k: torch.Tensor) -> "DecodeBlocks":
+        """The blocks of batches merged into one (`KVRayCache.merge`), without copying: each
+        part's blocks (up to date with its tail) and the left padding `pad` its tail took in the
+        merged tail `tail_k`. The blocks move to the result."""
+        out = object.__new__(cls)
+        groups, order, tail0, head0, bufs = [], [], [], [], []
+        base = 0  # rows of the parts before
+        for blocks, pad in parts:
+            nb = len(bufs)
+            for first, n, buf, off, P, W, shift in blocks.groups:
+                groups.append((first + len(order), n, buf + nb, off, P, W, shift - pad))
+            order += [base + b for b in blocks.order]
+            tail0.append(blocks.tail0 - pad)  # merged tail slot t: the part's slot t - pad
+            head0.append(blocks.head0)
+            bufs += blocks.bufs
+            base += len(blocks.order)
+        dev = tail_k.device
+        out.groups, out.bufs = groups, bufs
+        out._set_order(order, dev)
+        out.tail0, out.head0 = torch.cat(tail0), torch.cat(head0)
+        out._set_buf_rows(dev)
+        T = tail_k.shape[2]
+        out.filled = T
+        out.room = T + min(b.room - b.filled for b, _ in parts)
         out.tail_ptr = tail_k.data_ptr()
         return out
 
@@ -298,28 +343,41 @@ class DecodeBlocks:
         if new <= 0:
             return
         t = torch.arange(self.filled, T, device=tail_k.device)
-        dst = (self.tail0[:, None] + t).reshape(-1)  # [(b, h, t)]
-        self.keys.index_copy_(0, dst, tail_k[:, :, self.filled:].reshape(-1, d))
-        self.values.index_copy_(0, dst, tail_v[:, :, self.filled:].reshape(-1, tail_v.shape[-1]))
-        if pads is not None and any(p > self.filled for p in pads):
-            own = (t[None, :] >= torch.tensor(pads, device=t.device)[:, None])  # [B, new]
-            dst = dst.view(B, H, new)[own[:, None, :].expand(B, H, new)]
-        self.bias.index_fill_(0, dst, 0.0)
+        if self.buf_rows is None:
+            parts = [(self.bufs[0], self.tail0, tail_k, tail_v, None)]
+        else:  # one copy per buffer, of its rows
+            parts = [(buf, self.tail0.view(B, H).index_select(0, rows).reshape(-1), tail_k.index_select(0, rows),
+                      tail_v.index_select(0, rows), rows) for buf, rows in zip(self.bufs, self.buf_rows) if rows.numel()]
+        for (keys, values, bias), tail0, tk, tv, rows in parts:
+            n = tk.shape[0]
+            dst = (tail0[:, None] + t).reshape(-1)  # [(b, h, t)]
+            keys.index_copy_(0, dst, tk[:, :, self.filled:].reshape(-1, d))
+            values.index_copy_(0, dst, tv[:, :, self.filled:].reshape(-1, tv.shape[-1]))
+            own_pads = pads if rows is None or pads is None else [pads[b] for b in rows.tolist()]
+            if own_pads is not None and any(p > self.filled for p in own_pads):
+                own = (t[None, :] >= torch.tensor(own_pads, device=t.device)[:, None])  # [n, new]
+                dst = dst.view(n, H, new)[own[:, None, :].expand(n, H, new)]
+            bias.index_fill_(0, dst, 0.0)
         self.filled = T
 
     def absorb_tail(self, bh: torch.Tensor, j: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                    tail_k: torch.Tensor) -> None:
+                    tail_k: torch.Tensor) -> bool:
         """The prefix changed in place and took in the tail (MorphKV's ring step): prefix entry
         j[i] of (row, head) bh[i] now holds keys[i] / values[i], and the tail is empty; `tail_k`
-        is the buffer its next tokens go to. The blocks follow without a rebuild."""
+        is the buffer its next tokens go to. The blocks follow without a rebuild; False (nothing
+        done) when they lie in several buffers."""
+        if len(self.bufs) > 1:
+            return False
+        kb, vb, bias = self.bufs[0]
         dst = self.head0[bh] + j
-        self.keys.index_copy_(0, dst, keys)
-        self.values.index_copy_(0, dst, values)
+        kb.index_copy_(0, dst, keys)
+        vb.index_copy_(0, dst, values)
         if self.filled:
             t = torch.arange(self.filled, device=dst.device)
-            self.bias.index_fill_(0, (self.tail0[:, None] + t).reshape(-1), float("-inf"))
+            bias.index_fill_(0, (self.tail0[:, None] + t).reshape(-1), float("-inf"))
         self.filled = 0
         self.tail_ptr = tail_k.data_ptr()
+        return True
 
     def attend(self, qg: torch.Tensor, q_len: int, scaling: float, softcap: float | None) -> torch.Tensor:
         """qg [B, H, R, d], R = G * q_len rows per KV head (row g * q_len + i: query i, the
@@ -338,14 +396,15 @@ class DecodeBlocks:
         if q_len > 1:  # query i (row g * q_len + i) sees the new slots T - q_len + j for j <= i only
             j = torch.arange(q_len, device=q.device)
             future = j[None, :] > j.repeat(R // q_len)[:, None]  # [R, q_len]
-        for first, n, off, P, W in self.groups:
+        for first, n, buf, off, P, W, shift in self.groups:
             # the whole block, its free room masked: a slice of it would be strided
+            keys, values, bias = self.bufs[buf]
             size = n * H * W
-            k = self.keys[off:off + size].view(n, H, W, d)
-            v = self.values[off:off + size].view(n, H, W, -1)
-            bias = self.bias[off:off + size].view(n, H, 1, W)
+            k = keys[off:off + size].view(n, H, W, d)
+            v = values[off:off + size].view(n, H, W, -1)
+            bias = bias[off:off + size].view(n, H, 1, W)
             qb = q[first:first + n]
-            c0 = P + self.shift + self.filled - q_len  # the first new slot's column
+            c0 = P + shift + self.filled - q_len  # the first new slot's column
             if softcap is None:
                 mask = bias
                 if q_len > 1:  # the causal mask touches only the new slots' columns
