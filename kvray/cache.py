@@ -417,9 +417,11 @@ class KVRayLayer(DynamicLayer):
                           self.values.new_empty((B, H, 0, self.values.shape[-1])))
 
 
-def _merge_blocks(parts: list[KVRayLayer], tails: list[tuple[torch.Tensor, torch.Tensor]], merged: KVRayLayer) -> None:
+def _merge_blocks(parts: list[KVRayLayer], tails: list[tuple[torch.Tensor, torch.Tensor]], merged: KVRayLayer,
+                  room: int) -> None:
     """Give the merged layer the attention blocks of its sources (`DecodeBlocks.merge`, no copy),
-    when one of them has blocks up to date with its tail; the others get theirs built."""
+    when one of them has blocks up to date with its tail; the sources without get one set built
+    for all of them (with `room`, `DecodeBlocks`)."""
     found = [p.prefix.__dict__.pop("_decode_blocks", None) for p in parts]  # they move to the batch
     found = [b if b is not None and b.filled == p.tail_length() and (not p.tail_length() or b.fits(p.keys)) else None
              for b, p in zip(found, parts)]
@@ -428,12 +430,22 @@ def _merge_blocks(parts: list[KVRayLayer], tails: list[tuple[torch.Tensor, torch
         return  # built at the first forward over the batch, once for all its rows
     from .runtime.attention import DecodeBlocks
 
-    blocks = []
+    sets, rest, base = [], [], 0
     for b, p, (k, v) in zip(found, parts, tails):
-        if b is None:
-            b = DecodeBlocks(p.prefix, k, v, p.rows.pads if p.rows is not None and any(p.rows.pads) else None)
-        blocks.append((b, T - k.shape[2]))
-    merged.prefix._decode_blocks = DecodeBlocks.merge(blocks, merged.keys)
+        rows = list(range(base, base + k.shape[0]))
+        base += k.shape[0]
+        if b is not None:
+            sets.append((b, rows, T - k.shape[2]))
+        else:
+            rest.append((p, k, v, rows))
+    if rest:  # one set for the sources without blocks, their tails left-padded to the longest
+        t = max(k.shape[2] for _, k, _, _ in rest)
+        pads = [x + t - k.shape[2] for p, k, _, _ in rest for x in (p.rows.pads if p.rows is not None else [0] * k.shape[0])]
+        pad = lambda x: torch.nn.functional.pad(x, (0, 0, t - x.shape[2], 0))  # noqa: E731
+        built = DecodeBlocks(RaggedKV.concat([p.prefix for p, _, _, _ in rest]), torch.cat([pad(k) for _, k, _, _ in rest]),
+                             torch.cat([pad(v) for _, _, v, _ in rest]), pads if any(pads) else None, room)
+        sets.append((built, [r for _, _, _, rows in rest for r in rows], T - t))
+    merged.prefix._decode_blocks = DecodeBlocks.merge(sets, merged.keys)
 
 
 class KVRayCache(Cache):
@@ -450,13 +462,14 @@ class KVRayCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
     @classmethod
-    def merge(cls, caches: list["KVRayCache"]) -> "KVRayCache":
+    def merge(cls, caches: list["KVRayCache"], room: int = 0) -> "KVRayCache":
         """One batch from compressed caches of possibly different prompts, lengths, budgets and
         tail lengths (each may itself be a merged batch): its rows are the rows of `caches`, in
         order. The entries are copied when first read (`RaggedKV.concat`; tails, left-padded to
         the longest, now); the sources can be dropped afterwards, and are left as they are. When
         a source's layer has attention blocks (`kvray.runtime.attention.DecodeBlocks`), the
-        batch takes them over, without a copy, and builds its own for the other sources."""
+        batch takes them over, without a copy, and builds one set for the other sources, with
+        `room` tail slots to spare (the tokens its rows may still decode)."""
         if not caches:
             raise ValueError("nothing to merge")
         n_layers = {len(c.layers) for c in caches}
@@ -484,7 +497,7 @@ class KVRayCache(Cache):
             if T:
                 layer.set_tail(torch.cat([torch.nn.functional.pad(k, (0, 0, T - k.shape[2], 0)) for k, _ in tails]),
                                torch.cat([torch.nn.functional.pad(v, (0, 0, T - v.shape[2], 0)) for _, v in tails]))
-            _merge_blocks(parts, tails, layer)
+            _merge_blocks(parts, tails, layer, room)
             layers.append(layer)
         T = layers[0].tail_length()
         starts, pads = [], []

@@ -144,8 +144,8 @@ def test_decode_blocks_move_with_the_rows_that_stay(monkeypatch):
 
 def test_merged_batches_keep_their_blocks(monkeypatch):
     """Batches merged into one (`KVRayCache.merge`: tails of different lengths, left-padded)
-    keep their attention blocks without a copy (`DecodeBlocks.merge`); a source without blocks
-    gets its own built, and the packed entries are copied only when read. A feed of several
+    keep their attention blocks without a copy (`DecodeBlocks.merge`); the sources without
+    blocks get one set built for all of them, and the packed entries are copied only when read. A feed of several
     tokens and the decode steps after it match the slow reference (the blocks rebuilt when the
     room the sources had left runs out), and the sources stay as they were."""
     import kvray.runtime.attention as attn
@@ -163,18 +163,19 @@ def test_merged_batches_keep_their_blocks(monkeypatch):
         return KVRayCache([layer])
 
     a, b, c = part("skewed", 4, (0, 1, 2)), part("grouped", 2, (0,) * 6), part("empty_head", 0, (0,) * 3)
+    e = part("uniform", 1, (0,) * 3)
     for src in (a, b):  # a decode step each: their blocks are built
         layer = src.layers[0]
         n = layer.prefix.batch
         layer.update(torch.randn(n, H, 1, d), torch.randn(n, H, 1, d))
         ragged_attention(torch.randn(n, H * G, 1, d), layer, 1 / math.sqrt(d), impl="torch")
-    kept = [src.layers[0].prefix.keys.clone() for src in (a, b, c)]
+    kept = [src.layers[0].prefix.keys.clone() for src in (a, c, b, e)]
     built = []
     monkeypatch.setattr(attn.DecodeBlocks, "__init__", _counting(attn.DecodeBlocks.__init__, built))
-    merged = KVRayCache.merge([a, b, c])
+    merged = KVRayCache.merge([a, c, b, e])
     layer = merged.layers[0]
-    assert len(built) == 1  # c's, not a's or b's
-    assert layer.rows.pads == (0, 1, 2, 2, 2, 2, 2, 2, 2, 5, 5, 5)
+    assert len(built) == 1  # one set for c and e, none for a or b
+    assert layer.rows.pads == (0, 1, 2, 5, 5, 5, 2, 2, 2, 2, 2, 2, 4, 4, 4)
     assert "keys" not in layer.prefix.__dict__  # the packed entries: not copied yet
     dense = None
     for q_len in (3, 1, 1, 1):
@@ -186,7 +187,7 @@ def test_merged_batches_keep_their_blocks(monkeypatch):
         want = dense_masked_reference(query, *dense, layer.keys, layer.values, layer.rows.pads)
         assert (got.double() - want).abs().max().item() < 1e-5, f"q_len {q_len}"
         assert len(built) == (1 if q_len == 3 else 2), q_len  # 3 slots of room left: rebuilt at the next
-    for src, k in zip((a, b, c), kept):
+    for src, k in zip((a, c, b, e), kept):
         assert torch.equal(src.layers[0].prefix.keys, k)
 
 
@@ -288,6 +289,37 @@ def test_rows_leave_when_done_and_bytes_are_freed(tiny_llama):
     assert dec.active == 1 and dec.kv_bytes() < 0.6 * both
     dec.run()
     assert rows[1].finish_reason == "length" and len(rows[1].tokens) == 6
+
+
+def test_blocks_keep_room_for_what_the_rows_will_decode(tiny_llama, monkeypatch):
+    """The decoder tells the attention blocks how many tokens its rows may still decode, so a
+    batch of rows that join together decodes them all without rebuilding its blocks (each
+    rebuild copies every entry into fresh memory); a lane with a decode-time hook (MorphKV,
+    whose tail never grows) keeps the default room."""
+    import kvray.runtime.attention as attn
+
+    monkeypatch.setattr(attn, "BLOCK_ROOM", 3)
+    lm = tiny_llama
+    built = []
+    monkeypatch.setattr(attn.DecodeBlocks, "__init__", _counting(attn.DecodeBlocks.__init__, built))
+    dec = Decoder(lm)
+    for n, m, p in ((3, "snapkv", dict(compression_ratio=0.5)), (5, "adakv", dict(compression_ratio=0.75))):
+        _, pre, cache = _row_inputs(lm, n, "Who asked?", m, p, False)
+        dec.add(cache, feed=pre.rest(False), max_new_tokens=12, ignore_stop_tokens=True)
+    dec.run()
+    assert len(built) == lm.num_layers  # built at the question's feed, never rebuilt over 12 tokens
+    press, pre, cache = _row_inputs(lm, 3, "Who asked?", "morphkv", dict(compression_ratio=0.5, window_size=8), False)
+    spare = []
+    init = attn.DecodeBlocks.__init__
+
+    def recording(self, *a, **k):
+        init(self, *a, **k)
+        spare.append(self.room - self.filled)
+
+    monkeypatch.setattr(attn.DecodeBlocks, "__init__", recording)
+    dec.add(cache, feed=pre.rest(False), max_new_tokens=12, ignore_stop_tokens=True, after_step=press.after_step)
+    dec.run()
+    assert spare and set(spare) == {3}
 
 
 def test_a_failing_row_fails_alone(tiny_llama):

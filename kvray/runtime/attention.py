@@ -186,8 +186,11 @@ def _packed_row(qg, keys, values, bias, tk, tv, tail_mask, scaling, softcap=None
 #: rows whose longest head holds at most this many times the entries of the group's shortest
 #: share one padded block (`DecodeBlocks`)
 GROUP_SPREAD = 1.5
-#: tail slots a decode block (`DecodeBlocks`) keeps free beyond the tail it was built with
+#: tail slots a decode block (`DecodeBlocks`) keeps free beyond the tail it was built with, at
+#: least; more when the decoder says its rows will decode more (`RaggedKV.block_room`, up to
+#: `MAX_BLOCK_ROOM`): a rebuild copies every entry of the batch into fresh memory
 BLOCK_ROOM = 32
+MAX_BLOCK_ROOM = 256
 
 
 def _length_groups(prefix: RaggedKV) -> list[list[int]]:
@@ -207,7 +210,8 @@ class DecodeBlocks:
     """A non-uniform prefix and its tail laid out for attention on the torch path: rows of
     similar length (`_length_groups`) share a block [n, H, W, d] that holds, per (row, KV head),
     its entries padded to the group's longest head P, then its tail slots, with room for
-    `BLOCK_ROOM` more (W = P + tail + room). The blocks lie in flat buffers (one when built, one
+    `BLOCK_ROOM` more, or as many as `room` asks (the tokens the rows may still decode; at most
+    `MAX_BLOCK_ROOM`) (W = P + tail + room). The blocks lie in flat buffers (one when built, one
     per source batch after `merge`), so a decode step appends every row's new key and value with
     one `index_copy_` per buffer, and a group attends with one SDPA call (padding, free room and
     the tail's left padding masked by an additive bias; a feed of several tokens adds the causal
@@ -224,10 +228,10 @@ class DecodeBlocks:
     its rows lies in block column P + shift + t (shift: tail slots dropped by `select`, minus
     the left padding a `merge` added)."""
 
-    def __init__(self, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor, pads):
+    def __init__(self, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor, pads, room: int = 0):
         B, H, T, d = tail_k.shape
         dev, dtype = prefix.device, prefix.dtype
-        room = T + BLOCK_ROOM
+        room = T + max(BLOCK_ROOM, min(room, MAX_BLOCK_ROOM))
         order, self.groups = [], []
         head0, tail0 = [0] * (B * H), [0] * (B * H)  # per (row, head): the slot of its entry 0 / tail slot 0
         slot = 0
@@ -304,30 +308,33 @@ class DecodeBlocks:
         return out
 
     @classmethod
-    def merge(cls, parts: list[tuple["DecodeBlocks", int]], tail_k: torch.Tensor) -> "DecodeBlocks":
-        """The blocks of batches merged into one (`KVRayCache.merge`), without copying: each
-        part's blocks (up to date with its tail) and the left padding `pad` its tail took in the
-        merged tail `tail_k`. The blocks move to the result."""
+    def merge(cls, parts: list[tuple["DecodeBlocks", list[int], int]], tail_k: torch.Tensor) -> "DecodeBlocks":
+        """The blocks of batches merged into one (`KVRayCache.merge`), without copying: per part,
+        its blocks (up to date with its tail), the merged rows they hold (their row i is merged
+        row rows[i]) and the left padding `pad` its tail took in the merged tail `tail_k`. The
+        blocks move to the result."""
         out = object.__new__(cls)
-        groups, order, tail0, head0, bufs = [], [], [], [], []
-        base = 0  # rows of the parts before
-        for blocks, pad in parts:
+        B, H = tail_k.shape[:2]
+        groups, order, bufs = [], [], []
+        tail0 = torch.empty(B * H, dtype=torch.long, device=tail_k.device)
+        head0 = torch.empty_like(tail0)
+        for blocks, rows, pad in parts:
             nb = len(bufs)
             for first, n, buf, off, P, W, shift in blocks.groups:
                 groups.append((first + len(order), n, buf + nb, off, P, W, shift - pad))
-            order += [base + b for b in blocks.order]
-            tail0.append(blocks.tail0 - pad)  # merged tail slot t: the part's slot t - pad
-            head0.append(blocks.head0)
+            order += [rows[b] for b in blocks.order]
+            at = (torch.tensor(rows, device=tail_k.device)[:, None] * H + torch.arange(H, device=tail_k.device)).reshape(-1)
+            tail0[at] = blocks.tail0 - pad  # merged tail slot t: the part's slot t - pad
+            head0[at] = blocks.head0
             bufs += blocks.bufs
-            base += len(blocks.order)
         dev = tail_k.device
         out.groups, out.bufs = groups, bufs
         out._set_order(order, dev)
-        out.tail0, out.head0 = torch.cat(tail0), torch.cat(head0)
+        out.tail0, out.head0 = tail0, head0
         out._set_buf_rows(dev)
         T = tail_k.shape[2]
         out.filled = T
-        out.room = T + min(b.room - b.filled for b, _ in parts)
+        out.room = T + min(b.room - b.filled for b, _, _ in parts)
         out.tail_ptr = tail_k.data_ptr()
         return out
 
@@ -423,7 +430,8 @@ def decode_blocks(prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor, 
     """The prefix's `DecodeBlocks`, brought up to the tail (built or rebuilt when needed)."""
     blocks = prefix.__dict__.get("_decode_blocks")
     if blocks is None or not blocks.fits(tail_k):
-        blocks = prefix._decode_blocks = DecodeBlocks(prefix, tail_k, tail_v, pads)
+        blocks = prefix._decode_blocks = DecodeBlocks(prefix, tail_k, tail_v, pads,
+                                                      prefix.__dict__.get("block_room", 0))
     else:
         blocks.append(tail_k, tail_v)
     return blocks
