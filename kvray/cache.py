@@ -153,15 +153,16 @@ class RaggedKV:
         (`kvray.runtime.attention.DecodeBlocks.merge`) and may never read the packed entries."""
         if len({x.heads for x in parts}) != 1:
             raise ValueError("caches to merge must have the same KV heads")
-        srcs, sels, base, any_sel = [], [], 0, False
-        for x in parts:
-            xs, sel = x.__dict__.get("_pending") or ((x,), None)
-            n = sum(y.keys.shape[0] for y in xs)
-            any_sel |= sel is not None
-            sels.append((sel if sel is not None else torch.arange(n, device=x.device)) + base)
-            srcs += xs
-            base += n
-        return cls._lazy(tuple(srcs), torch.cat(sels) if any_sel else None,
+        pending = [x.__dict__.get("_pending") or ((x,), None) for x in parts]
+        sel = None
+        if any(picked is not None for _, picked in pending):  # entries of the sources, in order
+            sels, base = [], 0
+            for xs, picked in pending:
+                n = sum(y.keys.shape[0] for y in xs)
+                sels.append((picked if picked is not None else torch.arange(n, device=xs[0].device)) + base)
+                base += n
+            sel = torch.cat(sels)
+        return cls._lazy(tuple(y for xs, _ in pending for y in xs), sel,
                          tuple(n for x in parts for n in x.lengths), sum(x.batch for x in parts), parts[0].heads)
 
     @classmethod

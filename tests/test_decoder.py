@@ -189,6 +189,20 @@ def test_merged_batches_keep_their_blocks(monkeypatch):
         assert len(built) == (1 if q_len == 3 else 2), q_len  # 3 slots of room left: rebuilt at the next
     for src, k in zip((a, c, b, e), kept):
         assert torch.equal(src.layers[0].prefix.keys, k)
+    # the rows of one source leave (the blocks were rebuilt into one buffer above): merge again,
+    # then drop the newcomers' rows: their buffer is let go, the others attend as before
+    f = part("skewed", 0, (0,) * 3)
+    merged = KVRayCache.merge([merged, f])
+    layer = merged.layers[0]
+    assert len(layer.prefix._decode_blocks.bufs) == 2
+    merged = merged.select_rows(list(range(15)))
+    layer = merged.layers[0]
+    assert len(layer.prefix._decode_blocks.bufs) == 1 and len(built) == 3
+    layer.update(torch.randn(15, H, 1, d), torch.randn(15, H, 1, d))
+    query = torch.randn(15, H * G, 1, d)
+    got = ragged_attention(query, layer, 1 / math.sqrt(d), impl="torch")
+    want = dense_masked_reference(query, *_dense(layer.prefix), layer.keys, layer.values, layer.rows.pads)
+    assert (got.double() - want).abs().max().item() < 1e-5
 
 
 def _counting(init, calls):

@@ -283,7 +283,7 @@ class DecodeBlocks:
         """The blocks of rows `keep` (new row i is row keep[i]) after their tail lost its first
         `trim` slots (`KVRayCache.select_rows`), without copying: the kept rows' slots stay where
         they lie, a group is split where a row left it, and the slots of the rows that left go
-        unused. `tail_k` is the new tail. The blocks move to the result; this object must not be
+        unused (a buffer that none of the kept rows lies in is let go). `tail_k` is the new tail. The blocks move to the result; this object must not be
         used again."""
         H = self.tail0.numel() // len(self.order)
         new_of = {b: i for i, b in enumerate(keep)}
@@ -296,12 +296,14 @@ class DecodeBlocks:
                     order += [new_of[self.order[first + i]] for i in run]
         out = object.__new__(DecodeBlocks)
         dev = self.tail0.device
-        out.groups = groups
+        used = sorted({g[2] for g in groups})  # a buffer no row uses any more is let go
+        renum = {b: i for i, b in enumerate(used)}
+        out.groups = [(f, n, renum[buf], *rest) for f, n, buf, *rest in groups]
         out._set_order(order, dev)
         rows = torch.tensor(keep, device=dev)
         out.tail0 = self.tail0.view(-1, H).index_select(0, rows).reshape(-1) + trim
         out.head0 = self.head0.view(-1, H).index_select(0, rows).reshape(-1)
-        out.bufs = self.bufs
+        out.bufs = [self.bufs[b] for b in used]
         out._set_buf_rows(dev)
         out.room, out.filled = self.room - trim, self.filled - trim
         out.tail_ptr = tail_k.data_ptr()
@@ -315,19 +317,19 @@ class DecodeBlocks:
         blocks move to the result."""
         out = object.__new__(cls)
         B, H = tail_k.shape[:2]
+        dev = tail_k.device
         groups, order, bufs = [], [], []
-        tail0 = torch.empty(B * H, dtype=torch.long, device=tail_k.device)
+        tail0 = torch.empty(B * H, dtype=torch.long, device=dev)
         head0 = torch.empty_like(tail0)
         for blocks, rows, pad in parts:
             nb = len(bufs)
             for first, n, buf, off, P, W, shift in blocks.groups:
                 groups.append((first + len(order), n, buf + nb, off, P, W, shift - pad))
             order += [rows[b] for b in blocks.order]
-            at = (torch.tensor(rows, device=tail_k.device)[:, None] * H + torch.arange(H, device=tail_k.device)).reshape(-1)
+            at = (torch.tensor(rows, device=dev)[:, None] * H + torch.arange(H, device=dev)).reshape(-1)
             tail0[at] = blocks.tail0 - pad  # merged tail slot t: the part's slot t - pad
             head0[at] = blocks.head0
             bufs += blocks.bufs
-        dev = tail_k.device
         out.groups, out.bufs = groups, bufs
         out._set_order(order, dev)
         out.tail0, out.head0 = tail0, head0
