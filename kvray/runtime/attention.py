@@ -406,18 +406,20 @@ class DecodeBlocks:
             j = torch.arange(q_len, device=q.device)
             future = j[None, :] > j.repeat(R // q_len)[:, None]  # [R, q_len]
         for first, n, buf, off, P, W, shift in self.groups:
-            # the whole block, its free room masked: a slice of it would be strided
+            # the block's columns up to its last tail slot, a strided view that SDPA takes as it
+            # lies: the free room is not read (13% of the slots in the 19-config grid)
             keys, values, bias = self.bufs[buf]
             size = n * H * W
-            k = keys[off:off + size].view(n, H, W, d)
-            v = values[off:off + size].view(n, H, W, -1)
-            bias = bias[off:off + size].view(n, H, 1, W)
+            end = P + shift + self.filled
+            k = keys[off:off + size].view(n, H, W, d)[:, :, :end]
+            v = values[off:off + size].view(n, H, W, -1)[:, :, :end]
+            bias = bias[off:off + size].view(n, H, 1, W)[..., :end]
             qb = q[first:first + n]
-            c0 = P + shift + self.filled - q_len  # the first new slot's column
+            c0 = end - q_len  # the first new slot's column
             if softcap is None:
                 mask = bias
                 if q_len > 1:  # the causal mask touches only the new slots' columns
-                    mask = bias.expand(n, H, R, W).clone()
+                    mask = bias.expand(n, H, R, end).clone()
                     mask[..., c0:c0 + q_len].masked_fill_(future, float("-inf"))
                 out[first:first + n] = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scaling)
                 continue
