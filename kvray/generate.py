@@ -136,18 +136,145 @@ def compressed(lm: LanguageModel, pres: Prefill | Sequence[Prefill], presses: Se
         yield ready.pop(i)
 
 
+class ConfigRuns:
+    """Configs decoding together on one `Decoder`, added a prefill's worth at a time (`add`),
+    each group's outputs ready as soon as its last row is done: what `run_configs`
+    does in one call, and what lets an evaluation admit the next sample's configs while the
+    last one's long answers still decode (`ModelHost.evaluate_stream`). `finished` names the
+    groups done, and `outputs` hands a group's results over.
+
+    Each add compresses a copy of the prefill cache with each press; the caches join the
+    running batch as they are made, while the KV bytes the decoder holds stay within
+    `kv_budget` (default `default_kv_budget`); a row leaves the batch as soon as it is done.
+    Decoding a small model is bound by reading its weights, so a batch of configs costs little
+    more than one. `decode_s` is each row's share of the forwards it took part in. Presses that
+    evict while decoding (`evicts_during_decoding`, e.g. MorphKV) are decoded in a lane of their
+    own with their `after_step` hook, one lane for those of a prefill, protocol and token limit
+    that share a `lane_key` (MorphKV at several ratios: one forward per step)."""
+
+    def __init__(self, lm: LanguageModel, kv_budget: int | None = None, impl: str = "auto",
+                 ignore_eos: bool = False):
+        self.budget = default_kv_budget(lm.device) if kv_budget is None else int(kv_budget)
+        if self.budget < 1:
+            raise ValueError(f"kv_budget must be >= 1 byte, got {kv_budget}")
+        self.lm, self.ignore_eos = lm, ignore_eos
+        self.dec = Decoder(lm, impl=impl)
+        self._groups: dict[int, list] = {}  # handle -> per config (row, stats...), until collected
+        self._open: dict[int, int] = {}  # handle -> rows not yet done
+        self._handle_of: dict[int, int] = {}  # id(row) -> its group's handle
+        self._done: list[int] = []
+        self._next_handle = 0
+
+    @property
+    def active(self) -> int:
+        """Rows still decoding."""
+        return self.dec.active
+
+    def add(self, pre: Prefill | Sequence[Prefill], presses: list[Press], query_aware: bool | list[bool],
+            max_new_tokens: int | Sequence[int], release_prefill: bool = False) -> int:
+        """Compress and add one group of configs; returns its handle (see `run_configs` for the
+        arguments). Steps the decoder while the new rows would not fit the budget."""
+        lm, dec = self.lm, self.dec
+        n = len(presses)
+        protocols = [bool(query_aware)] * n if isinstance(query_aware, bool) else [bool(q) for q in query_aware]
+        pres = [pre] * n if isinstance(pre, Prefill) else list(pre)
+        limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+        for what, got in (("protocols", protocols), ("prefills", pres), ("max_new_tokens", limits)):
+            if len(got) != n:
+                raise ValueError(f"{n} presses but {len(got)} {what}")
+        sizes = {}
+        for p, aware in zip(pres, protocols):  # (tokens, full bytes, heads x layers x batch) per prefill and protocol
+            if (id(p), aware) not in sizes:
+                st = p.state(aware)
+                sizes[id(p), aware] = (st.n_tokens, st.kv_bytes(), st.num_kv_heads * st.num_layers * st.batch)
+        last_use = {id(p): i for i, p in enumerate(pres)}
+        # presses that evict while decoding and may share a lane (same prefill, protocol, token limit and
+        # `lane_key`, e.g. MorphKV at several ratios): their caches wait until the last of them is made,
+        # then join as one
+        lanes: dict[tuple, list[int]] = {}
+        for i, (p, press, aware, limit) in enumerate(zip(pres, presses, protocols, limits)):
+            key = press.lane_key() if press.evicts_during_decoding else None
+            if key is not None:
+                lanes.setdefault((id(p), aware, limit, key), []).append(i)
+        lane_of = {i: key for key, members in lanes.items() for i in members}
+        waiting: dict[tuple, list] = {}
+        handle = self._next_handle
+        self._next_handle += 1
+        made: list[tuple | None] = [None] * n
+        self._groups[handle], self._open[handle] = made, n
+        making = compressed(lm, pres, presses, protocols)
+        for i, (p, press, aware, limit) in enumerate(zip(pres, presses, protocols, limits)):
+            rest, first = p.rest(aware), p.first_logits(aware)
+            n_tokens, full_bytes, heads = sizes[id(p), aware]
+            cache, compress_s = next(making)
+            if release_prefill and i == last_use[id(p)]:
+                p.cache = p.hidden = None
+            stats = (n_tokens, full_bytes, heads, p.prefill_s, compress_s, cache.prefix_entries(),
+                     cache.prefix_nbytes(), cache.window_nbytes())
+            members = [i]
+            if i in lane_of:
+                key = lane_of[i]
+                waiting.setdefault(key, []).append((cache, stats))
+                if i != lanes[key][-1]:
+                    continue
+                members = lanes[key]
+                caches, member_stats = zip(*waiting.pop(key))
+                cache = press.merge_lane(list(caches))
+            else:
+                member_stats = [stats]
+            # room for these rows (their prefixes plus the tokens they will add), else decode until there is
+            need = cache.nbytes() + full_bytes / max(n_tokens, 1) * (len(rest) + limit) * len(members)
+            while dec.active and dec.kv_bytes() + need > self.budget:
+                self.step()
+            rows = dec.add(cache, feed=rest, first_logits=first, max_new_tokens=limit,
+                           ignore_stop_tokens=self.ignore_eos,
+                           after_step=press.after_step if press.evicts_during_decoding else None)
+            for j, row, st in zip(members, rows, member_stats):
+                made[j] = (row,) + st
+                self._handle_of[id(row)] = handle
+            del cache
+        return handle
+
+    def step(self) -> None:
+        """One decode step (`finished` then names the groups it completed)."""
+        for row in self.dec.step():
+            h = self._handle_of.pop(id(row), None)
+            if h is not None:
+                self._open[h] -= 1
+                if not self._open[h]:
+                    self._done.append(h)
+
+    def finished(self) -> list[int]:
+        """The handles of the groups whose last row finished since the last call (while `add`
+        made room too)."""
+        done, self._done = self._done, []
+        return done
+
+    def outputs(self, handle: int) -> list[GenerationOutput]:
+        """A finished group's outputs, in the order of its presses (raises the error a row
+        failed with); the group is forgotten."""
+        made = self._groups.pop(handle)
+        del self._open[handle]
+        peak = peak_memory_bytes(self.lm.device)
+        outputs = []
+        for row, n_tokens, full_bytes, heads, prefill_s, compress_s, kept_entries, kept_bytes, windowed_bytes in made:
+            if row.error is not None:
+                raise row.error
+            stats = GenerationStats(
+                kv_tokens_full=n_tokens, kv_tokens_kept=kept_entries / heads, kv_bytes_full=full_bytes,
+                kv_bytes_kept=kept_bytes, compression_ratio=1.0 - kept_entries / (n_tokens * heads),
+                prefill_s=prefill_s, compress_s=compress_s, decode_s=row.decode_s, new_tokens=len(row.tokens),
+                peak_mem_bytes=peak, kv_bytes_windowed=windowed_bytes)
+            outputs.append(GenerationOutput(text=self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True),
+                                            stats=stats, token_ids=row.tokens))
+        return outputs
+
+
 def run_configs(lm: LanguageModel, pre: Prefill | Sequence[Prefill], presses: list[Press],
                 query_aware: bool | list[bool], max_new_tokens: int | Sequence[int], kv_budget: int | None = None,
                 release_prefill: bool = False, impl: str = "auto", ignore_eos: bool = False) -> list[GenerationOutput]:
     """Compress a copy of the prefill cache with each press and decode them all on one
-    `Decoder`: the compressed caches join the running batch as they are made, while the KV
-    bytes the decoder holds stay within `kv_budget` (default `default_kv_budget`); a row leaves
-    the batch as soon as it is done. Decoding a small model is bound by reading its weights, so
-    a batch of configs costs little more than one. `decode_s` is each row's share of the
-    forwards it took part in. Presses that evict while decoding (`evicts_during_decoding`, e.g.
-    MorphKV) are decoded in a lane of their own with their `after_step` hook, one lane for those
-    of a prefill, protocol and token limit that share a `lane_key` (MorphKV at several ratios:
-    one forward per step).
+    `Decoder` (`ConfigRuns`, one group).
 
     `pre`: one prefill for all presses, or one per press (rows of different prompts then share
     the batch: e.g. a Tune trial's samples). `query_aware` and `max_new_tokens`: one for all
@@ -155,77 +282,11 @@ def run_configs(lm: LanguageModel, pre: Prefill | Sequence[Prefill], presses: li
     the order of `presses`. With `release_prefill` each prefill's full cache is dropped once its
     last config is compressed (real memory savings when nothing else shares the prefill).
     `ignore_eos`: decode exactly `max_new_tokens` tokens."""
-    budget = default_kv_budget(lm.device) if kv_budget is None else int(kv_budget)
-    if budget < 1:
-        raise ValueError(f"kv_budget must be >= 1 byte, got {kv_budget}")
-    n = len(presses)
-    protocols = [bool(query_aware)] * n if isinstance(query_aware, bool) else [bool(q) for q in query_aware]
-    pres = [pre] * n if isinstance(pre, Prefill) else list(pre)
-    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
-    for what, got in (("protocols", protocols), ("prefills", pres), ("max_new_tokens", limits)):
-        if len(got) != n:
-            raise ValueError(f"{n} presses but {len(got)} {what}")
-    sizes = {}
-    for p, aware in zip(pres, protocols):  # (tokens, full bytes, heads x layers x batch) per prefill and protocol
-        if (id(p), aware) not in sizes:
-            st = p.state(aware)
-            sizes[id(p), aware] = (st.n_tokens, st.kv_bytes(), st.num_kv_heads * st.num_layers * st.batch)
-    last_use = {id(p): i for i, p in enumerate(pres)}
-    # presses that evict while decoding and may share a lane (same prefill, protocol, token limit and
-    # `lane_key`, e.g. MorphKV at several ratios): their caches wait until the last of them is made,
-    # then join as one
-    lanes: dict[tuple, list[int]] = {}
-    for i, (p, press, aware, limit) in enumerate(zip(pres, presses, protocols, limits)):
-        key = press.lane_key() if press.evicts_during_decoding else None
-        if key is not None:
-            lanes.setdefault((id(p), aware, limit, key), []).append(i)
-    lane_of = {i: key for key, members in lanes.items() for i in members}
-    waiting: dict[tuple, list] = {}
-    dec = Decoder(lm, impl=impl)
-    made: list[tuple | None] = [None] * n
-    making = compressed(lm, pres, presses, protocols)
-    for i, (p, press, aware, limit) in enumerate(zip(pres, presses, protocols, limits)):
-        rest, first = p.rest(aware), p.first_logits(aware)
-        n_tokens, full_bytes, _ = sizes[id(p), aware]
-        cache, compress_s = next(making)
-        if release_prefill and i == last_use[id(p)]:
-            p.cache = p.hidden = None
-        stats = (p, aware, compress_s, cache.prefix_entries(), cache.prefix_nbytes(), cache.window_nbytes())
-        members = [i]
-        if i in lane_of:
-            key = lane_of[i]
-            waiting.setdefault(key, []).append((cache, stats))
-            if i != lanes[key][-1]:
-                continue
-            members = lanes[key]
-            caches, member_stats = zip(*waiting.pop(key))
-            cache = press.merge_lane(list(caches))
-        else:
-            member_stats = [stats]
-        # room for these rows (their prefixes plus the tokens they will add), else decode until there is
-        need = cache.nbytes() + full_bytes / max(n_tokens, 1) * (len(rest) + limit) * len(members)
-        while dec.active and dec.kv_bytes() + need > budget:
-            dec.step()
-        rows = dec.add(cache, feed=rest, first_logits=first, max_new_tokens=limit,
-                       ignore_stop_tokens=ignore_eos, after_step=press.after_step if press.evicts_during_decoding else None)
-        for j, row, st in zip(members, rows, member_stats):
-            made[j] = (row,) + st
-        del cache
-    dec.run()
-    peak = peak_memory_bytes(lm.device)
-    outputs = []
-    for row, p, aware, compress_s, kept_entries, kept_bytes, windowed_bytes in made:
-        if row.error is not None:
-            raise row.error
-        n_tokens, full_bytes, heads = sizes[id(p), aware]
-        stats = GenerationStats(
-            kv_tokens_full=n_tokens, kv_tokens_kept=kept_entries / heads, kv_bytes_full=full_bytes,
-            kv_bytes_kept=kept_bytes, compression_ratio=1.0 - kept_entries / (n_tokens * heads),
-            prefill_s=p.prefill_s, compress_s=compress_s, decode_s=row.decode_s, new_tokens=len(row.tokens),
-            peak_mem_bytes=peak, kv_bytes_windowed=windowed_bytes)
-        outputs.append(GenerationOutput(text=lm.tokenizer.decode(row.tokens, skip_special_tokens=True),
-                                        stats=stats, token_ids=row.tokens))
-    return outputs
+    runs = ConfigRuns(lm, kv_budget, impl, ignore_eos)
+    handle = runs.add(pre, presses, query_aware, max_new_tokens, release_prefill)
+    while runs.active:
+        runs.step()
+    return runs.outputs(handle)
 
 
 def run_config(lm: LanguageModel, pre: Prefill, press: Press, query_aware: bool,

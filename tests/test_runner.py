@@ -56,28 +56,26 @@ def test_resume_skips_done_shards_and_never_duplicates(tiny_llama, tmp_path, mon
     host = ModelHost(tiny_llama)
     presses = small_presses()
     ss = samples(tiny_llama, n=3)
-    real = host.evaluate_samples
-    seen, lost = [], []
-    last = by_cost(ss)[-1]  # in the last group handed out: the groups before it are done
+    real = host.evaluate_stream
+    kept = []
 
-    def crash_on_last(group, *a, **k):  # the samples decoded together with it are lost with it
-        if last in group and not seen:
-            seen.append(1)
-            lost.extend(s.sample_id for s in group)
+    def crash_after_first(order, *a, **k):  # the run dies once its first sample is done
+        for i, rows in real(order, *a, **k):
+            kept.append(order[i].sample_id)
+            yield i, rows
             raise RuntimeError("killed")
-        return real(group, *a, **k)
 
-    monkeypatch.setattr(host, "evaluate_samples", crash_on_last)
+    monkeypatch.setattr(host, "evaluate_stream", crash_after_first)
     with pytest.raises(RuntimeError):
         run_eval(host, ss, presses, out_dir=tmp_path, run_id="r1", progress=False)
     partial = read_results(tmp_path / "run_id=r1")
-    assert 0 < len(partial) == (3 - len(lost)) * len(presses)  # what was done is kept
-    assert not set(partial["sample_id"]) & set(lost)
+    assert len(kept) == 1 and len(partial) == len(presses)  # what was done is kept
+    assert set(partial["sample_id"]) == set(kept)
     done = []
-    monkeypatch.setattr(host, "evaluate_samples",
-                        lambda g, *a, **k: done.extend(s.sample_id for s in g) or real(g, *a, **k))
+    monkeypatch.setattr(host, "evaluate_stream",
+                        lambda order, *a, **k: done.extend(s.sample_id for s in order) or real(order, *a, **k))
     _, df = run_eval(host, ss, presses, out_dir=tmp_path, run_id="r1", progress=False)
-    assert sorted(done) == sorted(lost) and last.sample_id in done
+    assert sorted(done) == sorted({s.sample_id for s in ss} - set(kept))  # the rest, each once
     assert len(df) == 3 * len(presses) and df["item_id"].is_unique
     assert not list((tmp_path / "run_id=r1").glob(".*tmp"))
     with pytest.raises(ValueError, match="other methods/ratios"):
@@ -177,6 +175,36 @@ def test_samples_decoded_together_equal_each_alone(tiny_llama):
         assert [{k: r[k] for k in keep} for r in rows] == [{k: r[k] for k in keep} for r in alone]
         assert {r["sample_id"] for r in rows} == {s.sample_id} and len(rows) == 6  # 2 agnostic + 4 aware configs
     assert len({r["new_tokens"] for rows in together for r in rows}) > 1  # the limits differ per sample
+
+
+def test_stream_admits_samples_as_rows_leave(tiny_llama, monkeypatch):
+    """`evaluate_stream`: the next sample is admitted while rows of the last still decode (up
+    to `rows`), each sample comes out once, when its last config is done, with the rows it gets
+    alone."""
+    import dataclasses
+
+    from kvray.generate import ConfigRuns
+
+    host = ModelHost(tiny_llama)
+    ss = samples(tiny_llama, n=4, length=300)
+    ss = [dataclasses.replace(s, max_new_tokens=m) for s, m in zip(ss, (6, 2, 4, 3))]
+    presses = build_presses(["full", "snapkv"], [0.5])
+    active_at_add = []
+    real_add = ConfigRuns.add
+
+    def add(self, *a, **k):
+        active_at_add.append(self.active)
+        return real_add(self, *a, **k)
+
+    monkeypatch.setattr(ConfigRuns, "add", add)
+    got = list(host.evaluate_stream(ss, presses, rows=4))
+    assert sorted(i for i, _ in got) == [0, 1, 2, 3]
+    assert active_at_add[:2] == [0, 2]  # the second sample joined the first one's rows
+    assert all(a + 2 <= 4 for a in active_at_add)  # never more than `rows`
+    keep = ["config_id", "sample_id", "prediction", "kv_bytes_kept", "new_tokens"]
+    for i, rows in got:
+        alone = host.evaluate_sample(ss[i], presses)
+        assert [{k: r[k] for k in keep} for r in rows] == [{k: r[k] for k in keep} for r in alone]
 
 
 def test_sample_groups_cut_by_configs_and_workers(tiny_llama):

@@ -7,12 +7,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from .. import __version__
-from ..generate import run_configs
+from ..generate import ConfigRuns
 from ..runtime import Prefill, build_prompt, capture_window_for, hidden_needed_for, prefill
 from ..models import LanguageModel, load_model
 from ..presses import Press, make_press
@@ -55,10 +55,14 @@ def config_pairs(presses: Sequence[Press] | Mapping[bool, Sequence[Press]],
     return [(p, bool(q)) for q in dict.fromkeys(protocols) for p in presses]
 
 
-# configs x samples one task decodes as one batch (see `sample_groups`): `kvray eval` of the 19-config
-# grid decodes 3 samples together, 15% faster than one at a time (34.0-35.7 s vs 40.1-41.7 s for 6
-# samples, interleaved runs, 2026-12-07); the job's 74-config grid stays one sample per task
+# configs x samples one task on an actor decodes as one batch (see `sample_groups`): the 19-config grid
+# decoded 3 samples together 15% faster than one at a time (34.0-35.7 s vs 40.1-41.7 s for 6 samples,
+# interleaved runs, 2026-12-07); the job's 74-config grid stays one sample per task
 ROWS_TOGETHER = 64
+# rows decoding together before `kvray eval` (`ModelHost.evaluate_stream`) admits the next sample: the
+# 19-config grid of 6 samples took 21.4 s at 128 and 21.1 s with all at once, vs 22.5 s at 64 and
+# 22.3 s in groups of 3 samples (2026-12-07, one run each, machine at its slower speed)
+STREAM_ROWS = 128
 
 
 def sample_groups(samples: Sequence[Sample], n_configs: int, workers: int = 1,
@@ -97,23 +101,44 @@ class ModelHost:
 
     def evaluate_samples(self, samples: Sequence[Sample], presses: Sequence[Press] | Mapping[bool, Sequence[Press]],
                          protocols: Sequence[bool] = (False,), run_id: str = "") -> list[list[dict]]:
-        """Each sample's rows (as `evaluate_sample`), every config of every sample on one decoder:
-        one prefill per sample, and the rows of all of them decode together (a decode step of a
-        small model costs about the same for 6 rows as for 24), each leaving when it is done."""
+        """Each sample's rows (as `evaluate_sample`), in the order of `samples`, every config of
+        every sample on one decoder (`evaluate_stream`, all admitted at once)."""
+        got = dict(self.evaluate_stream(samples, presses, protocols, run_id, rows=None))
+        return [got[i] for i in range(len(samples))]
+
+    def evaluate_stream(self, samples: Sequence[Sample], presses: Sequence[Press] | Mapping[bool, Sequence[Press]],
+                        protocols: Sequence[bool] = (False,), run_id: str = "",
+                        rows: int | None = STREAM_ROWS) -> Iterator[tuple[int, list[dict]]]:
+        """(index in `samples`, its rows) for each sample as soon as its last config is done: one
+        prefill per sample, and the configs of every sample admitted decode as rows of one batch
+        (`ConfigRuns`; a decode step of a small model costs about the same for 6 rows as for
+        24), each leaving when it is done. The next sample is prefilled and admitted once fewer
+        than `rows` rows decode (None: all at once; the KV budget still bounds what decodes
+        together), so its configs join while the last sample's long answers still decode."""
         lm = self.lm
         configs = config_pairs(presses, protocols)
         every = [p for p, _ in configs]
-        pres: list[Prefill] = []
-        for sample in samples:
-            prompt = build_prompt(lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
-            pres.append(prefill(lm, prompt, capture_window=capture_window_for(every),
-                                capture_hidden=hidden_needed_for(every), with_question=any(q for _, q in configs)))
-        n = len(configs)
-        outs = run_configs(lm, [pre for pre in pres for _ in configs], every * len(samples),
-                           [q for _, q in configs] * len(samples), [s.max_new_tokens for s in samples for _ in configs],
-                           self.kv_budget, release_prefill=True)
-        return [[self._row(run_id, sample, press, q, out) for (press, q), out in zip(configs, outs[i * n:(i + 1) * n])]
-                for i, sample in enumerate(samples)]
+        aware = [q for _, q in configs]
+        runs = ConfigRuns(lm, self.kv_budget)
+        todo = list(enumerate(samples))[::-1]
+        admitted: dict[int, tuple[int, Sample]] = {}  # handle -> (index, sample)
+        while todo or admitted:
+            if todo and (not runs.active or rows is None or runs.active + len(configs) <= rows):
+                i, sample = todo.pop()
+                prompt = build_prompt(lm.tokenizer, sample.context, sample.question, sample.answer_prefix)
+                pre = prefill(lm, prompt, capture_window=capture_window_for(every),
+                              capture_hidden=hidden_needed_for(every), with_question=any(aware))
+                admitted[runs.add(pre, every, aware, sample.max_new_tokens, release_prefill=True)] = (i, sample)
+                del pre
+            elif runs.active:
+                runs.step()
+            done = runs.finished()
+            if not done and not runs.active and not todo:
+                raise RuntimeError(f"{len(admitted)} samples admitted but none decoding")  # a bug, not a hang
+            for handle in done:  # also those finished while `add` made room
+                i, sample = admitted.pop(handle)
+                yield i, [self._row(run_id, sample, press, q, out)
+                          for (press, q), out in zip(configs, runs.outputs(handle))]
 
     def _row(self, run_id, sample, press, query_aware, out) -> dict:
         s = out.stats
@@ -187,13 +212,13 @@ def run_eval(host: ModelHost, samples: Sequence[Sample], presses: Sequence[Press
                                         protocols=protocols, run_id=run_id)
     n_configs = len(config_pairs(presses, protocols))
     bar = tqdm(total=len(todo) * n_configs, disable=not progress, unit="cfg", desc=f"eval {run_id}")
-    try:
-        for group in sample_groups(todo, n_configs):  # rows of a few samples decode together
-            t0 = time.perf_counter()
-            for sample, rows in zip(group, host.evaluate_samples(group, presses, protocols, run_id=run_id)):
-                write_shard(rows, out_dir, run_id, shard_name(sample))
-            bar.update(n_configs * len(group))
-            bar.set_postfix(sample=group[-1].sample_id, s=f"{(time.perf_counter() - t0) / len(group):.1f}")
+    order = by_cost(todo)
+    try:  # the next sample joins while the last one's long answers decode; each shard as it is done
+        t0 = time.perf_counter()
+        for k, (i, rows) in enumerate(host.evaluate_stream(order, presses, protocols, run_id=run_id)):
+            write_shard(rows, out_dir, run_id, shard_name(order[i]))
+            bar.update(n_configs)
+            bar.set_postfix(sample=order[i].sample_id, s=f"{(time.perf_counter() - t0) / (k + 1):.1f}")
     finally:
         bar.close()
     return run_id, read_results(run_dir(out_dir, run_id))
