@@ -113,8 +113,9 @@ class ModelHost:
         prefill per sample, and the configs of every sample admitted decode as rows of one batch
         (`ConfigRuns`; a decode step of a small model costs about the same for 6 rows as for
         24), each leaving when it is done. The next sample is prefilled and admitted once its
-        configs fit within `rows` decoding rows, or nothing decodes (None: all at once; the KV budget still bounds what decodes
-        together), so its configs join while the last sample's long answers still decode."""
+        configs fit within `rows` decoding rows, or nothing decodes (None: all at once; the KV
+        budget still bounds what decodes together), so its configs join while the last sample's
+        long answers still decode."""
         lm = self.lm
         configs = config_pairs(presses, protocols)
         every = [p for p, _ in configs]
