@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from ..generate import ConfigRuns
-from ..runtime import Prefill, build_prompt, capture_window_for, hidden_needed_for, prefill
+from ..runtime import build_prompt, capture_window_for, hidden_needed_for, prefill
 from ..models import LanguageModel, load_model
 from ..presses import Press, make_press
 from ..results import (SCHEMA_VERSION, new_run_id, press_config_id, now_utc, read_results, run_dir, shard_exists,
