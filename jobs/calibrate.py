@@ -689,7 +689,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="model actors")
     ap.add_argument("--run-id", default=None, help="resume this run (default: a new id)")
     ap.add_argument("--smoke-test", action="store_true", help="a tiny configuration (about 2 minutes on a laptop)")
-    ap.add_argument("--skip", default="", help="comma list of stages to skip: eval,tune,calibration")
+    ap.add_argument("--skip", default="", help="comma list of stages to skip: eval,tune,calibration,validate "
+                    "(validate: no test split, so no policies are written)")
     ap.add_argument("--serve", action="store_true",
                     help="when done, deploy (or update) the kvray Serve app on this cluster over the policy store")
     ap.add_argument("--serve-host", default="127.0.0.1", help="HTTP host for --serve (default 127.0.0.1)")
@@ -702,8 +703,8 @@ def main(argv=None) -> int:
     cfg = load_config(args)
     check_tune_spaces(cfg)
     skip = {s for s in args.skip.split(",") if s}
-    if skip - {"eval", "tune", "calibration"}:
-        raise SystemExit(f"--skip takes eval, tune, calibration; got {sorted(skip)}")
+    if skip - {"eval", "tune", "calibration", "validate"}:
+        raise SystemExit(f"--skip takes eval, tune, calibration, validate; got {sorted(skip)}")
     out = resolve_out(cfg["out"])
     cfg["_out"] = str(out)
     run_id = args.run_id or new_run_id()
@@ -751,6 +752,9 @@ def main(argv=None) -> int:
     candidates, notes = build_candidates(cfg, df, tuned, info.get("plan_layers", info["num_layers"]),
                                          info["num_kv_heads"])
     policies, dropped = [], []
+    if candidates and "validate" in skip:
+        notes.append(f"validation skipped (--skip validate): {len(candidates)} candidates untested, no policies written")
+        candidates = []
     if candidates:
         pool = start_workers(workers, cfg["model"], cpus_per_worker=cpus, use_gpu=use_gpu, run=run_id)
         try:
