@@ -158,8 +158,8 @@ def part_b(args, lm, out: dict) -> None:
         for label, (method, ratio) in POLICIES.items():
             press = kvray.make_press(method, compression_ratio=ratio) if ratio else kvray.make_press("full")
             cache = compress(lm, pre, press, False)
-            actual = cache.nbytes() + engine.bytes_per_token * (len(prompt.rest) + new)
-            rows[label] = {"estimate_bytes": engine.estimate(press, prompt, False, new), "row_bytes": int(actual)}
+            rows[label] = {"estimate_bytes": engine.estimate(press, prompt, False, new),
+                           "row_bytes": engine.decoder.row_bytes(cache, len(prompt.rest), new)}
         budget = 16 * rows["full"]["row_bytes"]  # a budget that holds 16 full-cache rows of this workload
         for r in rows.values():
             r["rows"] = budget // r["row_bytes"]
@@ -402,8 +402,10 @@ def write_page(res: dict, page: Path, quick: bool) -> None:
     if "admission" in res:
         lines += ["## (b) Admission under one KV budget", "",
                   "The budget holds 16 full-cache rows of the workload; a row reserves its compressed prompt plus "
-                  "the tokens fed and generated after compression (the engine's own accounting, from a real "
-                  "compressed cache).", "",
+                  "the tokens fed and generated after compression, and on this CPU (the torch path) the attention "
+                  "blocks it builds: a padded copy of the same with room for the tokens it may decode, at least "
+                  "32 slots (`Decoder.row_bytes`, the engine's own accounting, from a real compressed "
+                  "cache).", "",
                   "| workload | budget | policy | bytes per row | rows admitted | vs full |", "|---|---|---|---|---|---|"]
         for w, v in res["admission"].items():
             for p, r in v["policies"].items():

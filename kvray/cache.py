@@ -115,10 +115,14 @@ class RaggedKV:
     @property
     def nbytes(self) -> int:
         if "_pending" in self.__dict__:  # what the entries will take once copied
-            src = self._source()
-            return sum(self.lengths) * (src.keys.shape[-1] * src.keys.element_size()
-                                        + src.values.shape[-1] * src.values.element_size())
+            return sum(self.lengths) * self.entry_bytes
         return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def entry_bytes(self) -> int:
+        """Bytes of one entry: its key and its value."""
+        src = self._source()
+        return src.keys.shape[-1] * src.keys.element_size() + src.values.shape[-1] * src.values.element_size()
 
     def _source(self) -> "RaggedKV":
         """A RaggedKV whose tensors exist and have this one's device, dtype and dims."""
@@ -461,6 +465,13 @@ class KVRayCache(Cache):
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def blocks_nbytes(self) -> int:
+        """Bytes of the attention blocks the torch path built for this cache's layers (a padded
+        copy of each prefix and its tail, `kvray.runtime.attention.DecodeBlocks.nbytes`): held
+        beside `nbytes()`, which counts the packed layout alone (all the Triton path holds)."""
+        found = (layer.prefix.__dict__.get("_decode_blocks") for layer in self.layers if layer.prefix is not None)
+        return sum(blocks.nbytes for blocks in found if blocks is not None)
 
     @classmethod
     def merge(cls, caches: list["KVRayCache"], room: int = 0) -> "KVRayCache":

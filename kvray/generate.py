@@ -223,7 +223,7 @@ class ConfigRuns:
             else:
                 member_stats = [stats]
             # room for these rows (their prefixes plus the tokens they will add), else decode until there is
-            need = cache.nbytes() + full_bytes / max(n_tokens, 1) * (len(rest) + limit) * len(members)
+            need = dec.row_bytes(cache, len(rest), limit)
             while dec.active and dec.kv_bytes() + need > self.budget:
                 self.step()
             rows = dec.add(cache, feed=rest, first_logits=first, max_new_tokens=limit,

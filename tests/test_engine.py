@@ -48,7 +48,7 @@ def _peak_rows(lm, method, ratio, budget, n=8):
     backend = ModelBackend(lm, kv_budget=budget)
 
     async def run():
-        return await asyncio.gather(*(backend.generate(job(6, method=method, ratio=ratio, new=12)) for _ in range(n)))
+        return await asyncio.gather(*(backend.generate(job(40, method=method, ratio=ratio, new=12)) for _ in range(n)))
 
     asyncio.run(run())
     stats = backend.stats()
@@ -57,15 +57,47 @@ def _peak_rows(lm, method, ratio, budget, n=8):
 
 
 def test_admission_by_kv_bytes(tiny_llama):
-    """Under one budget, a cache that keeps a quarter admits about four times the rows."""
+    """Under one budget, a cache that keeps a quarter admits about four times the rows (a long
+    prompt: the attention blocks' room for new tokens is the same for every row)."""
     probe = ModelBackend(tiny_llama)
-    press, prompt = probe.prepare(job(6, method="full", ratio=0.0, new=12))
+    press, prompt = probe.prepare(job(40, method="full", ratio=0.0, new=12))
     full_row = probe.engine.estimate(press, prompt, False, 12)
     probe.engine.close()
     budget = int(2.2 * full_row)  # two full-cache rows fit
     full = _peak_rows(tiny_llama, "full", 0.0, budget)
     snap = _peak_rows(tiny_llama, "snapkv", 0.75, budget)
     assert full == 2 and snap >= 3.5 * full - 1, (full, snap)
+
+
+@pytest.mark.parametrize("j", JOBS[:4], ids=["snapkv", "adakv-aware", "full", "knorm-aware"])
+def test_reservation_counts_the_attention_blocks(tiny_llama, j):
+    """On the torch path a row also holds its attention blocks (a padded copy of its cache, with
+    room for the tokens it will decode): what the engine reserves for them covers what the
+    decoder builds at the row's first forward, within its slack, and the decoder's held bytes
+    count them."""
+    from kvray.generate import compress
+    from kvray.runtime import Decoder, capture_window_for, hidden_needed_for, prefill
+
+    backend = ModelBackend(tiny_llama)
+    engine = backend.engine
+    engine.close()
+    press, prompt = backend.prepare(j)
+    pre = prefill(tiny_llama, prompt, capture_window=capture_window_for([press]), with_question=j.query_aware,
+                  capture_hidden=hidden_needed_for([press]))
+    cache = compress(tiny_llama, pre, press, j.query_aware)
+    rest, first = pre.rest(j.query_aware), pre.first_logits(j.query_aware)
+    packed = cache.nbytes()
+    reserved = engine.decoder.row_bytes(cache, len(rest), j.max_new_tokens)
+    decoder = Decoder(tiny_llama, impl="torch")
+    decoder.add(cache, feed=rest, first_logits=first, max_new_tokens=j.max_new_tokens, ignore_stop_tokens=True)
+    decoder.step()  # the feed (agnostic) or the first decode step (aware) builds the blocks
+    blocks = cache.blocks_nbytes()
+    assert blocks > packed > 0
+    # at most the 2 slots per (layer, KV head) of the decoder's slack (the token never fed, one more)
+    slot = cache.layers[0].prefix.entry_bytes + tiny_llama.dtype.itemsize
+    spare = reserved - packed - engine.bytes_per_token * (len(rest) + j.max_new_tokens) - blocks
+    assert 0 <= spare <= 2 * slot * tiny_llama.num_layers * tiny_llama.num_kv_heads, (spare, slot)
+    assert decoder.kv_bytes() == cache.nbytes() + blocks
 
 
 def test_request_over_the_budget_is_refused(tiny_llama):

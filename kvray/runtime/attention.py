@@ -186,11 +186,17 @@ def _packed_row(qg, keys, values, bias, tk, tv, tail_mask, scaling, softcap=None
 #: rows whose longest head holds at most this many times the entries of the group's shortest
 #: share one padded block (`DecodeBlocks`)
 GROUP_SPREAD = 1.5
-#: tail slots a decode block (`DecodeBlocks`) keeps free beyond the tail it was built with, at
-#: least; more when the decoder says its rows will decode more (`RaggedKV.block_room`, up to
-#: `MAX_BLOCK_ROOM`): a rebuild copies every entry of the batch into fresh memory
+#: tail slots a decode block (`DecodeBlocks`) keeps free beyond the tail it was built with when
+#: the decoder does not say how many tokens its rows may still decode (`RaggedKV.block_room`;
+#: at most `MAX_BLOCK_ROOM` then): a rebuild copies every entry of the batch into fresh memory
 BLOCK_ROOM = 32
 MAX_BLOCK_ROOM = 256
+
+
+def _room_slots(room: int) -> int:
+    """Free tail slots a block keeps: what the decoder asks for (`room`, up to `MAX_BLOCK_ROOM`),
+    else `BLOCK_ROOM`."""
+    return min(room, MAX_BLOCK_ROOM) if room > 0 else BLOCK_ROOM
 
 
 def _length_groups(prefix: RaggedKV) -> list[list[int]]:
@@ -209,9 +215,9 @@ def _length_groups(prefix: RaggedKV) -> list[list[int]]:
 class DecodeBlocks:
     """A non-uniform prefix and its tail laid out for attention on the torch path: rows of
     similar length (`_length_groups`) share a block [n, H, W, d] that holds, per (row, KV head),
-    its entries padded to the group's longest head P, then its tail slots, with room for
-    `BLOCK_ROOM` more, or as many as `room` asks (the tokens the rows may still decode; at most
-    `MAX_BLOCK_ROOM`) (W = P + tail + room). The blocks lie in flat buffers (one when built, one
+    its entries padded to the group's longest head P, then its tail slots, with room for as
+    many more as `room` asks (the tokens the rows may still decode; at most `MAX_BLOCK_ROOM`),
+    or `BLOCK_ROOM` when it asks none (W = P + tail + room). The blocks lie in flat buffers (one when built, one
     per source batch after `merge`), so a decode step appends every row's new key and value with
     one `index_copy_` per buffer, and a group attends with one SDPA call (padding, free room and
     the tail's left padding masked by an additive bias; a feed of several tokens adds the causal
@@ -219,7 +225,8 @@ class DecodeBlocks:
 
     Built at the first forward over a batch (the feed of the question, or the first decode
     step) and kept with its prefix: a padded copy of the entries, held while the batch lives,
-    not in `nbytes()` (which counts the packed layout, all the Triton path holds). Rebuilt when
+    not in `nbytes()` (which counts the packed layout, all the Triton path holds) but in
+    `KVRayCache.blocks_nbytes()`. Rebuilt when
     the tail outgrows its room or is replaced (`KVRayLayer.set_tail` / `crop` drop it). Rows
     leaving the batch (`KVRayCache.select_rows`) take no rebuild: `select` keeps the other rows'
     slots where they lie; batches merged into one (`KVRayCache.merge`) keep theirs too (`merge`).
@@ -231,7 +238,7 @@ class DecodeBlocks:
     def __init__(self, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor, pads, room: int = 0):
         B, H, T, d = tail_k.shape
         dev, dtype = prefix.device, prefix.dtype
-        room = T + max(BLOCK_ROOM, min(room, MAX_BLOCK_ROOM))
+        room = T + _room_slots(room)
         order, self.groups = [], []
         head0, tail0 = [0] * (B * H), [0] * (B * H)  # per (row, head): the slot of its entry 0 / tail slot 0
         slot = 0
@@ -263,6 +270,26 @@ class DecodeBlocks:
         self.buf_rows = None  # per buffer, its rows (a tensor) when there are several
         self.room, self.filled, self.tail_ptr = room, 0, tail_k.data_ptr()
         self.append(tail_k, tail_v, pads)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its rows' slots (a key, a value and a mask entry each). Like the packed
+        prefix's `nbytes` after `select_rows`, the slots of rows that left are not counted:
+        their buffer stays referenced until the next rebuild."""
+        keys, values, bias = self.bufs[0]
+        slot = keys[0].nbytes + values[0].nbytes + bias[0].nbytes
+        H = self.tail0.numel() // max(len(self.order), 1)
+        return slot * H * sum(n * W for _, n, _, _, _, W, _ in self.groups)
+
+    @staticmethod
+    def estimate(prefix: RaggedKV, tail: int, room: int) -> int:
+        """Bytes the blocks of `prefix` take when built over `tail` tail slots with `room` asked
+        for, each row in a group of its own (as a row joining a decode batch builds them): per
+        (row, KV head), its row's longest head plus the tail and the room, a key, a value and a
+        mask entry each."""
+        slot = prefix.entry_bytes + prefix.dtype.itemsize
+        W = tail + _room_slots(room)
+        return slot * prefix.heads * sum(max(prefix.row_lengths(b)) + W for b in range(prefix.batch))
 
     def _set_order(self, order: list[int], dev) -> None:
         self.order = order  # the rows in block order

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..cache import KVRayCache
-from .attention import resolve_impl
+from .attention import DecodeBlocks, resolve_impl
 from .prefill import ensure_kvray_attention, forward
 from .prompt import stop_token_ids
 
@@ -97,9 +97,13 @@ class Decoder:
 
     def __init__(self, lm, *, impl: str = "auto"):
         ensure_kvray_attention(lm)
-        resolve_impl(impl, lm.device)
+        #: the torch path also holds a padded copy of every row in its attention blocks
+        #: (`DecodeBlocks`); the Triton path reads the packed entries themselves
+        self.blocks = resolve_impl(impl, lm.device) == "torch"
         self.lm = lm
         self.impl = impl
+        #: bytes one token costs in a full cache (keys + values, every layer and KV head)
+        self.bytes_per_token = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * lm.dtype.itemsize
         self._stops = frozenset(stop_token_ids(lm.tokenizer))
         self._batch: _Lane | None = None
         self._joining: list[tuple[KVRayCache, list[Row], tuple[int, ...]]] = []  # (cache, rows, tokens to feed)
@@ -155,7 +159,9 @@ class Decoder:
         """Feed the same tokens to every row of `parts` in one forward (merged when several);
         sets each row's logits. Returns the (merged) cache."""
         rows = [r for _, rs in parts for r in rs]
-        room = 0 if hook is not None else _room(rows) + len(feed)
+        # blocks a merge builds before the feed need room for it too; one cache builds its own
+        # during the feed's forward, with the fed tokens already in its tail
+        room = 0 if hook is not None else _room(rows) + (len(feed) if len(parts) > 1 else 0)
         cache = parts[0][0] if len(parts) == 1 else KVRayCache.merge([c for c, _ in parts], room)
         _prepare(cache, self.impl, room)
         try:
@@ -203,10 +209,25 @@ class Decoder:
     def active(self) -> int:
         return len(self.rows)
 
+    def row_bytes(self, cache: KVRayCache, fed: int, max_new_tokens: int) -> int:
+        """Bytes the rows of `cache` (compressed, not yet added) will hold at most: the cache, the
+        `fed` tokens and the ones each row generates, and on the torch path their attention
+        blocks as built at their first forward (`DecodeBlocks.estimate`: each row in a group of
+        its own, with room for every token it may decode; exact for a row that joins alone,
+        while merged with other rows it can hold more)."""
+        total = cache.nbytes() + self.bytes_per_token * (fed + max_new_tokens) * cache.batch
+        if self.blocks:
+            room = max_new_tokens + 1
+            total += sum(DecodeBlocks.estimate(layer.prefix, layer.tail_length() + max(fed, 1), room)
+                         for layer in cache.layers if layer.prefix is not None)
+        return int(total)
+
     def kv_bytes(self) -> int:
-        """Bytes the decoder's caches hold now (joining rows included)."""
+        """Bytes the decoder's caches hold now (joining rows included), their attention blocks
+        (the torch path's padded copy, `KVRayCache.blocks_nbytes`) too."""
         lanes = ([self._batch] if self._batch else []) + self._solo
-        return sum(lane.cache.nbytes() for lane in lanes) + sum(c.nbytes() for c, _, _ in self._joining)
+        caches = [lane.cache for lane in lanes] + [c for c, _, _ in self._joining]
+        return sum(c.nbytes() + c.blocks_nbytes() for c in caches)
 
     # -- one step ---------------------------------------------------------------------------------
 

@@ -7,9 +7,10 @@ and a finished row leaves at once. Other model work (the context NLL of /v1/cali
 the same thread between steps, so torch is never driven from two threads.
 
 Admission is by KV bytes: each request reserves what its row will hold at most -- the
-compressed prompt plus the tokens fed and generated after compression (estimated from the
-method's ratio before the prefill, corrected after compression) -- and waits (first come, first
-served) until the reservations fit `kv_budget` (bytes). A policy at ratio r therefore admits
+compressed prompt plus the tokens fed and generated after compression, and on the torch path
+the padded copy its attention blocks hold (estimated from the method's ratio before the
+prefill, corrected after compression) -- and waits (first come, first served) until the
+reservations fit `kv_budget` (bytes). A policy at ratio r therefore admits
 about 1 / (1 - r) times the rows of the full cache. The transient full cache of the one prompt
 being prefilled is not counted. A request that could never fit is refused (413).
 
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import torch
+
+from ..runtime.attention import MAX_BLOCK_ROOM
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +78,12 @@ class BatchingEngine:
             raise ValueError(f"kv_budget must be >= 1 byte, got {kv_budget}")
         self.max_rows = int(max_rows)
         self.decoder = Decoder(lm, impl=impl)
-        elem = torch.finfo(lm.dtype).bits // 8
         #: bytes one token costs in a full cache (keys + values, every layer and KV head)
-        self.bytes_per_token = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * elem
+        self.bytes_per_token = self.decoder.bytes_per_token
+        #: and in the torch path's attention blocks (a key, a value and a mask entry per slot)
+        elem = lm.dtype.itemsize
+        self.block_bytes_per_token = lm.num_layers * lm.num_kv_heads * (2 * lm.head_dim + 1) * elem \
+            if self.decoder.blocks else 0
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._calls: deque[_Call] = deque()
@@ -94,11 +100,14 @@ class BatchingEngine:
     # -- the asyncio side -------------------------------------------------------------------------
 
     def estimate(self, press, prompt, query_aware: bool, max_new_tokens: int) -> int:
-        """Bytes a row of this request holds at most (before its prefill: from the target ratio)."""
+        """Bytes a row of this request holds at most (before its prefill: from the target ratio;
+        `Decoder.row_bytes` once compressed)."""
         n_comp = len(prompt) if query_aware else len(prompt.context)
         fed_after = 0 if query_aware else len(prompt.rest)
         kept = n_comp * (1.0 - press.target_ratio)
-        return int(self.bytes_per_token * (kept + fed_after + max_new_tokens))
+        room = min(max_new_tokens + 1, MAX_BLOCK_ROOM)
+        return int(self.bytes_per_token * (kept + fed_after + max_new_tokens)
+                   + self.block_bytes_per_token * (kept + max(fed_after, 1) + room))
 
     async def stream(self, job, press, prompt) -> AsyncIterator[tuple[str, Any]]:
         """Events of one request: ("token", id) per generated token, then ("done", info) with
@@ -233,7 +242,7 @@ class BatchingEngine:
                           "bytes_kept": cache.prefix_nbytes(), "achieved_ratio": 1.0 - kept / (n_tokens * heads)}
                 if cache.window_nbytes():  # a hybrid model's sliding layers, apart
                     req.kv["bytes_windowed"] = cache.window_nbytes()
-                actual = int(cache.nbytes() + self.bytes_per_token * (len(rest) + job.max_new_tokens))
+                actual = self.decoder.row_bytes(cache, len(rest), job.max_new_tokens)
                 row = self.decoder.add(cache, feed=rest, first_logits=first, max_new_tokens=job.max_new_tokens,
                                        key=req, ignore_stop_tokens=job.ignore_eos,
                                        after_step=press.after_step if press.evicts_during_decoding else None,
