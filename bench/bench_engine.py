@@ -403,9 +403,8 @@ def write_page(res: dict, page: Path, quick: bool) -> None:
         lines += ["## (b) Admission under one KV budget", "",
                   "The budget holds 16 full-cache rows of the workload; a row reserves its compressed prompt plus "
                   "the tokens fed and generated after compression, and on this CPU (the torch path) the attention "
-                  "blocks it builds: a padded copy of the same with room for the tokens it may decode, at least "
-                  "32 slots (`Decoder.row_bytes`, the engine's own accounting, from a real compressed "
-                  "cache).", "",
+                  "blocks it builds: a padded copy of the same with room for the tokens it may decode "
+                  "(`Decoder.row_bytes`, the engine's own accounting, from a real compressed cache).", "",
                   "| workload | budget | policy | bytes per row | rows admitted | vs full |", "|---|---|---|---|---|---|"]
         for w, v in res["admission"].items():
             for p, r in v["policies"].items():

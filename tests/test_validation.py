@@ -219,3 +219,18 @@ def test_build_candidates_ranks_the_grid_and_keeps_tuned_methods_off_it(job):
     # random is not on the grid: tested at Tune's ratio; knorm is, and holds no ratio: no candidate
     assert by["random"].ratio == 0.5 and by["random"].tuned.plan is not None and "not on the eval grid" in by["random"].why
     assert "knorm" not in by and any(n.startswith("knorm (tuned, agnostic): no ratio") for n in notes)
+
+
+def test_skip_names_its_stages_and_the_old_mains_workload_loads(job, tmp_path):
+    """`--skip` refuses what is not a stage (naming them, validate included) before any work, and
+    bench/calibrate_ae89734.yaml (the previous main's job in today's schema) loads and checks."""
+    import argparse
+
+    with pytest.raises(SystemExit, match="eval, tune, calibration, validate; got \\['tests'\\]"):
+        job.main(["--skip", "tests", "--out", str(tmp_path)])
+    args = argparse.Namespace(config=str(ROOT / "bench" / "calibrate_ae89734.yaml"), smoke_test=False, set=None,
+                              model=None, out=None, workers=None)
+    cfg = job.load_config(args)
+    job.check_tune_spaces(cfg)
+    assert (cfg["eval"]["samples"], cfg["eval"]["rounds"], cfg["tune"]["methods"], cfg["tune"]["trials"]) == \
+        (4, [], ["snapkv", "knorm"], 24)
