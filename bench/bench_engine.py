@@ -13,10 +13,12 @@
     .venv-kvpress exists: bench/kvpress_grid.py); and one decode step of 16 rows against this machine's
     limit (bytes of weights + KV read / measured memory bandwidth).
 (d) Decode ms/token at 4k tokens: head-adaptive (adakv) 0.75 vs uniform (snapkv) 0.75 vs full.
+(e) What a served batch keeps alive vs what it counts, with and without the engine's compaction
+    (in-process engine, decode-heavy prompts at concurrency 16, rows leaving at different steps).
 
     python bench/bench_engine.py               # ~15 minutes: docs/bench_engine.md + bench/results/bench_engine.json
     python bench/bench_engine.py --quick       # a smoke check of every part (~3 minutes)
-    python bench/bench_engine.py --parts c,d   # some parts only
+    python bench/bench_engine.py --parts c,d   # some parts only (a,b,c,d,e)
 """
 
 from __future__ import annotations
@@ -315,6 +317,57 @@ def kvpress_grid(args, lm, n: int, count, res: dict) -> None:
 # ----------------------------------------------------------------------------- (d) decode at 4k
 
 
+def part_e(args, lm, out: dict) -> None:
+    """The engine in-process (no HTTP): decode-heavy prompts at concurrency 16, answers of 16-64
+    tokens so rows leave at different steps; kept alive (`kv_bytes_referenced`) / counted
+    (`kv_bytes_held`), sampled every 50 ms, and requests/s, compaction off and on, in turn."""
+    import kvray.serve.engine as engine_mod
+    from kvray.serve.api import GenerateJob, ModelBackend
+
+    n = 16 if args.quick else 48
+    bodies = requests_for(lm.tokenizer, WORKLOADS["decode-heavy"][0], n, seed=7)
+    jobs = [GenerateJob(context=b["context"], question=b["question"], method="snapkv", compression_ratio=0.5,
+                        query_aware=False, max_new_tokens=16 + (i * 7) % 49, ignore_eos=True) for i, b in enumerate(bodies)]
+    default = engine_mod.COMPACT_ABOVE
+    res = out.setdefault("compaction", {"requests": n, "concurrency": 16, "compact_above": default, "runs": []})
+    res["runs"] = []
+    try:
+        for setting in (None, default) * (1 if args.quick else 2):
+            engine_mod.COMPACT_ABOVE = setting
+            backend = ModelBackend(lm)
+            ratios = []
+
+            async def main(backend=backend, ratios=ratios):
+                gate = asyncio.Semaphore(16)
+
+                async def one(job):
+                    async with gate:
+                        return await backend.generate(job)
+
+                async def watch():
+                    while True:
+                        st = backend.stats()
+                        if st["kv_bytes_held"]:
+                            ratios.append(st["kv_bytes_referenced"] / st["kv_bytes_held"])
+                        await asyncio.sleep(0.05)
+
+                watcher = asyncio.ensure_future(watch())
+                t0 = time.perf_counter()
+                await asyncio.gather(*(one(j) for j in jobs))
+                watcher.cancel()
+                return time.perf_counter() - t0
+
+            wall = asyncio.run(main())
+            backend.engine.close()
+            run = {"compact_above": setting, "req_per_s": n / wall, "kept_alive_p50": pct(ratios, 50),
+                   "kept_alive_max": max(ratios, default=float("nan"))}
+            res["runs"].append(run)
+            print(f"[e] compact_above {setting}: {run['req_per_s']:.2f} req/s, kept alive / counted p50 "
+                  f"{run['kept_alive_p50']:.2f}, max {run['kept_alive_max']:.2f}", flush=True)
+    finally:
+        engine_mod.COMPACT_ABOVE = default
+
+
 def part_d(args, lm, out: dict) -> None:
     import kvray
     from kvray.eval import make_samples
@@ -446,13 +499,25 @@ def write_page(res: dict, page: Path, quick: bool) -> None:
             if isinstance(v, dict):
                 lines.append(f"| {k} | {v['ms_per_token']:.1f} | {v['vs_full']:.2f}x | {v['kv_bytes'] / 2**20:.1f} MiB |")
         lines += ["", f"Head-adaptive / uniform at 0.75: {d['adaptive_vs_uniform']:.3f}x.", ""]
+    if "compaction" in res:
+        e = res["compaction"]
+        lines += ["## (e) What a served batch keeps alive", "",
+                  f"The engine in-process, {e['requests']} decode-heavy requests (snapkv@0.5, 16-64 new tokens) at "
+                  f"concurrency {e['concurrency']}: the bytes of every tensor the batch keeps alive over the bytes its "
+                  "rows use (`kv_bytes_referenced` / `kv_bytes_held`, sampled every 50 ms), without compaction and "
+                  f"with the engine's (`COMPACT_ABOVE` = {e['compact_above']}), in turn.", "",
+                  "| compaction | req/s | kept alive / counted, p50 | max |", "|---|---|---|---|"]
+        for r in e["runs"]:
+            lines.append(f"| {'off' if r['compact_above'] is None else r['compact_above']} | {r['req_per_s']:.2f} | "
+                         f"{r['kept_alive_p50']:.2f} | {r['kept_alive_max']:.2f} |")
+        lines.append("")
     page.write_text("\n".join(lines))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--parts", default="a,b,c,d")
+    ap.add_argument("--parts", default="a,b,c,d,e")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--kvpress-python", default=str(ROOT / ".venv-kvpress" / "bin" / "python"),
                     help="a python with kvpress 0.5.5 for part (c)'s kvpress baseline (skipped if absent)")
@@ -472,7 +537,7 @@ def main() -> int:
     if path.is_file():  # parts run separately accumulate in one file
         out = {**json.loads(path.read_text()), **{k: out[k] for k in ("machine", "threads", "date")}}
     lm = kvray.load_model()
-    for name, fn in (("d", part_d), ("b", part_b), ("c", part_c)):
+    for name, fn in (("d", part_d), ("b", part_b), ("c", part_c), ("e", part_e)):
         if name in parts:
             fn(args, lm, out)
             path.parent.mkdir(parents=True, exist_ok=True)

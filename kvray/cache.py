@@ -466,6 +466,37 @@ class KVRayCache(Cache):
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
+    def referenced_nbytes(self) -> int:
+        """Bytes of the tensors this cache keeps alive: the sources of a lazily selected or merged
+        prefix whole, the tail's buffers with their spare room, the attention blocks' buffers with
+        the slots of rows that left. At least `nbytes() + blocks_nbytes()`; `compact` brings it
+        close to that."""
+        return sum(self.storages().values())
+
+    def storages(self) -> dict[int, int]:
+        """{storage address: bytes} of the tensors this cache keeps alive (`referenced_nbytes`)."""
+        seen = {}
+        for layer in self.layers:
+            tensors = [layer.keys, layer.values] if layer.tail_length() else []
+            if layer.prefix is not None:
+                pending = layer.prefix.__dict__.get("_pending")
+                tensors += [t for src in (pending[0] if pending else (layer.prefix,)) for t in (src.keys, src.values)]
+                blocks = layer.prefix.__dict__.get("_decode_blocks")
+                tensors += [t for buf in (blocks.bufs if blocks is not None else ()) for t in buf]
+            seen.update((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors)
+        return seen
+
+    def compact(self) -> None:
+        """Copy what the rows use out of what they keep alive (`referenced_nbytes`): a lazy
+        prefix's entries now (freeing their sources), the tail without its spare room; the
+        attention blocks are dropped and rebuilt, sized to the rows, at the next forward."""
+        for layer in self.layers:
+            if layer.prefix is not None:
+                layer.prefix.keys  # noqa: B018 -- a lazy selection or merge copies its entries on this read
+                layer.prefix.__dict__.pop("_decode_blocks", None)
+            if layer.tail_length():
+                layer.set_tail(layer.keys.clone(), layer.values.clone())
+
     def blocks_nbytes(self) -> int:
         """Bytes of the attention blocks the torch path built for this cache's layers (a padded
         copy of each prefix and its tail, `kvray.runtime.attention.DecodeBlocks.nbytes`): held

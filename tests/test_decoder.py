@@ -405,3 +405,29 @@ def test_window_scores_are_computed_once_per_sample(tiny_llama, monkeypatch):
         pre = prefill(lm, prompt, capture_window=capture_window_for(presses), with_question=False)
         fresh.append([layer.prefix.positions.tolist() for layer in compress(lm, pre, p, False).layers])
     assert got == fresh
+
+
+def test_compaction_frees_what_rows_that_left_kept(tiny_llama):
+    """Rows that leave a batch leave their packed entries and block slots alive (a re-pack copies
+    nothing); with `compact_above` the decoder copies the rest out once the waste passes it: the
+    same tokens, and the bytes kept alive fall back to what the rows use."""
+
+    def run(compact_above):
+        dec = Decoder(tiny_llama, compact_above=compact_above)
+        rows = []
+        for n, k in ((3, 2), (6, 3), (4, 4), (5, 5), (3, 6), (7, 20)):  # one feed: one batch, one buffer
+            _, pre, cache = _row_inputs(tiny_llama, n, "Who asked?", "snapkv", dict(compression_ratio=0.5), False)
+            rows += dec.add(cache, feed=pre.rest(False), max_new_tokens=k, ignore_stop_tokens=True)
+        waste = []
+        while dec.active:
+            dec.step()
+            if dec.active:
+                waste.append(dec.kv_bytes(referenced=True) / dec.kv_bytes())
+        return [r.tokens for r in rows], waste
+
+    tokens, waste = run(None)
+    compacted, less = run(1.25)
+    assert compacted == tokens
+    print("kept alive / used, without:", [round(w, 2) for w in waste], "with:", [round(w, 2) for w in less])
+    assert max(waste) > 1.5 and max(less) < max(waste) - 0.3, (waste, less)
+    assert less[-1] < 1.25 < waste[-1]  # the last row alone, in what it uses (and the tail's spare room)

@@ -95,8 +95,12 @@ class Decoder:
 
     impl: the ragged attention implementation (`kvray.runtime.attention.IMPLS`)."""
 
-    def __init__(self, lm, *, impl: str = "auto"):
+    def __init__(self, lm, *, impl: str = "auto", compact_above: float | None = None):
         ensure_kvray_attention(lm)
+        #: when the batch keeps alive more than this many times the bytes its rows use (the
+        #: entries and block slots of rows that left, spare tail room: `KVRayCache.referenced_nbytes`),
+        #: it is compacted as it is re-packed (`KVRayCache.compact`); None: never
+        self.compact_above = compact_above
         #: the torch path also holds a padded copy of every row in its attention blocks
         #: (`DecodeBlocks`); the Triton path reads the packed entries themselves
         self.blocks = resolve_impl(impl, lm.device) == "torch"
@@ -222,11 +226,14 @@ class Decoder:
                          for layer in cache.layers if layer.prefix is not None)
         return int(total)
 
-    def kv_bytes(self) -> int:
+    def kv_bytes(self, referenced: bool = False) -> int:
         """Bytes the decoder's caches hold now (joining rows included), their attention blocks
-        (the torch path's padded copy, `KVRayCache.blocks_nbytes`) too."""
+        (the torch path's padded copy, `KVRayCache.blocks_nbytes`) too; `referenced`: the bytes
+        of every tensor they keep alive (`KVRayCache.referenced_nbytes`)."""
         lanes = ([self._batch] if self._batch else []) + self._solo
         caches = [lane.cache for lane in lanes] + [c for c, _, _ in self._joining]
+        if referenced:  # a storage that several caches keep alive counted once
+            return sum({k: v for c in caches for k, v in c.storages().items()}.values())
         return sum(c.nbytes() + c.blocks_nbytes() for c in caches)
 
     # -- one step ---------------------------------------------------------------------------------
@@ -309,6 +316,9 @@ class Decoder:
         if parts:
             room = _room(new_rows)
             cache = parts[0] if len(parts) == 1 else KVRayCache.merge(parts, room)
+            if self.compact_above is not None and len(keep) < len(batch_rows) and \
+                    cache.referenced_nbytes() > self.compact_above * (cache.nbytes() + cache.blocks_nbytes()):
+                cache.compact()
             _prepare(cache, self.impl, room)
             self._batch = lane = _Lane(cache, new_rows)  # visible to rows/kv_bytes meanwhile
             self._joining = []

@@ -14,6 +14,10 @@ reservations fit `kv_budget` (bytes). A policy at ratio r therefore admits
 about 1 / (1 - r) times the rows of the full cache. The transient full cache of the one prompt
 being prefilled is not counted. A request that could never fit is refused (413).
 
+Rows that leave leave their entries alive in the re-packed batch (a re-pack copies nothing);
+the decoder compacts the batch once what it keeps alive passes `COMPACT_ABOVE` times what its
+rows use (`kv_bytes_referenced` vs `kv_bytes_held` in `stats()`).
+
 Cancelling the awaiting coroutine (client gone, timeout) takes the row out of the batch at the
 next step and frees its bytes; a request that fails (its press raises, say) fails alone.
 """
@@ -35,6 +39,9 @@ from ..runtime.attention import MAX_BLOCK_ROOM
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ROWS = 64
+#: the batch is compacted when it keeps alive more than this many times the bytes its rows use
+#: (`Decoder.compact_above`): the entries and block slots of rows that left, spare tail room
+COMPACT_ABOVE = 1.25
 
 
 @dataclass(eq=False)
@@ -77,7 +84,7 @@ class BatchingEngine:
         if self.budget < 1:
             raise ValueError(f"kv_budget must be >= 1 byte, got {kv_budget}")
         self.max_rows = int(max_rows)
-        self.decoder = Decoder(lm, impl=impl)
+        self.decoder = Decoder(lm, impl=impl, compact_above=COMPACT_ABOVE)
         #: bytes one token costs in a full cache (keys + values, every layer and KV head)
         self.bytes_per_token = self.decoder.bytes_per_token
         #: and in the torch path's attention blocks (a key, a value and a mask entry per slot)
@@ -160,7 +167,8 @@ class BatchingEngine:
     def stats(self) -> dict:
         with self._cond:
             return {"active_rows": self.decoder.active, "queued_requests": len(self._waiting),
-                    "kv_bytes_held": self.decoder.kv_bytes(), "kv_bytes_reserved": self._reserved,
+                    "kv_bytes_held": self.decoder.kv_bytes(), "kv_bytes_referenced": self.decoder.kv_bytes(True),
+                    "kv_bytes_reserved": self._reserved,
                     "kv_budget_bytes": self.budget, "max_rows": self.max_rows, "peak_rows": self.peak_rows,
                     "steps": self.steps,
                     **{f"requests_{k}": v for k, v in self.counts.items()}}
