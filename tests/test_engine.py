@@ -95,7 +95,7 @@ def test_reservation_counts_the_attention_blocks(tiny_llama, j):
     assert blocks > packed > 0
     # at most the 2 slots per (layer, KV head) of the decoder's slack (the token never fed, one more)
     slot = cache.layers[0].prefix.entry_bytes + tiny_llama.dtype.itemsize
-    spare = reserved - packed - engine.bytes_per_token * (len(rest) + j.max_new_tokens) - blocks
+    spare = reserved - packed - engine.decoder.bytes_per_token * (len(rest) + j.max_new_tokens) - blocks
     assert 0 <= spare <= 2 * slot * tiny_llama.num_layers * tiny_llama.num_kv_heads, (spare, slot)
     assert decoder.kv_bytes() == cache.nbytes() + blocks
 

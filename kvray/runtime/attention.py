@@ -288,8 +288,14 @@ class DecodeBlocks:
         (row, KV head), its row's longest head plus the tail and the room, a key, a value and a
         mask entry each."""
         slot = prefix.entry_bytes + prefix.dtype.itemsize
-        W = tail + _room_slots(room)
-        return slot * prefix.heads * sum(max(prefix.row_lengths(b)) + W for b in range(prefix.batch))
+        return slot * prefix.heads * sum(DecodeBlocks.slots(max(prefix.row_lengths(b)), tail, room)
+                                         for b in range(prefix.batch))
+
+    @staticmethod
+    def slots(longest: int, tail: int, room: int) -> int:
+        """Slots per KV head of a row's block: its longest head, the tail it is built over and
+        the room asked for (`_room_slots`)."""
+        return longest + tail + _room_slots(room)
 
     def _set_order(self, order: list[int], dev) -> None:
         self.order = order  # the rows in block order

@@ -106,8 +106,10 @@ class Decoder:
         self.blocks = resolve_impl(impl, lm.device) == "torch"
         self.lm = lm
         self.impl = impl
-        #: bytes one token costs in a full cache (keys + values, every layer and KV head)
+        #: bytes one token costs in a full cache (keys + values, every layer and KV head), and one
+        #: block slot on the torch path (a key, a value and a mask entry per layer and KV head)
         self.bytes_per_token = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * lm.dtype.itemsize
+        self.bytes_per_slot = lm.num_layers * lm.num_kv_heads * (2 * lm.head_dim + 1) * lm.dtype.itemsize
         self._stops = frozenset(stop_token_ids(lm.tokenizer))
         self._batch: _Lane | None = None
         self._joining: list[tuple[KVRayCache, list[Row], tuple[int, ...]]] = []  # (cache, rows, tokens to feed)
@@ -221,9 +223,16 @@ class Decoder:
         while merged with other rows it can hold more)."""
         total = cache.nbytes() + self.bytes_per_token * (fed + max_new_tokens) * cache.batch
         if self.blocks:
-            room = max_new_tokens + 1
-            total += sum(DecodeBlocks.estimate(layer.prefix, layer.tail_length() + max(fed, 1), room)
+            total += sum(DecodeBlocks.estimate(layer.prefix, layer.tail_length() + max(fed, 1), max_new_tokens + 1)
                          for layer in cache.layers if layer.prefix is not None)
+        return int(total)
+
+    def estimate_bytes(self, kept: float, fed: int, max_new_tokens: int) -> int:
+        """`row_bytes` of a row not compressed yet: `kept` entries per (layer, KV head) assumed
+        (e.g. from the target ratio), none of them padded."""
+        total = self.bytes_per_token * (kept + fed + max_new_tokens)
+        if self.blocks:
+            total += self.bytes_per_slot * DecodeBlocks.slots(kept, max(fed, 1), max_new_tokens + 1)
         return int(total)
 
     def kv_bytes(self, referenced: bool = False) -> int:

@@ -34,8 +34,6 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from ..runtime.attention import MAX_BLOCK_ROOM
-
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ROWS = 64
@@ -85,12 +83,6 @@ class BatchingEngine:
             raise ValueError(f"kv_budget must be >= 1 byte, got {kv_budget}")
         self.max_rows = int(max_rows)
         self.decoder = Decoder(lm, impl=impl, compact_above=COMPACT_ABOVE)
-        #: bytes one token costs in a full cache (keys + values, every layer and KV head)
-        self.bytes_per_token = self.decoder.bytes_per_token
-        #: and in the torch path's attention blocks (a key, a value and a mask entry per slot)
-        elem = lm.dtype.itemsize
-        self.block_bytes_per_token = lm.num_layers * lm.num_kv_heads * (2 * lm.head_dim + 1) * elem \
-            if self.decoder.blocks else 0
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._calls: deque[_Call] = deque()
@@ -111,10 +103,7 @@ class BatchingEngine:
         `Decoder.row_bytes` once compressed)."""
         n_comp = len(prompt) if query_aware else len(prompt.context)
         fed_after = 0 if query_aware else len(prompt.rest)
-        kept = n_comp * (1.0 - press.target_ratio)
-        room = min(max_new_tokens + 1, MAX_BLOCK_ROOM)
-        return int(self.bytes_per_token * (kept + fed_after + max_new_tokens)
-                   + self.block_bytes_per_token * (kept + max(fed_after, 1) + room))
+        return self.decoder.estimate_bytes(n_comp * (1.0 - press.target_ratio), fed_after, max_new_tokens)
 
     async def stream(self, job, press, prompt) -> AsyncIterator[tuple[str, Any]]:
         """Events of one request: ("token", id) per generated token, then ("done", info) with
