@@ -448,7 +448,8 @@ def _merge_blocks(parts: list[KVRayLayer], tails: list[tuple[torch.Tensor, torch
         pads = [x + t - k.shape[2] for p, k, _, _ in rest for x in (p.rows.pads if p.rows is not None else [0] * k.shape[0])]
         pad = lambda x: torch.nn.functional.pad(x, (0, 0, t - x.shape[2], 0))  # noqa: E731
         built = DecodeBlocks(RaggedKV.concat([p.prefix for p, _, _, _ in rest]), torch.cat([pad(k) for _, k, _, _ in rest]),
-                             torch.cat([pad(v) for _, _, v, _ in rest]), pads if any(pads) else None, room)
+                             torch.cat([pad(v) for _, _, v, _ in rest]), pads if any(pads) else None, room,
+                             next(b.G for b in found if b is not None))
         sets.append((built, [r for _, _, _, rows in rest for r in rows], T - t))
     merged.prefix._decode_blocks = DecodeBlocks.merge(sets, merged.keys)
 

@@ -28,12 +28,26 @@ LAYOUTS = {  # per (row, head) lengths, H = 2
 }
 
 
-def _random_prefix(layout: str, d: int) -> RaggedKV:
-    """Random keys and values laid out as `LAYOUTS[layout]` (H = 2)."""
-    lengths = LAYOUTS[layout]
+#: H = 3: packed into 2 bins of 2 head slots, one slot of a bin left empty
+THREE_HEADS = [1, 9, 4, 7, 2, 5, 0, 3, 8, 6, 6, 6]
+
+
+@pytest.fixture(params=[None, 1], ids=["planned", "binned"])
+def bins(request, monkeypatch):
+    """The blocks as `_plan` lays them out, and with every row's heads packed into one bin
+    (`FORCE_BINS`: the interleaved tails, per-query-head mask rows and query / output gathers)."""
+    import kvray.runtime.attention as attn
+
+    monkeypatch.setattr(attn, "FORCE_BINS", request.param)
+    return request.param
+
+
+def _random_prefix(layout: str, d: int, H: int = 2) -> RaggedKV:
+    """Random keys and values laid out as `LAYOUTS[layout]` (H = 2) or `THREE_HEADS` (H = 3)."""
+    lengths = THREE_HEADS if layout == "three_heads" else LAYOUTS[layout]
     total = sum(lengths)
     return RaggedKV(torch.randn(total, d), torch.randn(total, d), torch.arange(total), tuple(lengths),
-                    len(lengths) // 2, 2)
+                    len(lengths) // H, H)
 
 
 def _dense(prefix: RaggedKV):
@@ -51,10 +65,25 @@ def _dense(prefix: RaggedKV):
 @pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("q_len", [1, 3])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_ragged_attention_matches_reference(G, q_len, layout):
+def test_ragged_attention_matches_reference(G, q_len, layout, bins):
+    _matches_reference(G, q_len, layout, 2)
+
+
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("V", [None, 1, 2])
+def test_ragged_attention_in_bins_matches_reference(G, q_len, V, monkeypatch):
+    """Three KV heads in two bins (a bin slot left empty) or one, or as `_plan` lays them out."""
+    import kvray.runtime.attention as attn
+
+    monkeypatch.setattr(attn, "FORCE_BINS", V)
+    _matches_reference(G, q_len, "three_heads", 3)
+
+
+def _matches_reference(G, q_len, layout, H):
     torch.manual_seed(0)
-    H, d, T = 2, 16, 6
-    prefix = _random_prefix(layout, d)
+    d, T = 16, 6
+    prefix = _random_prefix(layout, d, H)
     B = prefix.batch
     pads = (0, 2, T - q_len, 1, 0, 3)[:B]  # row 2 joined just now: its tail is only the new tokens
     query = torch.randn(B, H * G, q_len, d)
@@ -67,7 +96,7 @@ def test_ragged_attention_matches_reference(G, q_len, layout):
 
 
 @pytest.mark.parametrize("layout", ["skewed", "grouped"])
-def test_decode_blocks_follow_the_tail_step_by_step(layout, monkeypatch):
+def test_decode_blocks_follow_the_tail_step_by_step(layout, bins, monkeypatch):
     """Decode steps through a real layer: the padded blocks (`DecodeBlocks`) are built once and
     then appended to, rebuilt when the tail outgrows their room or its buffer, and dropped when
     the tail is replaced or cropped; every step matches the slow reference."""
@@ -98,7 +127,7 @@ def test_decode_blocks_follow_the_tail_step_by_step(layout, monkeypatch):
     assert 3 <= len(built) < 12
 
 
-def test_decode_blocks_move_with_the_rows_that_stay(monkeypatch):
+def test_decode_blocks_move_with_the_rows_that_stay(bins, monkeypatch):
     """Rows leaving the batch (`select_rows`, also reordered, with the tail's unused leading slots
     trimmed) keep attending through the same blocks, not rebuilt ones, until their room runs
     out; every step matches the slow reference; the batch they left rebuilds its own if used."""
@@ -142,7 +171,7 @@ def test_decode_blocks_move_with_the_rows_that_stay(monkeypatch):
     assert len(built) == 3
 
 
-def test_merged_batches_keep_their_blocks(monkeypatch):
+def test_merged_batches_keep_their_blocks(bins, monkeypatch):
     """Batches merged into one (`KVRayCache.merge`: tails of different lengths, left-padded)
     keep their attention blocks without a copy (`DecodeBlocks.merge`); the sources without
     blocks get one set built for all of them, and the packed entries are copied only when read. A feed of several

@@ -14,6 +14,7 @@ one SDPA call per group (plain matmuls under soft-capping), no Python loop over 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -191,6 +192,12 @@ GROUP_SPREAD = 1.5
 #: at most `MAX_BLOCK_ROOM` then): a rebuild copies every entry of the batch into fresh memory
 BLOCK_ROOM = 32
 MAX_BLOCK_ROOM = 256
+#: a group's KV heads are packed into fewer, longer bins (`_plan`) only when that is expected to
+#: cost at most this fraction of padding every head to the longest (the bins' gathers and wider
+#: mask cost a little of their own)
+BIN_GAIN = 0.9
+#: tests: force this many bins per row whenever the heads' lengths differ (None: `_plan` chooses)
+FORCE_BINS: int | None = None
 
 
 def _room_slots(room: int) -> int:
@@ -212,89 +219,220 @@ def _length_groups(prefix: RaggedKV) -> list[list[int]]:
     return groups + [cur] if cur else groups
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How a group's rows lie in its block: V bins per row of Hb head slots each; per row, its
+    heads' bins (`members[row][bin]`: the heads, in slot order); P entry columns per bin.
+    Plain (V = H, Hb = 1, head h in bin h): every head padded to the longest."""
+
+    V: int
+    Hb: int
+    P: int
+    members: tuple[tuple[tuple[int, ...], ...], ...]
+
+    @property
+    def binned(self) -> bool:
+        return self.Hb > 1
+
+
+def _bins(lengths: tuple[int, ...], V: int, Hb: int) -> tuple[tuple[int, ...], ...]:
+    """The heads of one row in V bins of at most Hb: longest first, each into the lightest bin
+    with a free slot (fewest heads on a tie, so that no bin stays empty)."""
+    members, total = [[] for _ in range(V)], [0] * V
+    for h in sorted(range(len(lengths)), key=lambda h: -lengths[h]):
+        v = min((v for v in range(V) if len(members[v]) < Hb), key=lambda v: (total[v], len(members[v])))
+        members[v].append(h)
+        total[v] += lengths[h]
+    return tuple(tuple(m) for m in members)
+
+
+def _plan(lengths: list[tuple[int, ...]], tail: int) -> _Plan:
+    """The layout of a group of rows (`lengths`: per row, its heads' entry counts) with `tail`
+    tail slots. Padding every head to the group's longest is plain; when heads differ, packing
+    them into V < H bins (a bin holds its heads' entries one after the other, then their tail
+    slots interleaved) reads fewer padded columns. SDPA's CPU kernel spends the same time on a
+    masked column as on a real one and shares (row, bin) pairs among its threads, so a layout
+    costs about ceil(rows x bins / threads) x the widest bin; bins are used when that is at most
+    `BIN_GAIN` of plain (e.g. adakv@0.75 at 4k tokens, one row, 3 KV heads on 2 threads: two
+    bins read as much as a uniform prefix, where plain read 1.34x)."""
+    n, H = len(lengths), len(lengths[0])
+    longest = max(max(x) for x in lengths)
+    plain = _Plan(H, 1, longest, tuple(tuple((h,) for h in range(H)) for _ in lengths))
+    if H == 1 or all(len(set(x)) == 1 for x in lengths):  # no row has a head to spare
+        return plain
+    threads = max(torch.get_num_threads(), 1)
+    best, cost = plain, math.ceil(n * H / threads) * (longest + tail) * BIN_GAIN
+    for V in ([FORCE_BINS] if FORCE_BINS else range(H - 1, 0, -1)):
+        Hb = -(-H // V)
+        members = tuple(_bins(x, V, Hb) for x in lengths)
+        P = max(sum(x[h] for h in m) for x, row in zip(lengths, members) for m in row)
+        c = math.ceil(n * V / threads) * (P + Hb * tail)
+        if FORCE_BINS or c < cost:
+            best, cost = _Plan(V, Hb, P, members), c
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """Rows that attend together (one SDPA call): rows [first, first + n) in block order, in
+    buffer `buf` from key slot `off` and mask entry `boff`, laid out as `plan` says; W columns
+    per bin; tail slot t of a bin's head slot j lies in column P + (shift + t) * Hb + j.
+    Binned: `qsel` picks the query rows of each (row, bin, slot) out of [n * H] (a slot no head
+    fills repeats the bin's first head, masked out), `osel` each (row, head)'s output out of
+    [n * V * Hb]; the mask holds a row per query head (G per slot), else one per head."""
+
+    first: int
+    n: int
+    buf: int
+    off: int
+    boff: int
+    P: int
+    W: int
+    shift: int
+    V: int
+    Hb: int
+    rows: int  # mask rows per bin: 1 (plain) or Hb * G
+    qsel: torch.Tensor | None = None
+    osel: torch.Tensor | None = None
+
+    def take(self, r0: int, m: int, first: int, H: int, trim: int) -> "_Group":
+        """Its rows [r0, r0 + m), as a group of their own starting at block row `first`, their
+        tail's first `trim` slots dropped."""
+        qsel = osel = None
+        if self.qsel is not None:
+            qsel = self.qsel.view(self.n, -1)[r0:r0 + m].reshape(-1) - r0 * H
+            osel = self.osel.view(self.n, -1)[r0:r0 + m].reshape(-1) - r0 * self.V * self.Hb
+        return dataclasses.replace(self, first=first, n=m, off=self.off + r0 * self.V * self.W,
+                                   boff=self.boff + r0 * self.V * self.rows * self.W, shift=self.shift + trim,
+                                   qsel=qsel, osel=osel)
+
+
 class DecodeBlocks:
     """A non-uniform prefix and its tail laid out for attention on the torch path: rows of
-    similar length (`_length_groups`) share a block [n, H, W, d] that holds, per (row, KV head),
-    its entries padded to the group's longest head P, then its tail slots, with room for as
-    many more as `room` asks (the tokens the rows may still decode; at most `MAX_BLOCK_ROOM`),
-    or `BLOCK_ROOM` when it asks none (W = P + tail + room). The blocks lie in flat buffers (one when built, one
-    per source batch after `merge`), so a decode step appends every row's new key and value with
-    one `index_copy_` per buffer, and a group attends with one SDPA call (padding, free room and
-    the tail's left padding masked by an additive bias; a feed of several tokens adds the causal
-    mask): no gathers, no concatenation, no separate tail, no loop over rows or heads.
+    similar length (`_length_groups`) share a block [n, V, W, d] of V bins per row. Plain
+    (V = H), a bin is a KV head: its entries padded to the group's longest head P, then its tail
+    slots. When heads differ enough (`_plan`), a row's heads are packed into V < H bins: a bin
+    holds its heads' entries one after the other (padded to the group's widest bin P), then
+    their tail slots interleaved, and its mask has a row per query head. Room for as many more
+    tail slots as `room` asks (the tokens the rows may still decode; at most `MAX_BLOCK_ROOM`),
+    or `BLOCK_ROOM` when it asks none. The blocks lie in flat buffers (one when built, one per
+    source batch after `merge`), so a decode step appends every row's new key and value with one
+    `index_copy_` per buffer, and a group attends with one SDPA call (padding, other heads'
+    columns, free room and the tail's left padding masked by an additive bias; a feed of several
+    tokens adds the causal mask): no gathers of entries, no concatenation, no separate tail, no
+    loop over rows or heads.
 
     Built at the first forward over a batch (the feed of the question, or the first decode
     step) and kept with its prefix: a padded copy of the entries, held while the batch lives,
     not in `nbytes()` (which counts the packed layout, all the Triton path holds) but in
-    `KVRayCache.blocks_nbytes()`. Rebuilt when
-    the tail outgrows its room or is replaced (`KVRayLayer.set_tail` / `crop` drop it). Rows
-    leaving the batch (`KVRayCache.select_rows`) take no rebuild: `select` keeps the other rows'
-    slots where they lie; batches merged into one (`KVRayCache.merge`) keep theirs too (`merge`).
+    `KVRayCache.blocks_nbytes()`. Rebuilt when the tail outgrows its room or is replaced
+    (`KVRayLayer.set_tail` / `crop` drop it). Rows leaving the batch (`KVRayCache.select_rows`)
+    take no rebuild: `select` keeps the other rows' slots where they lie; batches merged into
+    one (`KVRayCache.merge`) keep theirs too (`merge`).
 
-    Per group (first row in block order, rows, buffer, slot offset, P, W, shift): tail slot t of
-    its rows lies in block column P + shift + t (shift: tail slots dropped by `select`, minus
-    the left padding a `merge` added)."""
+    Per (row, KV head), in row order: `head0` the key slot of its entry 0, `tail0` of its tail
+    slot 0, `btail0` the mask entry of its tail slot 0 (its first mask row), `step` the slots
+    between two of its tail slots (the bin's Hb) and `brow` between two of its mask rows (W, or
+    0 when its bin has one mask row)."""
 
-    def __init__(self, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor, pads, room: int = 0):
+    def __init__(self, prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor, pads, room: int = 0,
+                 G: int = 1):
         B, H, T, d = tail_k.shape
         dev, dtype = prefix.device, prefix.dtype
         room = T + _room_slots(room)
+        self.G = G
         order, self.groups = [], []
-        head0, tail0 = [0] * (B * H), [0] * (B * H)  # per (row, head): the slot of its entry 0 / tail slot 0
-        slot = 0
+        n_bh = B * H
+        head0, tail0, bhead0, btail0, step, brow = ([0] * n_bh for _ in range(6))
+        slot = bslot = 0
         for rows in _length_groups(prefix):
-            P = max(max(prefix.row_lengths(b)) for b in rows)
-            W = P + room
-            self.groups.append((len(order), len(rows), 0, slot, P, W, 0))
+            plan = _plan([prefix.row_lengths(b) for b in rows], T)
+            V, Hb, P = plan.V, plan.Hb, plan.P
+            W = P + Hb * room
+            mrows = Hb * G if plan.binned else 1
+            qsel, osel = [], []
             for i, b in enumerate(rows):
-                for h in range(H):
-                    head0[b * H + h] = slot + (i * H + h) * W
-                    tail0[b * H + h] = head0[b * H + h] + P
+                lengths = prefix.row_lengths(b)
+                out_of = [0] * H
+                for v, heads in enumerate(plan.members[i]):
+                    col = 0
+                    for j in range(Hb):
+                        h = heads[j] if j < len(heads) else heads[0]
+                        qsel.append(i * H + h)
+                        if j >= len(heads):
+                            continue
+                        bh = b * H + h
+                        out_of[h] = (i * V + v) * Hb + j
+                        head0[bh] = slot + (i * V + v) * W + col
+                        tail0[bh] = slot + (i * V + v) * W + P + j
+                        base = bslot + ((i * V + v) * mrows + j * (mrows // Hb)) * W
+                        bhead0[bh], btail0[bh] = base + col, base + P + j
+                        step[bh], brow[bh] = Hb, W if mrows > 1 else 0
+                        col += lengths[h]
+                osel += out_of
+            sel = (torch.tensor(qsel, device=dev), torch.tensor(osel, device=dev)) if plan.binned else (None, None)
+            self.groups.append(_Group(len(order), len(rows), 0, slot, bslot, P, W, 0, V, Hb, mrows, *sel))
             order += rows
-            slot += len(rows) * H * W
+            slot += len(rows) * V * W
+            bslot += len(rows) * V * mrows * W
         self._set_order(order, dev)
-        self.tail0 = torch.tensor(tail0, device=dev)
-        self.head0 = head0 = torch.tensor(head0, device=dev)
+        self.tail0, self.head0, self.btail0 = (torch.tensor(x, device=dev) for x in (tail0, head0, btail0))
+        self.step, self.brow = torch.tensor(step, device=dev), torch.tensor(brow, device=dev)
+        self.plain = all(g.rows == 1 and g.Hb == 1 for g in self.groups)  # mask entries lie as the keys do
         lengths = torch.tensor(prefix.lengths, device=dev)
-        starts = torch.tensor(prefix.offsets[:-1], device=dev)
-        dst = torch.repeat_interleave(head0 - starts, lengths) + torch.arange(sum(prefix.lengths), device=dev)
+        at = torch.arange(sum(prefix.lengths), device=dev) - torch.repeat_interleave(
+            torch.tensor(prefix.offsets[:-1], device=dev), lengths)  # each entry's index in its head
+        dst = torch.repeat_interleave(self.head0, lengths) + at
         keys = torch.zeros((slot, d), dtype=dtype, device=dev)  # zeros: padding must stay finite
         values = torch.zeros((slot, tail_v.shape[-1]), dtype=dtype, device=dev)
-        bias = torch.full((slot,), float("-inf"), dtype=dtype, device=dev)
-        for src, at in prefix.pieces():  # the parts of a merged batch, copied from where they lie
-            part = dst[at:at + src.keys.shape[0]]
+        bias = torch.full((bslot,), float("-inf"), dtype=dtype, device=dev)
+        for src, start in prefix.pieces():  # the parts of a merged batch, copied from where they lie
+            part = dst[start:start + src.keys.shape[0]]
             keys.index_copy_(0, part, src.keys)
             values.index_copy_(0, part, src.values)
-        bias.index_fill_(0, dst, 0.0)
+        if self.plain:
+            bias.index_fill_(0, dst, 0.0)
+        else:
+            bdst = torch.repeat_interleave(torch.tensor(bhead0, device=dev), lengths) + at
+            bias.index_fill_(0, self._mask_rows(bdst, torch.repeat_interleave(self.brow, lengths)), 0.0)
         self.bufs = [(keys, values, bias)]
         self.buf_rows = None  # per buffer, its rows (a tensor) when there are several
         self.room, self.filled, self.tail_ptr = room, 0, tail_k.data_ptr()
         self.append(tail_k, tail_v, pads)
 
+    def _mask_rows(self, idx: torch.Tensor, brow: torch.Tensor) -> torch.Tensor:
+        """Mask entries `idx` [...] (of their first mask row) in every mask row of their bin slot
+        (`brow` apart; G rows, the same entry G times where `brow` is 0) -> [..., G] flattened."""
+        return (idx[..., None] + brow[..., None] * torch.arange(self.G, device=idx.device)).reshape(-1)
+
     @property
     def nbytes(self) -> int:
-        """Bytes of its rows' slots (a key, a value and a mask entry each). Like the packed
+        """Bytes of its rows' slots (a key and a value each) and mask entries. Like the packed
         prefix's `nbytes` after `select_rows`, the slots of rows that left are not counted:
         their buffer stays referenced until the next rebuild."""
         keys, values, bias = self.bufs[0]
-        slot = keys[0].nbytes + values[0].nbytes + bias[0].nbytes
-        H = self.tail0.numel() // max(len(self.order), 1)
-        return slot * H * sum(n * W for _, n, _, _, _, W, _ in self.groups)
+        kv = keys[0].nbytes + values[0].nbytes
+        return sum(g.n * g.V * g.W * (kv + g.rows * bias[0].nbytes) for g in self.groups)
 
     @staticmethod
-    def estimate(prefix: RaggedKV, tail: int, room: int) -> int:
+    def estimate(prefix: RaggedKV, tail: int, room: int, G: int = 1) -> int:
         """Bytes the blocks of `prefix` take when built over `tail` tail slots with `room` asked
-        for, each row in a group of its own (as a row joining a decode batch builds them): per
-        (row, KV head), its row's longest head plus the tail and the room, a key, a value and a
-        mask entry each."""
-        slot = prefix.entry_bytes + prefix.dtype.itemsize
-        return slot * prefix.heads * sum(DecodeBlocks.slots(max(prefix.row_lengths(b)), tail, room)
-                                         for b in range(prefix.batch))
+        for, each row in a group of its own (as a row joining a decode batch builds them; `G`
+        query heads per KV head): per row, its bins (`_plan`), each as wide as its entries plus
+        the tail and room of its heads, a key and a value per column and a mask entry per column
+        and mask row."""
+        kv, item = prefix.entry_bytes, prefix.dtype.itemsize
+        total = 0
+        for b in range(prefix.batch):
+            plan = _plan([prefix.row_lengths(b)], tail)
+            W = plan.P + plan.Hb * (tail + _room_slots(room))
+            total += plan.V * W * (kv + (plan.Hb * G if plan.binned else 1) * item)
+        return total
 
     @staticmethod
     def slots(longest: int, tail: int, room: int) -> int:
-        """Slots per KV head of a row's block: its longest head, the tail it is built over and
-        the room asked for (`_room_slots`)."""
+        """Slots per KV head of a uniform row's block: its heads' length, the tail it is built
+        over and the room asked for (`_room_slots`)."""
         return longest + tail + _room_slots(room)
 
     def _set_order(self, order: list[int], dev) -> None:
@@ -308,34 +446,37 @@ class DecodeBlocks:
             self.buf_rows = None
             return
         rows = [[] for _ in self.bufs]
-        for first, n, buf, *_ in self.groups:
-            rows[buf] += self.order[first:first + n]
+        for g in self.groups:
+            rows[g.buf] += self.order[g.first:g.first + g.n]
         self.buf_rows = [torch.tensor(sorted(r), dtype=torch.long, device=dev) for r in rows]
 
     def select(self, keep: list[int], trim: int, tail_k: torch.Tensor) -> "DecodeBlocks":
         """The blocks of rows `keep` (new row i is row keep[i]) after their tail lost its first
         `trim` slots (`KVRayCache.select_rows`), without copying: the kept rows' slots stay where
         they lie, a group is split where a row left it, and the slots of the rows that left go
-        unused (a buffer that none of the kept rows lies in is let go). `tail_k` is the new tail. The blocks move to the result; this object must not be
-        used again."""
+        unused (a buffer that none of the kept rows lies in is let go). `tail_k` is the new tail.
+        The blocks move to the result; this object must not be used again."""
         H = self.tail0.numel() // len(self.order)
         new_of = {b: i for i, b in enumerate(keep)}
         groups, order = [], []
-        for first, n, buf, off, P, W, shift in self.groups:  # each run of kept rows: a group
-            for kept, run in itertools.groupby(range(n), key=lambda i: self.order[first + i] in new_of):
+        for g in self.groups:  # each run of kept rows: a group
+            for kept, run in itertools.groupby(range(g.n), key=lambda i: self.order[g.first + i] in new_of):
                 if kept:
                     run = list(run)
-                    groups.append((len(order), len(run), buf, off + run[0] * H * W, P, W, shift + trim))
-                    order += [new_of[self.order[first + i]] for i in run]
+                    groups.append(g.take(run[0], len(run), len(order), H, trim))
+                    order += [new_of[self.order[g.first + i]] for i in run]
         out = object.__new__(DecodeBlocks)
         dev = self.tail0.device
-        used = sorted({g[2] for g in groups})  # a buffer no row uses any more is let go
+        used = sorted({g.buf for g in groups})  # a buffer no row uses any more is let go
         renum = {b: i for i, b in enumerate(used)}
-        out.groups = [(f, n, renum[buf], *rest) for f, n, buf, *rest in groups]
+        out.groups = [dataclasses.replace(g, buf=renum[g.buf]) for g in groups]
         out._set_order(order, dev)
         rows = torch.tensor(keep, device=dev)
-        out.tail0 = self.tail0.view(-1, H).index_select(0, rows).reshape(-1) + trim
-        out.head0 = self.head0.view(-1, H).index_select(0, rows).reshape(-1)
+        pick = lambda x: x.view(-1, H).index_select(0, rows).reshape(-1)  # noqa: E731
+        out.G, out.plain = self.G, self.plain
+        out.step, out.brow, out.head0 = pick(self.step), pick(self.brow), pick(self.head0)
+        out.tail0 = pick(self.tail0) + trim * out.step
+        out.btail0 = pick(self.btail0) + trim * out.step
         out.bufs = [self.bufs[b] for b in used]
         out._set_buf_rows(dev)
         out.room, out.filled = self.room - trim, self.filled - trim
@@ -352,20 +493,22 @@ class DecodeBlocks:
         B, H = tail_k.shape[:2]
         dev = tail_k.device
         groups, order, bufs = [], [], []
-        tail0 = torch.empty(B * H, dtype=torch.long, device=dev)
-        head0 = torch.empty_like(tail0)
+        out.G = parts[0][0].G
+        out.plain = all(b.plain for b, _, _ in parts)
+        out.tail0, out.head0, out.btail0, out.step, out.brow = (torch.empty(B * H, dtype=torch.long, device=dev)
+                                                                for _ in range(5))
         for blocks, rows, pad in parts:
             nb = len(bufs)
-            for first, n, buf, off, P, W, shift in blocks.groups:
-                groups.append((first + len(order), n, buf + nb, off, P, W, shift - pad))
+            for g in blocks.groups:  # merged tail slot t: the part's slot t - pad
+                groups.append(dataclasses.replace(g, first=g.first + len(order), buf=g.buf + nb, shift=g.shift - pad))
             order += [rows[b] for b in blocks.order]
             at = (torch.tensor(rows, device=dev)[:, None] * H + torch.arange(H, device=dev)).reshape(-1)
-            tail0[at] = blocks.tail0 - pad  # merged tail slot t: the part's slot t - pad
-            head0[at] = blocks.head0
+            out.tail0[at] = blocks.tail0 - pad * blocks.step
+            out.btail0[at] = blocks.btail0 - pad * blocks.step
+            out.head0[at], out.step[at], out.brow[at] = blocks.head0, blocks.step, blocks.brow
             bufs += blocks.bufs
         out.groups, out.bufs = groups, bufs
         out._set_order(order, dev)
-        out.tail0, out.head0 = tail0, head0
         out._set_buf_rows(dev)
         T = tail_k.shape[2]
         out.filled = T
@@ -377,6 +520,18 @@ class DecodeBlocks:
         T = tail_k.shape[2]
         return tail_k.data_ptr() == self.tail_ptr and self.filled <= T <= self.room
 
+    def _tail_slots(self, t: torch.Tensor, rows: torch.Tensor | None = None):
+        """Key slots [n * H * len(t)] and mask entries [(n, H, len(t), G)] of tail slots `t` of
+        rows `rows` (all when None), row-major."""
+        pick = (lambda x: x) if rows is None else (lambda x: x.view(-1, self.step.numel() // len(self.order))
+                                                   .index_select(0, rows).reshape(-1))
+        step = pick(self.step)[:, None] * t
+        dst = (pick(self.tail0)[:, None] + step).reshape(-1)
+        if self.plain:
+            return dst, dst
+        bdst = pick(self.btail0)[:, None] + step
+        return dst, self._mask_rows(bdst, pick(self.brow)[:, None].expand_as(bdst))
+
     def append(self, tail_k: torch.Tensor, tail_v: torch.Tensor, pads=None) -> None:
         """Copy the tail slots [filled, T) of every (row, head) into the blocks and unmask them
         (a row's left padding, slots < pads[row], stays masked)."""
@@ -384,22 +539,34 @@ class DecodeBlocks:
         new = T - self.filled
         if new <= 0:
             return
+        if new == 1 and self.buf_rows is None and not pads:  # a decode step: two index ops
+            keys, values, bias = self.bufs[0]
+            dst = torch.add(self.tail0, self.step, alpha=self.filled)
+            keys.index_copy_(0, dst, tail_k[:, :, self.filled].reshape(-1, d))
+            values.index_copy_(0, dst, tail_v[:, :, self.filled].reshape(-1, tail_v.shape[-1]))
+            if not self.plain:
+                if "_bias_tail" not in self.__dict__:  # every mask row of each (row, head)'s tail slot 0
+                    self._bias_tail = (self._mask_rows(self.btail0, self.brow), self.step.repeat_interleave(self.G))
+                dst = torch.add(*self._bias_tail, alpha=self.filled)
+            bias.index_fill_(0, dst, 0.0)
+            self.filled = T
+            return
         t = torch.arange(self.filled, T, device=tail_k.device)
         if self.buf_rows is None:
-            parts = [(self.bufs[0], self.tail0, tail_k, tail_v, None)]
+            parts = [(self.bufs[0], None, tail_k, tail_v)]
         else:  # one copy per buffer, of its rows
-            parts = [(buf, self.tail0.view(B, H).index_select(0, rows).reshape(-1), tail_k.index_select(0, rows),
-                      tail_v.index_select(0, rows), rows) for buf, rows in zip(self.bufs, self.buf_rows) if rows.numel()]
-        for (keys, values, bias), tail0, tk, tv, rows in parts:
+            parts = [(buf, rows, tail_k.index_select(0, rows), tail_v.index_select(0, rows))
+                     for buf, rows in zip(self.bufs, self.buf_rows) if rows.numel()]
+        for (keys, values, bias), rows, tk, tv in parts:
             n = tk.shape[0]
-            dst = (tail0[:, None] + t).reshape(-1)  # [(b, h, t)]
+            dst, bdst = self._tail_slots(t, rows)  # [(b, h, t)], [(b, h, t, g)]
             keys.index_copy_(0, dst, tk[:, :, self.filled:].reshape(-1, d))
             values.index_copy_(0, dst, tv[:, :, self.filled:].reshape(-1, tv.shape[-1]))
             own_pads = pads if rows is None or pads is None else [pads[b] for b in rows.tolist()]
             if own_pads is not None and any(p > self.filled for p in own_pads):
                 own = (t[None, :] >= torch.tensor(own_pads, device=t.device)[:, None])  # [n, new]
-                dst = dst.view(n, H, new)[own[:, None, :].expand(n, H, new)]
-            bias.index_fill_(0, dst, 0.0)
+                bdst = bdst.view(n, H, new, -1)[own[:, None, :, None].expand(n, H, new, bdst.numel() // dst.numel())]
+            bias.index_fill_(0, bdst, 0.0)
         self.filled = T
 
     def absorb_tail(self, bh: torch.Tensor, j: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -415,8 +582,7 @@ class DecodeBlocks:
         kb.index_copy_(0, dst, keys)
         vb.index_copy_(0, dst, values)
         if self.filled:
-            t = torch.arange(self.filled, device=dst.device)
-            bias.index_fill_(0, (self.tail0[:, None] + t).reshape(-1), float("-inf"))
+            bias.index_fill_(0, self._tail_slots(torch.arange(self.filled, device=dst.device))[1], float("-inf"))
         self.filled = 0
         self.tail_ptr = tail_k.data_ptr()
         return True
@@ -438,37 +604,45 @@ class DecodeBlocks:
         if q_len > 1:  # query i (row g * q_len + i) sees the new slots T - q_len + j for j <= i only
             j = torch.arange(q_len, device=q.device)
             future = j[None, :] > j.repeat(R // q_len)[:, None]  # [R, q_len]
-        for first, n, buf, off, P, W, shift in self.groups:
+        for g in self.groups:
             # the block's columns up to its last tail slot, a strided view that SDPA takes as it
             # lies: the free room is not read (13% of the slots in the 19-config grid)
-            keys, values, bias = self.bufs[buf]
-            size = n * H * W
-            end = P + shift + self.filled
-            k = keys[off:off + size].view(n, H, W, d)[:, :, :end]
-            v = values[off:off + size].view(n, H, W, -1)[:, :, :end]
-            bias = bias[off:off + size].view(n, H, 1, W)[..., :end]
-            qb = q[first:first + n]
-            c0 = end - q_len  # the first new slot's column
+            keys, values, bias = self.bufs[g.buf]
+            n, V, W, Hb = g.n, g.V, g.W, g.Hb
+            end = g.P + (g.shift + self.filled) * Hb
+            k = keys[g.off:g.off + n * V * W].view(n, V, W, d)[:, :, :end]
+            v = values[g.off:g.off + n * V * W].view(n, V, W, -1)[:, :, :end]
+            mask = bias[g.boff:g.boff + n * V * g.rows * W].view(n, V, g.rows, W)[..., :end]
+            qb = q[g.first:g.first + n]
+            if g.qsel is not None:  # each bin's query rows: its head slots' G * q_len each
+                qb = qb.reshape(n * H, R, d).index_select(0, g.qsel).view(n, V, Hb * R, d)
+            if q_len > 1:  # the causal mask touches only the new slots' columns
+                if g.rows == 1:
+                    mask = mask.expand(n, V, R, end).clone()
+                else:  # a mask row per query head, repeated for each query
+                    mask = mask.view(n, V, Hb, self.G, 1, end).expand(n, V, Hb, self.G, q_len, end).reshape(
+                        n, V, Hb * R, end)
+                c0 = end - q_len * Hb  # the first new slot's column (slot j of the bin: c0 + j, every Hb)
+                for s in range(Hb):
+                    mask[:, :, s * R:(s + 1) * R, c0 + s::Hb].masked_fill_(future, float("-inf"))
             if softcap is None:
-                mask = bias
-                if q_len > 1:  # the causal mask touches only the new slots' columns
-                    mask = bias.expand(n, H, R, end).clone()
-                    mask[..., c0:c0 + q_len].masked_fill_(future, float("-inf"))
-                out[first:first + n] = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scaling)
-                continue
-            s = _capped(torch.matmul(qb, k.transpose(-1, -2)).mul_(scaling), softcap) + bias
-            if q_len > 1:
-                s[..., c0:c0 + q_len].masked_fill_(future, float("-inf"))
-            torch.matmul(_probs(s, q.dtype), v, out=out[first:first + n])
+                o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scaling)
+            else:
+                o = torch.matmul(_probs(_capped(torch.matmul(qb, k.transpose(-1, -2)).mul_(scaling), softcap) + mask,
+                                        q.dtype), v)
+            if g.osel is not None:
+                o = o.reshape(n * V * Hb, R, d).index_select(0, g.osel).view(n, H, R, d)
+            out[g.first:g.first + n] = o
         return out if self.inv is None else out.index_select(0, self.inv)
 
 
-def decode_blocks(prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor, pads) -> DecodeBlocks:
-    """The prefix's `DecodeBlocks`, brought up to the tail (built or rebuilt when needed)."""
+def decode_blocks(prefix: RaggedKV, tail_k: torch.Tensor, tail_v: torch.Tensor, pads, G: int = 1) -> DecodeBlocks:
+    """The prefix's `DecodeBlocks`, brought up to the tail (built or rebuilt when needed; `G`
+    query heads per KV head)."""
     blocks = prefix.__dict__.get("_decode_blocks")
     if blocks is None or not blocks.fits(tail_k):
         blocks = prefix._decode_blocks = DecodeBlocks(prefix, tail_k, tail_v, pads,
-                                                      prefix.__dict__.get("block_room", 0))
+                                                      prefix.__dict__.get("block_room", 0), G)
     else:
         blocks.append(tail_k, tail_v)
     return blocks
@@ -488,7 +662,7 @@ def ragged_attention_torch(query: torch.Tensor, prefix: RaggedKV, tail_k: torch.
     G = Hq // H
     padded = pads is not None and any(pads)
     qg = query.reshape(B, H, G * q_len, d)
-    out = decode_blocks(prefix, tail_k, tail_v, pads if padded else None).attend(qg, q_len, scaling, softcap)
+    out = decode_blocks(prefix, tail_k, tail_v, pads if padded else None, G).attend(qg, q_len, scaling, softcap)
     return out.view(B, H, G, q_len, d).reshape(B, Hq, q_len, d).transpose(1, 2).contiguous()
 
 

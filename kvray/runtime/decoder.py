@@ -223,7 +223,8 @@ class Decoder:
         while merged with other rows it can hold more)."""
         total = cache.nbytes() + self.bytes_per_token * (fed + max_new_tokens) * cache.batch
         if self.blocks:
-            total += sum(DecodeBlocks.estimate(layer.prefix, layer.tail_length() + max(fed, 1), max_new_tokens + 1)
+            total += sum(DecodeBlocks.estimate(layer.prefix, layer.tail_length() + max(fed, 1), max_new_tokens + 1,
+                                               self.lm.config.num_attention_heads // self.lm.num_kv_heads)
                          for layer in cache.layers if layer.prefix is not None)
         return int(total)
 
