@@ -192,10 +192,12 @@ GROUP_SPREAD = 1.5
 #: at most `MAX_BLOCK_ROOM` then): a rebuild copies every entry of the batch into fresh memory
 BLOCK_ROOM = 32
 MAX_BLOCK_ROOM = 256
-#: a group's KV heads are packed into fewer, longer bins (`_plan`) only when that is expected to
-#: cost at most this fraction of padding every head to the longest (the bins' gathers and wider
-#: mask cost a little of their own)
-BIN_GAIN = 0.9
+#: the cost of a binned layout (`_plan`) beyond its columns, in padded columns of one round of
+#: SDPA's threads: its query and output gathers and wider mask (measured with 3 KV heads, 2
+#: threads: 13 us a call, as much as about 450 columns), and, for a group of several rows, 1.2x
+#: a column for the bins' Hb x G query rows (3 where a head is alone)
+BIN_OVERHEAD = 450
+BIN_ROW_COST = 1.2
 #: tests: force this many bins per row whenever the heads' lengths differ (None: `_plan` chooses)
 FORCE_BINS: int | None = None
 
@@ -252,21 +254,22 @@ def _plan(lengths: list[tuple[int, ...]], tail: int) -> _Plan:
     them into V < H bins (a bin holds its heads' entries one after the other, then their tail
     slots interleaved) reads fewer padded columns. SDPA's CPU kernel spends the same time on a
     masked column as on a real one and shares (row, bin) pairs among its threads, so a layout
-    costs about ceil(rows x bins / threads) x the widest bin; bins are used when that is at most
-    `BIN_GAIN` of plain (e.g. adakv@0.75 at 4k tokens, one row, 3 KV heads on 2 threads: two
-    bins read as much as a uniform prefix, where plain read 1.34x)."""
+    costs about ceil(rows x bins / threads) x the widest bin, and bins their own overhead
+    (`BIN_OVERHEAD`, `BIN_ROW_COST`): worth it for long, uneven heads (adakv@0.75 at 4k tokens,
+    one row, 3 KV heads on 2 threads: 28 of 30 layers take two bins, which read about as much
+    as a uniform prefix where plain read 1.34x), not for short ones."""
     n, H = len(lengths), len(lengths[0])
     longest = max(max(x) for x in lengths)
     plain = _Plan(H, 1, longest, tuple(tuple((h,) for h in range(H)) for _ in lengths))
     if H == 1 or all(len(set(x)) == 1 for x in lengths):  # no row has a head to spare
         return plain
     threads = max(torch.get_num_threads(), 1)
-    best, cost = plain, math.ceil(n * H / threads) * (longest + tail) * BIN_GAIN
+    best, cost = plain, math.ceil(n * H / threads) * (longest + tail)
     for V in ([FORCE_BINS] if FORCE_BINS else range(H - 1, 0, -1)):
         Hb = -(-H // V)
         members = tuple(_bins(x, V, Hb) for x in lengths)
         P = max(sum(x[h] for h in m) for x, row in zip(lengths, members) for m in row)
-        c = math.ceil(n * V / threads) * (P + Hb * tail)
+        c = math.ceil(n * V / threads) * (P + Hb * tail) * (1 if n == 1 else BIN_ROW_COST) + BIN_OVERHEAD
         if FORCE_BINS or c < cost:
             best, cost = _Plan(V, Hb, P, members), c
     return best
