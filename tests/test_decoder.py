@@ -460,3 +460,34 @@ def test_compaction_frees_what_rows_that_left_kept(tiny_llama):
     print("kept alive / used, without:", [round(w, 2) for w in waste], "with:", [round(w, 2) for w in less])
     assert max(waste) > 1.5 and max(less) < max(waste) - 0.3, (waste, less)
     assert less[-1] < 1.25 < waste[-1]  # the last row alone, in what it uses (and the tail's spare room)
+
+
+@pytest.mark.parametrize("V", [None, 1, 2])
+def test_block_estimate_is_exact_for_a_row_alone(V, monkeypatch):
+    """`DecodeBlocks.estimate` (Serve's admission) is what a row's blocks hold when it is built
+    alone, plain or in bins (whose mask has a row per query head)."""
+    import kvray.runtime.attention as attn
+
+    monkeypatch.setattr(attn, "FORCE_BINS", V)
+    torch.manual_seed(5)
+    prefix = _random_prefix("three_heads", 16, 3)
+    for b in range(prefix.batch):
+        row = prefix.select_rows([b])
+        blocks = attn.DecodeBlocks(row, torch.randn(1, 3, 4, 16), torch.randn(1, 3, 4, 16), None, room=7, G=3)
+        assert blocks.nbytes == attn.DecodeBlocks.estimate(row, 4, 7, G=3), b
+
+
+def test_plan_bins_long_uneven_heads_only(monkeypatch):
+    """Bins where the padded columns they save outweigh their own cost (2 threads, 3 KV heads,
+    a 20-slot tail): one long uneven row takes two bins (one round of both threads); short or
+    balanced heads stay plain; six such rows take one bin each (9 rounds of the longest head
+    against 3 of the whole row)."""
+    from kvray.runtime.attention import _plan
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    plan = _plan([(1000, 600, 1400)], 20)
+    assert (plan.V, plan.Hb, plan.P) == (2, 2, 1600)
+    assert sorted(plan.members[0]) == [(0, 1), (2,)]
+    for lengths in [(400, 240, 560), (1000, 900, 1100), (800, 800, 800)]:
+        assert not _plan([lengths], 20).binned, lengths
+    assert _plan([(1000, 600, 1400)] * 6, 20).V == 1

@@ -194,9 +194,9 @@ BLOCK_ROOM = 32
 MAX_BLOCK_ROOM = 256
 #: the cost of a binned layout (`_plan`) beyond its columns, in padded columns of one round of
 #: SDPA's threads: its query and output gathers and wider mask (measured with 3 KV heads, 2
-#: threads: 13 us a call, as much as about 450 columns), and, for a group of several rows, 1.2x
-#: a column for the bins' Hb x G query rows (3 where a head is alone)
-BIN_OVERHEAD = 450
+#: threads: 13 us a call, as much as about 450 columns; 600 leaves the close calls plain), and,
+#: for a group of several rows, 1.2x a column for the bins' Hb x G query rows (G where plain)
+BIN_OVERHEAD = 600
 BIN_ROW_COST = 1.2
 #: tests: force this many bins per row whenever the heads' lengths differ (None: `_plan` chooses)
 FORCE_BINS: int | None = None
@@ -256,7 +256,7 @@ def _plan(lengths: list[tuple[int, ...]], tail: int) -> _Plan:
     masked column as on a real one and shares (row, bin) pairs among its threads, so a layout
     costs about ceil(rows x bins / threads) x the widest bin, and bins their own overhead
     (`BIN_OVERHEAD`, `BIN_ROW_COST`): worth it for long, uneven heads (adakv@0.75 at 4k tokens,
-    one row, 3 KV heads on 2 threads: 28 of 30 layers take two bins, which read about as much
+    one row, 3 KV heads on 2 threads: 23 of 30 layers take two bins, which read about as much
     as a uniform prefix where plain read 1.34x), not for short ones."""
     n, H = len(lengths), len(lengths[0])
     longest = max(max(x) for x in lengths)
