@@ -478,16 +478,24 @@ def test_block_estimate_is_exact_for_a_row_alone(V, monkeypatch):
 
 
 def test_plan_bins_long_uneven_heads_only(monkeypatch):
-    """Bins where the padded columns they save outweigh their own cost (2 threads, 3 KV heads,
-    a 20-slot tail): one long uneven row takes two bins (one round of both threads); short or
-    balanced heads stay plain; six such rows take one bin each (9 rounds of the longest head
-    against 3 of the whole row)."""
+    """Bins where the padded columns they save outweigh their own cost (2 threads, 3 KV heads
+    x 3 query heads, a 20-slot tail): one long uneven row takes two bins (one round of both
+    threads); short or balanced heads stay plain; six such rows take fewer bins than heads
+    (9 rounds of the longest head against 3-6 of wider bins); 8 KV heads x 4 query heads in
+    groups of eight rows stay plain (a bin's 32 query rows make its columns dear)."""
+    import random
+
     from kvray.runtime.attention import _plan
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    plan = _plan([(1000, 600, 1400)], 20)
+    plan = _plan([(1000, 600, 1400)], 20, G=3)
     assert (plan.V, plan.Hb, plan.P) == (2, 2, 1600)
     assert sorted(plan.members[0]) == [(0, 1), (2,)]
     for lengths in [(400, 240, 560), (1000, 900, 1100), (800, 800, 800)]:
-        assert not _plan([lengths], 20).binned, lengths
-    assert _plan([(1000, 600, 1400)] * 6, 20).V == 1
+        assert not _plan([lengths], 20, G=3).binned, lengths
+    assert _plan([(1000, 600, 1400)] * 6, 20, G=3).V < 3
+    rng = random.Random(0)
+    assert not _plan([tuple(rng.randint(400, 1200) for _ in range(8)) for _ in range(8)], 20, G=4).binned
+    # FORCE_BINS is capped at H - 1: with H bins or more a head would attend in another's place
+    monkeypatch.setattr("kvray.runtime.attention.FORCE_BINS", 3)
+    assert _plan([(1, 9, 4)], 6, G=2).V == 2

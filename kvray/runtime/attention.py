@@ -194,11 +194,14 @@ BLOCK_ROOM = 32
 MAX_BLOCK_ROOM = 256
 #: the cost of a binned layout (`_plan`) beyond its columns, in padded columns of one round of
 #: SDPA's threads: its query and output gathers and wider mask (measured with 3 KV heads, 2
-#: threads: 13 us a call, as much as about 450 columns; 600 leaves the close calls plain), and,
-#: for a group of several rows, 1.2x a column for the bins' Hb x G query rows (G where plain)
+#: threads: 13 us a call, as much as about 450 columns; 600 leaves the close calls plain)
 BIN_OVERHEAD = 600
-BIN_ROW_COST = 1.2
-#: tests: force this many bins per row whenever the heads' lengths differ (None: `_plan` chooses)
+#: a column costs as much as this many query rows on it: a bin's Hb x G query rows make each of
+#: its columns (BIN_COLUMN_ROWS + Hb x G) / (BIN_COLUMN_ROWS + G) as dear as a plain head's
+#: (3 KV heads x 3 query heads, six rows: a bin of all three heads read a column at 1.2x)
+BIN_COLUMN_ROWS = 27
+#: tests: force this many bins per row (at most H - 1) whenever the heads' lengths differ (None:
+#: `_plan` chooses)
 FORCE_BINS: int | None = None
 
 
@@ -248,14 +251,14 @@ def _bins(lengths: tuple[int, ...], V: int, Hb: int) -> tuple[tuple[int, ...], .
     return tuple(tuple(m) for m in members)
 
 
-def _plan(lengths: list[tuple[int, ...]], tail: int) -> _Plan:
+def _plan(lengths: list[tuple[int, ...]], tail: int, G: int = 1) -> _Plan:
     """The layout of a group of rows (`lengths`: per row, its heads' entry counts) with `tail`
-    tail slots. Padding every head to the group's longest is plain; when heads differ, packing
-    them into V < H bins (a bin holds its heads' entries one after the other, then their tail
+    tail slots and `G` query heads per KV head. Padding every head to the group's longest is
+    plain; when heads differ, packing them into V < H bins (a bin holds its heads' entries one after the other, then their tail
     slots interleaved) reads fewer padded columns. SDPA's CPU kernel spends the same time on a
     masked column as on a real one and shares (row, bin) pairs among its threads, so a layout
     costs about ceil(rows x bins / threads) x the widest bin, and bins their own overhead
-    (`BIN_OVERHEAD`, `BIN_ROW_COST`): worth it for long, uneven heads (adakv@0.75 at 4k tokens,
+    (`BIN_OVERHEAD`, `BIN_COLUMN_ROWS`): worth it for long, uneven heads (adakv@0.75 at 4k tokens,
     one row, 3 KV heads on 2 threads: 23 of 30 layers take two bins, which read about as much
     as a uniform prefix where plain read 1.34x), not for short ones."""
     n, H = len(lengths), len(lengths[0])
@@ -265,11 +268,12 @@ def _plan(lengths: list[tuple[int, ...]], tail: int) -> _Plan:
         return plain
     threads = max(torch.get_num_threads(), 1)
     best, cost = plain, math.ceil(n * H / threads) * (longest + tail)
-    for V in ([FORCE_BINS] if FORCE_BINS else range(H - 1, 0, -1)):
+    for V in ([min(FORCE_BINS, H - 1)] if FORCE_BINS else range(H - 1, 0, -1)):
         Hb = -(-H // V)
         members = tuple(_bins(x, V, Hb) for x in lengths)
         P = max(sum(x[h] for h in m) for x, row in zip(lengths, members) for m in row)
-        c = math.ceil(n * V / threads) * (P + Hb * tail) * (1 if n == 1 else BIN_ROW_COST) + BIN_OVERHEAD
+        rows = (BIN_COLUMN_ROWS + Hb * G) / (BIN_COLUMN_ROWS + G)
+        c = math.ceil(n * V / threads) * (P + Hb * tail) * rows + BIN_OVERHEAD
         if FORCE_BINS or c < cost:
             best, cost = _Plan(V, Hb, P, members), c
     return best
@@ -349,7 +353,7 @@ class DecodeBlocks:
         head0, tail0, bhead0, btail0, step, brow = ([0] * n_bh for _ in range(6))
         slot = bslot = 0
         for rows in _length_groups(prefix):
-            plan = _plan([prefix.row_lengths(b) for b in rows], T)
+            plan = _plan([prefix.row_lengths(b) for b in rows], T, G)
             V, Hb, P = plan.V, plan.Hb, plan.P
             W = P + Hb * room
             mrows = Hb * G if plan.binned else 1
@@ -427,7 +431,7 @@ class DecodeBlocks:
         kv, item = prefix.entry_bytes, prefix.dtype.itemsize
         total = 0
         for b in range(prefix.batch):
-            plan = _plan([prefix.row_lengths(b)], tail)
+            plan = _plan([prefix.row_lengths(b)], tail, G)
             W = plan.P + plan.Hb * (tail + _room_slots(room))
             total += plan.V * W * (kv + (plan.Hb * G if plan.binned else 1) * item)
         return total
