@@ -6,7 +6,7 @@ plain (every head padded to the longest), in one bin per row and in two.
 
     python bench/bench_bins.py            # prints a markdown table (us per step, median of 5 runs)
 
-The numbers behind `BIN_OVERHEAD` and `BIN_ROW_COST` (docs/bench_engine.md, 2026-12-07 late).
+The numbers behind `BIN_OVERHEAD` and `BIN_COLUMN_ROWS` (docs/bench_engine.md, 2026-12-07 late).
 """
 
 from __future__ import annotations

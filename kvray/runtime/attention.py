@@ -259,7 +259,7 @@ def _plan(lengths: list[tuple[int, ...]], tail: int, G: int = 1) -> _Plan:
     masked column as on a real one and shares (row, bin) pairs among its threads, so a layout
     costs about ceil(rows x bins / threads) x the widest bin, and bins their own overhead
     (`BIN_OVERHEAD`, `BIN_COLUMN_ROWS`): worth it for long, uneven heads (adakv@0.75 at 4k tokens,
-    one row, 3 KV heads on 2 threads: 23 of 30 layers take two bins, which read about as much
+    one row, 3 KV heads on 2 threads: 20 of 30 layers take two bins, which read about as much
     as a uniform prefix where plain read 1.34x), not for short ones."""
     n, H = len(lengths), len(lengths[0])
     longest = max(max(x) for x in lengths)
