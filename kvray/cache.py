@@ -470,7 +470,7 @@ class KVRayCache(Cache):
     def referenced_nbytes(self) -> int:
         """Bytes of the tensors this cache keeps alive: the sources of a lazily selected or merged
         prefix whole, the tail's buffers with their spare room, the attention blocks' buffers with
-        the slots of rows that left. At least `nbytes() + blocks_nbytes()`; `compact` brings it
+        the slots of rows that left. At least `held_nbytes()`; `compact` brings it
         close to that."""
         return sum(self.storages().values())
 
@@ -497,6 +497,10 @@ class KVRayCache(Cache):
                 layer.prefix.__dict__.pop("_decode_blocks", None)
             if layer.tail_length():
                 layer.set_tail(layer.keys.clone(), layer.values.clone())
+
+    def held_nbytes(self) -> int:
+        """Bytes its rows use: the packed layout and, on the torch path, the attention blocks."""
+        return self.nbytes() + self.blocks_nbytes()
 
     def blocks_nbytes(self) -> int:
         """Bytes of the attention blocks the torch path built for this cache's layers (a padded

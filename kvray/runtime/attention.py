@@ -239,6 +239,10 @@ class _Plan:
     def binned(self) -> bool:
         return self.Hb > 1
 
+    def mask_rows(self, G: int) -> int:
+        """Mask rows per bin: one per query head when binned (G per head slot), else one."""
+        return self.Hb * G if self.binned else 1
+
 
 def _bins(lengths: tuple[int, ...], V: int, Hb: int) -> tuple[tuple[int, ...], ...]:
     """The heads of one row in V bins of at most Hb: longest first, each into the lightest bin
@@ -254,8 +258,8 @@ def _bins(lengths: tuple[int, ...], V: int, Hb: int) -> tuple[tuple[int, ...], .
 def _plan(lengths: list[tuple[int, ...]], tail: int, G: int = 1) -> _Plan:
     """The layout of a group of rows (`lengths`: per row, its heads' entry counts) with `tail`
     tail slots and `G` query heads per KV head. Padding every head to the group's longest is
-    plain; when heads differ, packing them into V < H bins (a bin holds its heads' entries one after the other, then their tail
-    slots interleaved) reads fewer padded columns. SDPA's CPU kernel spends the same time on a
+    plain; when heads differ, packing them into V < H bins (a bin holds its heads' entries one
+    after the other, then their tail slots interleaved) reads fewer padded columns. SDPA's CPU kernel spends the same time on a
     masked column as on a real one and shares (row, bin) pairs among its threads, so a layout
     costs about ceil(rows x bins / threads) x the widest bin, and bins their own overhead
     (`BIN_OVERHEAD`, `BIN_COLUMN_ROWS`): worth it for long, uneven heads (adakv@0.75 at 4k tokens,
@@ -356,7 +360,7 @@ class DecodeBlocks:
             plan = _plan([prefix.row_lengths(b) for b in rows], T, G)
             V, Hb, P = plan.V, plan.Hb, plan.P
             W = P + Hb * room
-            mrows = Hb * G if plan.binned else 1
+            mrows = plan.mask_rows(G)
             qsel, osel = [], []
             for i, b in enumerate(rows):
                 lengths = prefix.row_lengths(b)
@@ -385,7 +389,7 @@ class DecodeBlocks:
         self._set_order(order, dev)
         self.tail0, self.head0, self.btail0 = (torch.tensor(x, device=dev) for x in (tail0, head0, btail0))
         self.step, self.brow = torch.tensor(step, device=dev), torch.tensor(brow, device=dev)
-        self.plain = all(g.rows == 1 and g.Hb == 1 for g in self.groups)  # mask entries lie as the keys do
+        self.plain = all(g.Hb == 1 for g in self.groups)  # mask entries lie as the keys do
         lengths = torch.tensor(prefix.lengths, device=dev)
         at = torch.arange(sum(prefix.lengths), device=dev) - torch.repeat_interleave(
             torch.tensor(prefix.offsets[:-1], device=dev), lengths)  # each entry's index in its head
@@ -433,7 +437,7 @@ class DecodeBlocks:
         for b in range(prefix.batch):
             plan = _plan([prefix.row_lengths(b)], tail, G)
             W = plan.P + plan.Hb * (tail + _room_slots(room))
-            total += plan.V * W * (kv + (plan.Hb * G if plan.binned else 1) * item)
+            total += plan.V * W * (kv + plan.mask_rows(G) * item)
         return total
 
     @staticmethod

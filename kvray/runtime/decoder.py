@@ -110,6 +110,7 @@ class Decoder:
         #: block slot on the torch path (a key, a value and a mask entry per layer and KV head)
         self.bytes_per_token = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * lm.dtype.itemsize
         self.bytes_per_slot = lm.num_layers * lm.num_kv_heads * (2 * lm.head_dim + 1) * lm.dtype.itemsize
+        self._group = lm.config.num_attention_heads // lm.num_kv_heads  # query heads per KV head
         self._stops = frozenset(stop_token_ids(lm.tokenizer))
         self._batch: _Lane | None = None
         self._joining: list[tuple[KVRayCache, list[Row], tuple[int, ...]]] = []  # (cache, rows, tokens to feed)
@@ -224,7 +225,7 @@ class Decoder:
         total = cache.nbytes() + self.bytes_per_token * (fed + max_new_tokens) * cache.batch
         if self.blocks:
             total += sum(DecodeBlocks.estimate(layer.prefix, layer.tail_length() + max(fed, 1), max_new_tokens + 1,
-                                               self.lm.config.num_attention_heads // self.lm.num_kv_heads)
+                                               self._group)
                          for layer in cache.layers if layer.prefix is not None)
         return int(total)
 
@@ -244,7 +245,7 @@ class Decoder:
         caches = [lane.cache for lane in lanes] + [c for c, _, _ in self._joining]
         if referenced:  # a storage that several caches keep alive counted once
             return sum({k: v for c in caches for k, v in c.storages().items()}.values())
-        return sum(c.nbytes() + c.blocks_nbytes() for c in caches)
+        return sum(c.held_nbytes() for c in caches)
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -327,7 +328,7 @@ class Decoder:
             room = _room(new_rows)
             cache = parts[0] if len(parts) == 1 else KVRayCache.merge(parts, room)
             if self.compact_above is not None and len(keep) < len(batch_rows) and \
-                    cache.referenced_nbytes() > self.compact_above * (cache.nbytes() + cache.blocks_nbytes()):
+                    cache.referenced_nbytes() > self.compact_above * cache.held_nbytes():
                 cache.compact()
             _prepare(cache, self.impl, room)
             self._batch = lane = _Lane(cache, new_rows)  # visible to rows/kv_bytes meanwhile
